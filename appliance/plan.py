@@ -1,0 +1,473 @@
+"""The plan: everything the services need, derived once from a valid inventory.
+
+A plan is immutable. Services read it and never look at the inventory; a reload
+builds a whole new plan and swaps it in. Derivation follows "Derived" in
+shared/INVENTORY.md to the letter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from appliance.inventory import Endpoint, LoadedInventory, Node
+
+DNS_TTL = 60  # short: a reload should reach clients quickly
+DNS_NEGATIVE_TTL = 30  # SOA minimum, the negative-caching TTL (RFC 2308)
+ETCD_SRV = "_etcd-server-ssl._tcp"
+ETCD_PORT = 2380
+NS_LABEL = "ns"  # the zone's name server: the appliance itself
+
+IGNITION_FILE = {"bootstrap": "bootstrap.ign", "master": "master.ign", "worker": "worker.ign"}
+LB_FRONTENDS = ("api", "machine_config", "ingress_http", "ingress_https")
+
+
+# --- DNS --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ARecord:
+    name: str
+    address: IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
+class PtrRecord:
+    name: str  # e.g. 50.3.33.10.in-addr.arpa
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class SrvRecord:
+    name: str
+    priority: int
+    weight: int
+    port: int
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class NsRecord:
+    name: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Soa:
+    name: str
+    mname: str
+    rname: str
+    serial: int
+    refresh: int = 3600
+    retry: int = 600
+    expire: int = 604800
+    minimum: int = DNS_NEGATIVE_TTL
+
+
+DnsRecord = ARecord | PtrRecord | SrvRecord | NsRecord
+
+
+@dataclass(frozen=True, slots=True)
+class DnsZone:
+    origin: str  # lower case, no trailing dot
+    soa: Soa
+    records: tuple[DnsRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DnsPlan:
+    listen: Endpoint | None
+    domain: str
+    zones: tuple[DnsZone, ...]  # the forward zone first, then the reverse zones
+    ttl: int
+    upstreams: tuple[Endpoint, ...]
+    forward_allowed: tuple[IPv4Network | IPv6Network, ...]
+
+
+# --- DHCP and boot ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BootFiles:
+    """Boot loader per client kind, and the iPXE script URL that chainloads the rest."""
+
+    bios: str = "undionly.kpxe"
+    uefi_x64: str = "ipxe.efi"
+    uefi_arm64: str = "ipxe-arm64.efi"
+    ipxe_script_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DhcpReservation:
+    mac: str
+    ip: IPv4Address
+    hostname: str
+    node: str
+    firmware: Literal["auto", "bios", "uefi"]
+
+
+@dataclass(frozen=True, slots=True)
+class DhcpPlan:
+    listen: Endpoint | None
+    interface: str | None
+    mode: Literal["server", "proxy"]
+    server_id: IPv4Address
+    subnet: IPv4Network
+    router: IPv4Address | None
+    dns_servers: tuple[IPv4Address, ...]
+    domain: str
+    ntp_servers: tuple[IPv4Address, ...]
+    lease_time: int
+    pool: tuple[IPv4Address, IPv4Address] | None
+    reservations: tuple[DhcpReservation, ...]
+    next_server: IPv4Address
+    boot_files: BootFiles
+    by_mac: Mapping[str, DhcpReservation] = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeBoot:
+    """What one node boots: the install kernel, its arguments and its ignition."""
+
+    node: str
+    role: str
+    mac: str
+    ip: IPv4Address
+    firmware: Literal["auto", "bios", "uefi"]
+    kernel: str  # path below images_dir
+    initramfs: str
+    kernel_url: str
+    initramfs_url: str
+    ignition_file: str
+    ignition_url: str
+    install_device: str
+    image_url: str | None
+    rootfs_url: str | None
+    kernel_args: tuple[str, ...]  # complete command line, in order
+
+
+@dataclass(frozen=True, slots=True)
+class BootPlan:
+    http_base: str
+    tftp_root: Path
+    images_dir: Path
+    ignition_dir: Path
+    after_install: Literal["localboot", "reinstall"]
+    nodes: tuple[NodeBoot, ...]
+    by_mac: Mapping[str, NodeBoot] = field(compare=False, repr=False)
+
+
+# --- load balancer and cluster ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    name: str  # the node name
+    address: IPv4Address
+    port: int
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class Frontend:
+    name: str  # api | machine_config | ingress_http | ingress_https
+    listen: Endpoint | None
+    backend_port: int
+    backends: tuple[Backend, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CsrNode:
+    """One entry of the CSR allow-list: who may get a kubelet certificate."""
+
+    name: str
+    fqdn: str
+    ip: IPv4Address
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    name: str
+    fqdn: str
+    role: str
+    mac: str
+    ip: IPv4Address
+    gpu: bool
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesPlan:
+    kubeconfig: Path
+    approve_csrs: bool
+    gpu_operator: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    cluster: str
+    base_domain: str
+    domain: str
+    source: Path
+    state_dir: Path
+    listen: Mapping[str, Endpoint]  # enabled services only
+    nodes: tuple[NodeInfo, ...]
+    dns: DnsPlan
+    dhcp: DhcpPlan
+    boot: BootPlan
+    frontends: tuple[Frontend, ...]
+    csr_allow: tuple[CsrNode, ...]
+    kubernetes: KubernetesPlan
+    load_balancer: IPv4Address
+    by_name: Mapping[str, NodeInfo] = field(compare=False, repr=False)
+    by_ip: Mapping[IPv4Address, NodeInfo] = field(compare=False, repr=False)
+
+    def frontend(self, name: str) -> Frontend:
+        for fe in self.frontends:
+            if fe.name == name:
+                return fe
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain-data view (for `appliance plan` and the admin API)."""
+        return _plain(self)  # type: ignore[no-any-return]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Endpoint | IPv4Address | IPv4Network | IPv6Network | Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            if f.compare is False:
+                continue  # lookup indexes repeat what is already listed
+            out[f.name] = _plain(getattr(value, f.name))
+        if isinstance(value, ARecord | PtrRecord | SrvRecord | NsRecord):
+            out = {"type": type(value).__name__.removesuffix("Record").upper(), **out}
+        return out
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+# --- derivation -------------------------------------------------------------------------
+
+
+def reverse_name(ip: IPv4Address) -> str:
+    return ".".join(reversed(str(ip).split("."))) + ".in-addr.arpa"
+
+
+def reverse_zones(subnet: IPv4Network) -> list[IPv4Network]:
+    """Octet-aligned zones that cover a subnet (a /20 -> sixteen /24 zones; a /26 -> its /24)."""
+    zone_prefix = min(24, -(-subnet.prefixlen // 8) * 8)
+    if zone_prefix <= subnet.prefixlen:
+        return [subnet.supernet(new_prefix=zone_prefix)]
+    return list(subnet.subnets(new_prefix=zone_prefix))
+
+
+def reverse_origin(zone: IPv4Network) -> str:
+    octets = str(zone.network_address).split(".")[: zone.prefixlen // 8]
+    return ".".join(reversed(octets)) + ".in-addr.arpa"
+
+
+def _serial(parts: list[str]) -> int:
+    # Deterministic per content: the same inventory gives the same zone serial.
+    return zlib.crc32("\n".join(parts).encode()) or 1
+
+
+def _dns_plan(loaded: LoadedInventory, domain: str) -> DnsPlan:
+    inv = loaded.inventory
+    lb = inv.load_balancer.address
+    ns_name = f"{NS_LABEL}.{domain}"
+    forward: list[DnsRecord] = [
+        NsRecord(domain, ns_name),
+        ARecord(ns_name, inv.network.address),
+        ARecord(f"api.{domain}", lb),
+        ARecord(f"api-int.{domain}", lb),
+        ARecord(f"*.apps.{domain}", lb),
+    ]
+    ptrs: list[PtrRecord] = []
+    for node in inv.nodes:
+        fqdn = f"{node.name}.{domain}"
+        forward.append(ARecord(fqdn, node.ip))
+        ptrs.append(PtrRecord(reverse_name(node.ip), fqdn))
+    ptrs.append(PtrRecord(reverse_name(lb), f"api.{domain}"))
+    ptrs.append(PtrRecord(reverse_name(lb), f"api-int.{domain}"))
+    if inv.cluster.etcd_records:
+        masters = [n for n in inv.nodes if n.role == "master"]
+        for i, node in enumerate(masters):
+            forward.append(ARecord(f"etcd-{i}.{domain}", node.ip))
+        for i in range(len(masters)):
+            forward.append(SrvRecord(f"{ETCD_SRV}.{domain}", 0, 10, ETCD_PORT, f"etcd-{i}.{domain}"))
+
+    subnet = inv.network.subnet
+    assert subnet is not None  # validated
+    zone_nets = reverse_zones(subnet)
+    if not any(lb in z for z in zone_nets):
+        zone_nets.append(IPv4Network(f"{lb}/24", strict=False))
+    zones: list[DnsZone] = []
+    texts = [f"{type(r).__name__} {dataclasses.astuple(r)}" for r in forward + ptrs]
+    serial = _serial(texts)
+    rname = f"hostmaster.{domain}"
+    zones.append(DnsZone(domain, Soa(domain, ns_name, rname, serial), tuple(forward)))
+    for net in zone_nets:
+        origin = reverse_origin(net)
+        inside = tuple(p for p in ptrs if p.name.endswith("." + origin))
+        records: tuple[DnsRecord, ...] = (NsRecord(origin, ns_name), *inside)
+        zones.append(DnsZone(origin, Soa(origin, ns_name, rname, serial), records))
+
+    allowed: list[IPv4Network | IPv6Network] = list(inv.network.forward_allowed)
+    if not allowed:
+        allowed = [subnet, ip_network("127.0.0.0/8"), ip_network("::1/128")]
+    return DnsPlan(
+        listen=inv.listen.dns,
+        domain=domain,
+        zones=tuple(zones),
+        ttl=DNS_TTL,
+        upstreams=tuple(inv.network.upstream_dns),
+        forward_allowed=tuple(allowed),
+    )
+
+
+def _http_base(loaded: LoadedInventory) -> str:
+    inv = loaded.inventory
+    # With the http service off, an external web server is assumed on port 80.
+    port = inv.listen.http.port if inv.listen.http is not None else 80
+    host = str(inv.network.address)
+    return f"http://{host}" if port == 80 else f"http://{host}:{port}"
+
+
+def _node_boot(loaded: LoadedInventory, node: Node, base: str) -> NodeBoot:
+    boot = loaded.inventory.boot
+    device = node.install_device or boot.install_device
+    ignition_file = IGNITION_FILE[node.role]
+    ignition_url = f"{base}/ignition/{ignition_file}"
+    image_url = f"{base}/images/{boot.image}" if boot.image else None
+    rootfs_url = f"{base}/images/{boot.rootfs}" if boot.rootfs else None
+    args = ["ip=dhcp", "rd.neednet=1", *boot.kernel_args, "coreos.inst=yes"]
+    args.append(f"coreos.inst.install_dev={device}")
+    if rootfs_url:
+        args.append(f"coreos.live.rootfs_url={rootfs_url}")
+    if image_url:
+        args.append(f"coreos.inst.image_url={image_url}")
+    args.append(f"coreos.inst.ignition_url={ignition_url}")
+    args.extend(node.kernel_args)
+    return NodeBoot(
+        node=node.name,
+        role=node.role,
+        mac=node.mac,
+        ip=node.ip,
+        firmware=node.firmware,
+        kernel=boot.kernel,
+        initramfs=boot.initramfs,
+        kernel_url=f"{base}/images/{boot.kernel}",
+        initramfs_url=f"{base}/images/{boot.initramfs}",
+        ignition_file=ignition_file,
+        ignition_url=ignition_url,
+        install_device=device,
+        image_url=image_url,
+        rootfs_url=rootfs_url,
+        kernel_args=tuple(args),
+    )
+
+
+def _frontends(loaded: LoadedInventory) -> tuple[Frontend, ...]:
+    inv = loaded.inventory
+    ports = inv.load_balancer.backend_ports
+    control = [n for n in inv.nodes if n.role in ("bootstrap", "master")]
+    workers = [n for n in inv.nodes if n.role == "worker"]
+    ingress = workers or [n for n in inv.nodes if n.role == "master"]
+    pools = {
+        "api": control,
+        "machine_config": control,
+        "ingress_http": ingress,
+        "ingress_https": ingress,
+    }
+    out = []
+    for name in LB_FRONTENDS:
+        port: int = getattr(ports, name)
+        backends = tuple(Backend(n.name, n.ip, port, n.role) for n in pools[name])
+        out.append(Frontend(name, getattr(inv.listen, name), port, backends))
+    return tuple(out)
+
+
+def build_plan(loaded: LoadedInventory) -> Plan:
+    """Derive the plan. The inventory is already valid, so this cannot fail."""
+    inv = loaded.inventory
+    name, base_domain = inv.cluster.name, inv.cluster.base_domain
+    assert name is not None and base_domain is not None and inv.network.subnet is not None
+    domain = f"{name}.{base_domain}"
+    base = _http_base(loaded)
+    ignition_dir = loaded.path(inv.cluster.ignition_dir)
+
+    nodes = tuple(
+        NodeInfo(n.name, f"{n.name}.{domain}", n.role, n.mac, n.ip, n.gpu) for n in inv.nodes
+    )
+    reservations = tuple(
+        DhcpReservation(n.mac, n.ip, n.name, n.name, n.firmware) for n in inv.nodes
+    )
+    net = inv.network
+    ipxe_url = f"{base}/boot.ipxe"
+    dhcp = DhcpPlan(
+        listen=inv.listen.dhcp,
+        interface=net.interface,
+        mode=net.dhcp_mode,
+        server_id=net.address,
+        subnet=net.subnet,
+        router=net.gateway,
+        dns_servers=tuple(net.dns_servers) or (net.address,),
+        domain=domain,
+        ntp_servers=tuple(net.ntp_servers),
+        lease_time=net.lease_time,
+        pool=net.dhcp_range,
+        reservations=reservations,
+        next_server=net.address,
+        boot_files=BootFiles(ipxe_script_url=ipxe_url),
+        by_mac=MappingProxyType({r.mac: r for r in reservations}),
+    )
+    node_boots = tuple(_node_boot(loaded, n, base) for n in inv.nodes)
+    boot = BootPlan(
+        http_base=base,
+        tftp_root=loaded.path(inv.boot.tftp_root),
+        images_dir=loaded.path(inv.boot.images_dir),
+        ignition_dir=ignition_dir,
+        after_install=inv.boot.after_install,
+        nodes=node_boots,
+        by_mac=MappingProxyType({b.mac: b for b in node_boots}),
+    )
+    k8s = inv.kubernetes
+    kubeconfig = (
+        loaded.path(k8s.kubeconfig) if k8s.kubeconfig else ignition_dir / "auth" / "kubeconfig"
+    )
+    listen = {
+        svc: ep for svc in type(inv.listen).model_fields if (ep := getattr(inv.listen, svc))
+    }
+    return Plan(
+        cluster=name,
+        base_domain=base_domain,
+        domain=domain,
+        source=loaded.source,
+        state_dir=loaded.path(inv.state_dir),
+        listen=MappingProxyType(listen),
+        nodes=nodes,
+        dns=_dns_plan(loaded, domain),
+        dhcp=dhcp,
+        boot=boot,
+        frontends=_frontends(loaded),
+        csr_allow=tuple(CsrNode(n.name, n.fqdn, n.ip, n.role) for n in nodes),
+        kubernetes=KubernetesPlan(kubeconfig, k8s.approve_csrs, k8s.gpu_operator),
+        load_balancer=inv.load_balancer.address,
+        by_name=MappingProxyType({n.name: n for n in nodes}),
+        by_ip=MappingProxyType({n.ip: n for n in nodes}),
+    )
