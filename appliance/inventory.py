@@ -9,6 +9,7 @@ addresses inside the subnet, listener clashes). Every problem becomes one line
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,9 +47,7 @@ def normalize_mac(value: Any) -> str:
         if "." in text and not re.fullmatch(r"[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}", text):
             digits = ""
     if not _HEX12.match(digits):
-        raise ValueError(
-            f"{value!r} is not a MAC address (six hex pairs separated by ':' or '-')"
-        )
+        raise ValueError(f"{value!r} is not a MAC address (six hex pairs separated by ':' or '-')")
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
 
 
@@ -309,7 +308,7 @@ class LoadedInventory:
 
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p)
+        return p if p.is_absolute() else Path(os.path.normpath(self.base_dir / p))
 
 
 def _loc_to_path(loc: tuple[int | str, ...]) -> str:
@@ -470,7 +469,9 @@ def _semantic_problems(inv: Inventory) -> Iterator[Problem]:
     for i, node in enumerate(inv.nodes):
         at = f"nodes[{i}]"
         if node.name in names:
-            yield Problem(f"{at}.name", f"{node.name!r} is already used by nodes[{names[node.name]}]")
+            yield Problem(
+                f"{at}.name", f"{node.name!r} is already used by nodes[{names[node.name]}]"
+            )
         else:
             names[node.name] = i
         if node.name in derived or (c.etcd_records and re.fullmatch(r"etcd-\d+", node.name)):

@@ -309,7 +309,9 @@ def _dns_plan(loaded: LoadedInventory, domain: str) -> DnsPlan:
         for i, node in enumerate(masters):
             forward.append(ARecord(f"etcd-{i}.{domain}", node.ip))
         for i in range(len(masters)):
-            forward.append(SrvRecord(f"{ETCD_SRV}.{domain}", 0, 10, ETCD_PORT, f"etcd-{i}.{domain}"))
+            forward.append(
+                SrvRecord(f"{ETCD_SRV}.{domain}", 0, 10, ETCD_PORT, f"etcd-{i}.{domain}")
+            )
 
     subnet = inv.network.subnet
     assert subnet is not None  # validated
@@ -406,7 +408,7 @@ def build_plan(loaded: LoadedInventory) -> Plan:
     """Derive the plan. The inventory is already valid, so this cannot fail."""
     inv = loaded.inventory
     name, base_domain = inv.cluster.name, inv.cluster.base_domain
-    assert name is not None and base_domain is not None and inv.network.subnet is not None
+    assert name is not None and base_domain is not None
     domain = f"{name}.{base_domain}"
     base = _http_base(loaded)
     ignition_dir = loaded.path(inv.cluster.ignition_dir)
@@ -418,13 +420,15 @@ def build_plan(loaded: LoadedInventory) -> Plan:
         DhcpReservation(n.mac, n.ip, n.name, n.name, n.firmware) for n in inv.nodes
     )
     net = inv.network
+    subnet = net.subnet
+    assert subnet is not None  # validated: required, or read from install-config
     ipxe_url = f"{base}/boot.ipxe"
     dhcp = DhcpPlan(
         listen=inv.listen.dhcp,
         interface=net.interface,
         mode=net.dhcp_mode,
         server_id=net.address,
-        subnet=net.subnet,
+        subnet=subnet,
         router=net.gateway,
         dns_servers=tuple(net.dns_servers) or (net.address,),
         domain=domain,
@@ -450,9 +454,7 @@ def build_plan(loaded: LoadedInventory) -> Plan:
     kubeconfig = (
         loaded.path(k8s.kubeconfig) if k8s.kubeconfig else ignition_dir / "auth" / "kubeconfig"
     )
-    listen = {
-        svc: ep for svc in type(inv.listen).model_fields if (ep := getattr(inv.listen, svc))
-    }
+    listen = {svc: ep for svc in type(inv.listen).model_fields if (ep := getattr(inv.listen, svc))}
     return Plan(
         cluster=name,
         base_domain=base_domain,

@@ -67,14 +67,14 @@ def _construct_mapping(loader: _InventoryLoader, node: yaml.MappingNode) -> dict
 
 _InventoryLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
+    _construct_mapping,
 )
 
 
 def load_yaml(text: str) -> Any:
     """Parse one YAML document; raise YamlError with line and column on bad syntax."""
     try:
-        return yaml.load(text, Loader=_InventoryLoader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(text, Loader=_InventoryLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

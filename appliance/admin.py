@@ -1,0 +1,127 @@
+"""The admin endpoint (aiohttp): health, status, nodes and reload under /api/v1.
+
+Reads are open on loopback and need the bearer token elsewhere; mutations always
+need it. The token lives in `<state_dir>/admin.token` (mode 0600).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import socket
+from typing import Any
+
+from aiohttp import web
+
+from appliance.plan import Plan
+from appliance.service import ServiceContext, ServiceSpec, bind_socket
+
+
+class AdminService:
+    name = "admin"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.plan: Plan | None = None
+        self.runner: web.AppRunner | None = None
+        self.requests = 0
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self, plan: Plan) -> None:
+        endpoint = plan.listen["admin"]
+        sock = bind_socket(self.name, endpoint, socket.SOCK_STREAM)
+        self.plan = plan
+        self.loopback_only = ipaddress.ip_address(endpoint.host).is_loopback
+        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self.runner.setup()
+        await web.SockSite(self.runner, sock).start()
+
+    async def reload(self, plan: Plan) -> None:
+        self.plan = plan
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    def status(self) -> dict[str, Any]:
+        return {"requests": self.requests}
+
+    # --- HTTP ------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/api/v1/status", self.get_status)
+        app.router.add_get("/api/v1/nodes", self.get_nodes)
+        app.router.add_get("/api/v1/plan", self.get_plan)
+        app.router.add_post("/api/v1/reload", self.post_reload)
+        return app
+
+    def _token_ok(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        expected = self.ctx.admin_token
+        return bool(
+            expected
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(token.strip().encode(), expected.encode())
+        )
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.requests += 1
+        needs_token = request.method not in ("GET", "HEAD") or not self.loopback_only
+        if needs_token and request.path != "/healthz" and not self._token_ok(request):
+            return web.json_response(
+                {"error": "a bearer token is required (see <state_dir>/admin.token)"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="appliance"'},
+            )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def get_status(self, request: web.Request) -> web.Response:
+        control = self.ctx.control
+        return web.json_response(control.status() if control else {})
+
+    async def get_plan(self, request: web.Request) -> web.Response:
+        assert self.plan is not None
+        return web.json_response(self.plan.to_dict())
+
+    async def get_nodes(self, request: web.Request) -> web.Response:
+        assert self.plan is not None
+        progress = self.ctx.store.progress()
+        nodes = []
+        for node in self.plan.nodes:
+            stages = progress.get(node.name, {})
+            nodes.append(
+                {
+                    "name": node.name,
+                    "fqdn": node.fqdn,
+                    "role": node.role,
+                    "mac": node.mac,
+                    "ip": str(node.ip),
+                    "gpu": node.gpu,
+                    "stages": {
+                        stage: {"first": first, "last": last, "detail": detail}
+                        for stage, (first, last, detail) in stages.items()
+                    },
+                }
+            )
+        return web.json_response({"nodes": nodes})
+
+    async def post_reload(self, request: web.Request) -> web.Response:
+        control = self.ctx.control
+        if control is None:
+            return web.json_response({"error": "no supervisor"}, status=503)
+        result = await control.reload()
+        body = {"ok": result.ok, "errors": list(result.errors), "changed": list(result.changed)}
+        return web.json_response(body, status=200 if result.ok else 422)
+
+
+SPEC = ServiceSpec("admin", AdminService, listen_keys=("admin",))

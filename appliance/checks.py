@@ -1,0 +1,70 @@
+"""Warnings about files the plan points at: missing boot files are not load errors.
+
+An operator writes the inventory before `openshift-install` has made the ignition
+files and before the RHCOS images are downloaded, so `check` reports what is still
+missing instead of refusing the inventory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from appliance.inventory import Problem
+from appliance.plan import Plan
+
+
+def _missing(path: Path) -> bool:
+    return not path.exists()
+
+
+def file_warnings(plan: Plan) -> list[Problem]:
+    out: list[Problem] = []
+    boot = plan.boot
+    if _missing(boot.ignition_dir):
+        out.append(
+            Problem(
+                "cluster.ignition_dir",
+                f"{boot.ignition_dir} does not exist "
+                "(openshift-install --dir <it> create ignition-configs writes it)",
+            )
+        )
+    else:
+        for name in sorted({n.ignition_file for n in boot.nodes}):
+            if _missing(boot.ignition_dir / name):
+                out.append(
+                    Problem("cluster.ignition_dir", f"{boot.ignition_dir / name} is missing")
+                )
+    first = boot.nodes[0] if boot.nodes else None
+    if _missing(boot.images_dir):
+        out.append(Problem("boot.images_dir", f"{boot.images_dir} does not exist"))
+    elif first is not None:
+        wanted = {"boot.kernel": first.kernel, "boot.initramfs": first.initramfs}
+        for key, url in (("boot.image", first.image_url), ("boot.rootfs", first.rootfs_url)):
+            if url:
+                wanted[key] = url.split("/images/", 1)[1]
+        for key, rel in wanted.items():
+            if _missing(boot.images_dir / rel):
+                out.append(Problem(key, f"{boot.images_dir / rel} is missing"))
+    if _missing(boot.tftp_root):
+        out.append(Problem("boot.tftp_root", f"{boot.tftp_root} does not exist"))
+    else:
+        files = plan.dhcp.boot_files
+        firmware = {n.firmware for n in boot.nodes}
+        loaders = []
+        if firmware & {"auto", "bios"}:
+            loaders.append(files.bios)
+        if firmware & {"auto", "uefi"}:
+            loaders.append(files.uefi_x64)
+        for loader in loaders:
+            if _missing(boot.tftp_root / loader):
+                out.append(
+                    Problem("boot.tftp_root", f"boot loader {boot.tftp_root / loader} is missing")
+                )
+    state = plan.state_dir
+    probe = state if state.exists() else state.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        out.append(Problem("state_dir", f"{state} is not writable by this user"))
+    return out

@@ -1,0 +1,123 @@
+"""What a service is to the supervisor, and helpers every service shares.
+
+A service is started with a plan, takes new plans while running, and stops. It
+binds its sockets in `start` (so bind errors surface before READY) and keeps
+them across `reload`. Services declare which listeners they use, so the
+supervisor restarts a service only when one of those addresses changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from appliance.inventory import Endpoint
+from appliance.plan import Plan
+
+if TYPE_CHECKING:
+    from appliance.events import EventBus
+    from appliance.store import Store
+
+
+class ServiceError(Exception):
+    """A service cannot start or take a plan; the message is one line for the operator."""
+
+
+class BindError(ServiceError):
+    def __init__(self, service: str, endpoint: Endpoint, exc: OSError) -> None:
+        reason = exc.strerror or str(exc)
+        super().__init__(f"{service}: cannot bind {endpoint}: {reason}")
+        self.errno = exc.errno
+
+
+class Control(Protocol):
+    """The supervisor as the admin API sees it."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def reload(self) -> ReloadResult: ...
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    ok: bool
+    errors: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()  # services that took the new plan
+
+
+class Service(Protocol):
+    name: str
+
+    async def start(self, plan: Plan) -> None: ...
+
+    async def reload(self, plan: Plan) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class ServiceContext:
+    """What the supervisor hands every service: the event bus, the store and a logger."""
+
+    bus: EventBus
+    store: Store
+    log: logging.Logger
+    # Services look each other up here (e.g. the cluster loop drains LB backends).
+    services: dict[str, Service]
+    control: Control | None = None
+    admin_token: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    factory: Callable[[ServiceContext], Service]
+    # The plan's listen keys this service binds; `enabled` defaults to "any of them set".
+    listen_keys: tuple[str, ...] = ()
+    enabled: Callable[[Plan], bool] | None = None
+
+    def is_enabled(self, plan: Plan) -> bool:
+        if self.enabled is not None:
+            return self.enabled(plan)
+        return any(k in plan.listen for k in self.listen_keys)
+
+    def endpoints(self, plan: Plan) -> tuple[Endpoint | None, ...]:
+        return tuple(plan.listen.get(k) for k in self.listen_keys)
+
+
+def _family(endpoint: Endpoint) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+
+
+def bind_socket(service: str, endpoint: Endpoint, kind: socket.SocketKind) -> socket.socket:
+    """Bind a UDP or listening TCP socket, or raise BindError with the operator's one line."""
+    sock = socket.socket(_family(endpoint), kind)
+    try:
+        # TCP only: on UDP, SO_REUSEADDR would let two processes share a port silently.
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((endpoint.host, endpoint.port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(service, endpoint, exc) from None
+    return sock
+
+
+async def start_tcp_server(
+    service: str,
+    endpoint: Endpoint,
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+    **kwargs: Any,
+) -> asyncio.Server:
+    """asyncio.start_server on a socket we bound ourselves, so bind errors read cleanly."""
+    sock = bind_socket(service, endpoint, socket.SOCK_STREAM)
+    return await asyncio.start_server(handler, sock=sock, **kwargs)

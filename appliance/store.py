@@ -1,0 +1,354 @@
+"""The SQLite state store: node events and progress, DHCP leases, install state.
+
+One file, `<state_dir>/appliance.db`, in WAL mode with synchronous=FULL: a lease the
+DHCP server handed out must still be there after kill -9 or a power cut, or two
+machines could end up on one address. Every write method is one transaction.
+
+The schema is versioned with `PRAGMA user_version`; MIGRATIONS[i] takes the database
+from version i to i + 1. Add new migrations at the end, never edit a released one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, cast
+
+from appliance.events import STAGES, Event, EventBus
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "appliance.db"
+BUSY_TIMEOUT_MS = 5000  # another process (e.g. an operator's sqlite3 shell) may hold a lock
+
+LeaseState = Literal["offered", "bound", "declined", "released"]
+LEASE_STATES: frozenset[str] = frozenset(("offered", "bound", "declined", "released"))
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: the initial schema
+    (
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            time REAL NOT NULL,
+            node TEXT NOT NULL,
+            stage TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '',
+            source TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX events_node ON events (node, id)",
+        """CREATE TABLE node_stage (
+            node TEXT NOT NULL,
+            stage TEXT NOT NULL,
+            first_time REAL NOT NULL,
+            last_time REAL NOT NULL,
+            detail TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (node, stage))""",
+        """CREATE TABLE leases (
+            mac TEXT PRIMARY KEY,
+            ip TEXT UNIQUE NOT NULL,
+            hostname TEXT,
+            expires REAL NOT NULL,
+            state TEXT NOT NULL
+                CHECK (state IN ('offered', 'bound', 'declined', 'released')),
+            updated REAL NOT NULL)""",
+        "CREATE INDEX leases_expires ON leases (expires)",
+        """CREATE TABLE install_state (
+            node TEXT PRIMARY KEY,
+            installed_at REAL,
+            reinstall_requested REAL)""",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    pass
+
+
+class LeaseConflict(StoreError):
+    """The address is already leased to another MAC."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    mac: str
+    ip: str
+    hostname: str | None
+    expires: float
+    state: LeaseState
+    updated: float
+
+
+_LEASE_COLUMNS = "mac, ip, hostname, expires, state, updated"
+
+
+def _lease(row: tuple[object, ...]) -> Lease:
+    mac, ip, hostname, expires, state, updated = row
+    return Lease(
+        str(mac),
+        str(ip),
+        None if hostname is None else str(hostname),
+        float(cast(float, expires)),
+        cast(LeaseState, state),
+        float(cast(float, updated)),
+    )
+
+
+def _stage_order(stage: str) -> int:
+    # Stages this version does not know (a newer writer) sort last instead of failing.
+    return STAGES.index(stage) if stage in STAGES else len(STAGES)
+
+
+class Store:
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, state_dir: Path) -> Store:
+        path = Path(state_dir) / DB_NAME
+        try:
+            Path(state_dir).mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot open state store {path}: {exc.strerror or exc}") from exc
+        conn: sqlite3.Connection | None = None
+        try:
+            # isolation_level=None: no implicit transactions; _transaction() decides.
+            conn = sqlite3.connect(path, isolation_level=None)
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"cannot open state store {path}: WAL mode refused ({mode})")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            store = cls(conn, path)
+            store._migrate()
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise StoreError(f"cannot open state store {path}: {exc}") from exc
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        return store
+
+    def _migrate(self) -> None:
+        version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"cannot open state store {self.path}: schema version {version} is newer "
+                f"than this appliance supports ({SCHEMA_VERSION})"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self._transaction() as cur:
+                for statement in MIGRATIONS[target - 1]:
+                    cur.execute(statement)
+                cur.execute(f"PRAGMA user_version={target}")
+            log.info("state store %s migrated to schema version %d", self.path, target)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        # IMMEDIATE takes the write lock up front, so a transaction never fails halfway
+        # on SQLITE_BUSY after having read.
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+            cur.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:  # also when COMMIT itself failed
+                self._conn.execute("ROLLBACK")
+            raise
+        finally:
+            cur.close()
+
+    def close(self) -> None:
+        self._conn.close()  # idempotent in sqlite3
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- events and progress ----------------------------------------------------------
+
+    def record_event(self, ev: Event) -> Event:
+        return self.record_events([ev])[0]
+
+    def record_events(self, evs: Sequence[Event]) -> list[Event]:
+        stored: list[Event] = []
+        with self._transaction() as cur:
+            for ev in evs:
+                cur.execute(
+                    "INSERT INTO events (time, node, stage, detail, source) VALUES (?, ?, ?, ?, ?)",
+                    (ev.time, ev.node, ev.stage, ev.detail, ev.source),
+                )
+                assert cur.lastrowid is not None
+                stored.append(dataclasses.replace(ev, id=cur.lastrowid))
+                # The latest event decides the detail, even if events arrive out of order.
+                cur.execute(
+                    """INSERT INTO node_stage (node, stage, first_time, last_time, detail)
+                    VALUES (?, ?, ?, ?, ?)
+                    ON CONFLICT (node, stage) DO UPDATE SET
+                        first_time = min(first_time, excluded.first_time),
+                        detail = CASE WHEN excluded.last_time >= last_time
+                                 THEN excluded.detail ELSE detail END,
+                        last_time = max(last_time, excluded.last_time)""",
+                    (ev.node, ev.stage, ev.time, ev.time, ev.detail),
+                )
+        return stored
+
+    def events(
+        self, *, node: str | None = None, after_id: int = 0, limit: int = 1000
+    ) -> list[Event]:
+        """Stored events in id order, those after `after_id` (for paging and tailing)."""
+        sql = "SELECT node, stage, detail, time, source, id FROM events WHERE id > ?"
+        args: list[object] = [after_id]
+        if node is not None:
+            sql += " AND node = ?"
+            args.append(node)
+        sql += " ORDER BY id LIMIT ?"
+        args.append(limit)
+        return [Event(*row) for row in self._conn.execute(sql, args)]
+
+    def progress(self) -> dict[str, dict[str, tuple[float, float, str]]]:
+        """node -> stage -> (first_time, last_time, detail); stages in install order."""
+        rows = self._conn.execute(
+            "SELECT node, stage, first_time, last_time, detail FROM node_stage ORDER BY node"
+        ).fetchall()
+        rows.sort(key=lambda r: (r[0], _stage_order(r[1])))
+        result: dict[str, dict[str, tuple[float, float, str]]] = {}
+        for node, stage, first, last, detail in rows:
+            result.setdefault(node, {})[stage] = (first, last, detail)
+        return result
+
+    async def persist(self, bus: EventBus) -> None:
+        """Write the bus's events in batches until cancelled.
+
+        Subscribes when the task first runs: start it before the services publish.
+        On cancellation, whatever is already queued is written before exiting.
+        """
+        with bus.subscribe() as sub:
+            try:
+                while True:
+                    first = await sub.get()
+                    self._persist_batch([first, *sub.drain()])
+            except asyncio.CancelledError:
+                self._persist_batch(sub.drain())
+                raise
+
+    def _persist_batch(self, batch: list[Event]) -> None:
+        if not batch:
+            return
+        try:
+            self.record_events(batch)
+        except sqlite3.Error:
+            # Events are a record, not state: losing a batch must not stop the daemon.
+            log.exception("state store %s: lost %d events", self.path, len(batch))
+
+    # --- leases ---------------------------------------------------------------------
+
+    def put_lease(self, lease: Lease) -> None:
+        """Insert or replace the lease of `lease.mac`; LeaseConflict if another MAC has the IP."""
+        if lease.state not in LEASE_STATES:
+            raise ValueError(f"unknown lease state {lease.state!r}")
+        try:
+            with self._transaction() as cur:
+                cur.execute(
+                    f"""INSERT INTO leases ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (mac) DO UPDATE SET
+                        ip = excluded.ip, hostname = excluded.hostname,
+                        expires = excluded.expires, state = excluded.state,
+                        updated = excluded.updated""",
+                    dataclasses.astuple(lease),
+                )
+        except sqlite3.IntegrityError as exc:
+            holder = self.lease_for_ip(lease.ip)
+            if holder is not None and holder.mac != lease.mac:
+                raise LeaseConflict(
+                    f"{lease.ip} is leased to {holder.mac}, not to {lease.mac}"
+                ) from exc
+            raise StoreError(f"cannot store lease for {lease.mac}: {exc}") from exc
+
+    def lease_for_mac(self, mac: str) -> Lease | None:
+        row = self._conn.execute(
+            f"SELECT {_LEASE_COLUMNS} FROM leases WHERE mac = ?", (mac,)
+        ).fetchone()
+        return None if row is None else _lease(row)
+
+    def lease_for_ip(self, ip: str) -> Lease | None:
+        row = self._conn.execute(
+            f"SELECT {_LEASE_COLUMNS} FROM leases WHERE ip = ?", (ip,)
+        ).fetchone()
+        return None if row is None else _lease(row)
+
+    def leases(self, now: float | None = None) -> list[Lease]:
+        """All leases by MAC; with `now`, only those not yet expired (expires >= now)."""
+        if now is None:
+            rows = self._conn.execute(f"SELECT {_LEASE_COLUMNS} FROM leases ORDER BY mac")
+        else:
+            rows = self._conn.execute(
+                f"SELECT {_LEASE_COLUMNS} FROM leases WHERE expires >= ? ORDER BY mac", (now,)
+            )
+        return [_lease(row) for row in rows]
+
+    def delete_lease(self, mac: str) -> bool:
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM leases WHERE mac = ?", (mac,))
+            return cur.rowcount > 0
+
+    def expire_leases(self, now: float) -> int:
+        """Delete every lease with expires < now (declined ones too: their quarantine is over)."""
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM leases WHERE expires < ?", (now,))
+            return cur.rowcount
+
+    # --- install state (boot once) ----------------------------------------------------
+
+    def mark_installed(self, node: str, time: float) -> None:
+        with self._transaction() as cur:
+            cur.execute(
+                """INSERT INTO install_state (node, installed_at) VALUES (?, ?)
+                ON CONFLICT (node) DO UPDATE SET installed_at = excluded.installed_at""",
+                (node, time),
+            )
+
+    def is_installed(self, node: str) -> bool:
+        row = self._conn.execute(
+            "SELECT installed_at FROM install_state WHERE node = ?", (node,)
+        ).fetchone()
+        return row is not None and row[0] is not None
+
+    def request_reinstall(self, node: str, time: float) -> None:
+        """Forget that `node` is installed, so its next PXE boot installs it again."""
+        with self._transaction() as cur:
+            cur.execute(
+                """INSERT INTO install_state (node, installed_at, reinstall_requested)
+                VALUES (?, NULL, ?)
+                ON CONFLICT (node) DO UPDATE SET
+                    installed_at = NULL, reinstall_requested = excluded.reinstall_requested""",
+                (node, time),
+            )
+
+    def install_state(self) -> dict[str, dict[str, float | None]]:
+        """node -> {"installed_at": time | None, "reinstall_requested": time | None}."""
+        rows = self._conn.execute(
+            "SELECT node, installed_at, reinstall_requested FROM install_state ORDER BY node"
+        )
+        return {
+            node: {"installed_at": installed, "reinstall_requested": requested}
+            for node, installed, requested in rows
+        }

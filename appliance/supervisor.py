@@ -1,0 +1,342 @@
+"""The supervisor: runs every enabled service in one asyncio process.
+
+Start binds every listener before READY (a bind error stops the start with one
+clear line). Reload re-reads the inventory, builds a new plan and applies it in
+two phases: first every service that needs new sockets is started on the new
+plan (if any fails, nothing changes); then the old instances are stopped and the
+others take the new plan. An invalid inventory leaves the running plan alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__
+from appliance.events import EventBus
+from appliance.inventory import InventoryError, load_inventory
+from appliance.notify import notify, watchdog_interval, watchdog_loop
+from appliance.plan import Plan, build_plan
+from appliance.service import (
+    ReloadResult,
+    Service,
+    ServiceContext,
+    ServiceError,
+    ServiceSpec,
+)
+from appliance.store import Store, StoreError
+
+log = logging.getLogger("appliance")
+
+STOP_TIMEOUT = 10.0  # seconds a service gets to stop before it is abandoned
+TOKEN_FILE = "admin.token"
+
+
+def default_specs() -> list[ServiceSpec]:
+    """Every service this build has, in start order (admin last: it reports on the rest)."""
+    from appliance.admin import SPEC as ADMIN
+
+    return [ADMIN]
+
+
+def load_plan(config: Path) -> Plan:
+    """Load and derive; raises InventoryError with every problem."""
+    return build_plan(load_inventory(config))
+
+
+def ensure_token(state_dir: Path) -> str:
+    """The admin bearer token: generated at first start, mode 0600, kept across restarts."""
+    path = state_dir / TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token
+
+
+class Supervisor:
+    def __init__(self, config: Path, specs: Sequence[ServiceSpec] | None = None) -> None:
+        self.config = config
+        self.specs = list(specs) if specs is not None else default_specs()
+        self.bus = EventBus()
+        self.running: dict[str, Service] = {}
+        self.plan: Plan | None = None
+        self.store: Store | None = None
+        self.token = ""
+        self.started_at = 0.0
+        self.reloads: dict[str, Any] = {"ok": 0, "failed": 0, "last_error": None, "last_at": None}
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def _context(self, name: str) -> ServiceContext:
+        assert self.store is not None
+        return ServiceContext(
+            bus=self.bus,
+            store=self.store,
+            log=logging.getLogger(name),
+            services=self.running,
+            control=self,
+            admin_token=self.token,
+        )
+
+    async def _start_one(self, spec: ServiceSpec, plan: Plan) -> Service:
+        service = spec.factory(self._context(spec.name))
+        try:
+            await service.start(plan)
+        except ServiceError:
+            await self._stop_one(spec.name, service)
+            raise
+        except OSError as exc:
+            await self._stop_one(spec.name, service)
+            raise ServiceError(f"{spec.name}: {exc.strerror or exc}") from None
+        return service
+
+    async def _stop_one(self, name: str, service: Service) -> None:
+        try:
+            await asyncio.wait_for(service.stop(), STOP_TIMEOUT)
+        except TimeoutError:
+            log.warning("%s: did not stop within %.0f s; abandoning it", name, STOP_TIMEOUT)
+        except Exception:  # a failing stop must not keep the others running
+            log.exception("%s: error while stopping", name)
+
+    async def start(self, plan: Plan) -> None:
+        """Open the store and start every enabled service; raise ServiceError on failure."""
+        try:
+            self.store = Store.open(plan.state_dir)
+            self.token = ensure_token(plan.state_dir)
+        except (StoreError, OSError) as exc:
+            raise ServiceError(str(exc)) from None
+        self.plan = plan
+        self.started_at = time.time()
+        self._tasks.append(asyncio.create_task(self.store.persist(self.bus), name="persist"))
+        known = {k for s in self.specs for k in s.listen_keys}
+        for key in plan.listen:
+            if key not in known:
+                log.warning("listen.%s is set, but this build has no %s service yet", key, key)
+        for spec in self.specs:
+            if not spec.is_enabled(plan):
+                continue
+            try:
+                self.running[spec.name] = await self._start_one(spec, plan)
+            except ServiceError:
+                await self.stop()
+                raise
+            log.info("%s: started %s", spec.name, _where(spec, plan))
+        log.info(
+            "appliance %s serving %s: %d nodes, services %s",
+            __version__,
+            plan.domain,
+            len(plan.nodes),
+            ", ".join(self.running) or "none",
+        )
+        interval = watchdog_interval()
+        if interval:
+            self._tasks.append(asyncio.create_task(watchdog_loop(interval), name="watchdog"))
+        notify(f"READY=1\nSTATUS=serving {plan.domain}\nMAINPID={os.getpid()}")
+
+    async def stop(self) -> None:
+        notify("STOPPING=1")
+        for name in reversed(list(self.running)):
+            await self._stop_one(name, self.running.pop(name))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    # --- reload ----------------------------------------------------------------------
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the inventory and swap the plan; on any error keep the running plan."""
+        async with self._lock:
+            notify("RELOADING=1")
+            try:
+                result = await self._reload()
+            finally:
+                notify("READY=1")
+            key = "ok" if result.ok else "failed"
+            self.reloads[key] += 1
+            self.reloads["last_at"] = time.time()
+            self.reloads["last_error"] = None if result.ok else "; ".join(result.errors)
+            return result
+
+    async def _reload(self) -> ReloadResult:
+        old = self.plan
+        assert old is not None
+        try:
+            new = load_plan(self.config)
+        except InventoryError as exc:
+            for line in exc.lines():
+                log.error("reload: %s", line)
+            log.error("reload refused: keeping the running plan")
+            return ReloadResult(False, tuple(exc.lines()))
+        if new.state_dir != old.state_dir:
+            log.warning("reload: state_dir changes take effect at the next start")
+
+        # Phase 1: bind what must be bound anew. Nothing running changes yet.
+        fresh: dict[str, Service] = {}
+        replaced: list[str] = []
+        try:
+            for spec in self.specs:
+                was, want = spec.name in self.running, spec.is_enabled(new)
+                moved = was and spec.endpoints(old) != spec.endpoints(new)
+                if want and (moved or not was):
+                    fresh[spec.name] = await self._start_fresh(spec, new, replaced)
+        except ServiceError as exc:
+            for name, service in fresh.items():
+                await self._stop_one(name, service)
+            await self._restore(replaced, old)
+            log.error("reload refused: %s; keeping the running plan", exc)
+            return ReloadResult(False, (str(exc),))
+
+        # Phase 2: retire what was replaced or switched off, hand the plan to the rest.
+        reloaded: list[str] = []
+        for spec in self.specs:
+            name = spec.name
+            if name in fresh:
+                if name in self.running:
+                    await self._stop_one(name, self.running.pop(name))
+                continue
+            if name in self.running and not spec.is_enabled(new):
+                await self._stop_one(name, self.running.pop(name))
+                log.info("%s: stopped (switched off)", name)
+            elif name in self.running:
+                try:
+                    await self.running[name].reload(new)
+                    reloaded.append(name)
+                except (ServiceError, OSError) as exc:
+                    # Put everything back: a half-applied plan is worse than the old one.
+                    for back in reloaded:
+                        await self.running[back].reload(old)
+                    for fname, service in fresh.items():
+                        await self._stop_one(fname, service)
+                    log.error("reload refused: %s: %s; keeping the running plan", name, exc)
+                    return ReloadResult(False, (f"{name}: {exc}",))
+        # Keep the registry in spec order so stop runs in reverse start order.
+        merged = {**self.running, **fresh}
+        self.running.clear()
+        self.running.update({s.name: merged[s.name] for s in self.specs if s.name in merged})
+        self.plan = new
+        for name in fresh:
+            log.info("%s: started %s", name, _where(self._spec(name), new))
+        log.info("reload: new plan in force (%d nodes)", len(new.nodes))
+        return ReloadResult(True, changed=tuple(reloaded) + tuple(fresh))
+
+    async def _start_fresh(self, spec: ServiceSpec, plan: Plan, replaced: list[str]) -> Service:
+        try:
+            return await self._start_one(spec, plan)
+        except ServiceError as exc:
+            # 0.0.0.0:53 -> 127.0.0.1:53 clashes with our own old socket: free it, try again.
+            if getattr(exc, "errno", None) != errno.EADDRINUSE or spec.name not in self.running:
+                raise
+        await self._stop_one(spec.name, self.running.pop(spec.name))
+        replaced.append(spec.name)
+        return await self._start_one(spec, plan)
+
+    async def _restore(self, names: list[str], plan: Plan) -> None:
+        for name in names:
+            try:
+                self.running[name] = await self._start_one(self._spec(name), plan)
+            except ServiceError as exc:
+                log.error("%s: could not be restored on the old plan: %s", name, exc)
+
+    def _spec(self, name: str) -> ServiceSpec:
+        return next(s for s in self.specs if s.name == name)
+
+    # --- status ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        plan = self.plan
+        services = {}
+        for spec in self.specs:
+            svc = self.running.get(spec.name)
+            entry: dict[str, Any] = {
+                "state": "running" if svc else "off",
+                "listen": [str(ep) for ep in spec.endpoints(plan) if ep] if plan else [],
+            }
+            if svc is not None:
+                entry.update(svc.status())
+            services[spec.name] = entry
+        return {
+            "version": __version__,
+            "config": str(self.config),
+            "uptime": round(time.time() - self.started_at, 3) if self.started_at else 0,
+            "cluster": plan.domain if plan else None,
+            "nodes": len(plan.nodes) if plan else 0,
+            "services": services,
+            "reloads": dict(self.reloads),
+            "events": {"published": self.bus.published, "dropped": self.bus.dropped},
+        }
+
+
+def _where(spec: ServiceSpec, plan: Plan) -> str:
+    eps = [str(ep) for ep in spec.endpoints(plan) if ep]
+    return f"on {', '.join(eps)}" if eps else ""
+
+
+async def run(config: Path, specs: Sequence[ServiceSpec] | None = None) -> int:
+    """`appliance run`: start, serve until SIGTERM/SIGINT, reload on SIGHUP."""
+    try:
+        plan = load_plan(config)
+    except InventoryError as exc:
+        for line in exc.lines():
+            log.error("%s", line)
+        return 2
+    sup = Supervisor(config, specs)
+    try:
+        await sup.start(plan)
+    except ServiceError as exc:
+        log.error("%s", exc)
+        return 1
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[ReloadResult]] = set()
+
+    def on_hup() -> None:
+        log.info("SIGHUP: reloading %s", config)
+        task = loop.create_task(sup.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sup.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await sup.wait_stopped()
+        log.info("stopping")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        for task in reloads:
+            with contextlib.suppress(Exception):
+                await task
+        await sup.stop()
+    log.info("stopped")
+    return 0

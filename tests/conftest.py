@@ -1,0 +1,27 @@
+"""Shared fixtures: inventories built from the article's cluster, free loopback ports."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helpers import CONFIG
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    is_root = os.geteuid() == 0
+    for item in items:
+        if item.get_closest_marker("root") and not is_root:
+            item.add_marker(
+                pytest.mark.skip(reason="needs root (network namespaces, low ports, raw sockets)")
+            )
+
+
+@pytest.fixture
+def dgxpod_raw() -> dict[str, Any]:
+    """The article's inventory as plain data, to be edited by each test."""
+    return copy.deepcopy(yaml.safe_load((CONFIG / "dgxpod.yaml").read_text()))

@@ -1,0 +1,73 @@
+"""Helpers for tests: external tools, free loopback ports, runnable inventories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "config"
+
+
+def need_tool(name: str) -> str:
+    """Path of an external program; skip (or, under CI, fail) when it is not installed."""
+    path = shutil.which(name) or next(
+        (str(p) for d in ("/usr/sbin", "/sbin") if (p := Path(d) / name).exists()), None
+    )
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is not installed: .ci/run must install it")
+    pytest.skip(f"{name} is not installed (Debian package; .ci/run installs it)")
+
+
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def loopback_inventory(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    """A runnable inventory on loopback with free ports, state under tmp_path."""
+    raw: dict[str, Any] = {
+        "cluster": {"name": "demo", "base_domain": "example.com", "ignition_dir": "ignition"},
+        "network": {"address": "127.0.0.1", "subnet": "127.0.0.0/24"},
+        "load_balancer": {"address": "127.0.0.54"},
+        "boot": {"tftp_root": "tftp", "images_dir": "images"},
+        "nodes": [
+            {
+                "name": "bootstrap",
+                "role": "bootstrap",
+                "mac": "52:54:00:00:00:53",
+                "ip": "127.0.0.53",
+            },
+            {"name": "master-0", "role": "master", "mac": "52:54:00:00:00:50", "ip": "127.0.0.50"},
+            {"name": "worker-0", "role": "worker", "mac": "52:54:00:00:00:44", "ip": "127.0.0.44"},
+        ],
+        "listen": {
+            "dns": None,
+            "dhcp": None,
+            "tftp": None,
+            "http": None,
+            "api": None,
+            "machine_config": None,
+            "ingress_http": None,
+            "ingress_https": None,
+            "admin": f"127.0.0.1:{free_port()}",
+        },
+        "state_dir": str(tmp_path / "state"),
+    }
+    for key, value in overrides.items():
+        raw[key] = value
+    return raw
+
+
+def write_inventory(path: Path, raw: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
