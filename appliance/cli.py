@@ -12,8 +12,9 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -131,13 +132,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from appliance.supervisor import run
 
     setup_logging(args.log_level, args.log_format)
+    runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     try:
         import uvloop  # optional speed-up: the `speed` extra
 
         runner = uvloop.run
     except ImportError:
-        runner = asyncio.run
-    return int(runner(run(Path(args.config))))
+        pass
+    return runner(run(Path(args.config)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
