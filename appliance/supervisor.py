@@ -44,8 +44,9 @@ TOKEN_FILE = "admin.token"
 def default_specs() -> list[ServiceSpec]:
     """Every service this build has, in start order (admin last: it reports on the rest)."""
     from appliance.admin import SPEC as ADMIN
+    from services.dns import SPEC as DNS
 
-    return [ADMIN]
+    return [DNS, ADMIN]
 
 
 def load_plan(config: Path) -> Plan:
@@ -107,6 +108,10 @@ class Supervisor:
         except OSError as exc:
             await self._stop_one(spec.name, service)
             raise ServiceError(f"{spec.name}: {exc.strerror or exc}") from None
+        except Exception as exc:  # a bug in one service: say which, keep the rest sane
+            log.exception("%s: failed to start", spec.name)
+            await self._stop_one(spec.name, service)
+            raise ServiceError(f"{spec.name}: failed to start: {exc}") from None
         return service
 
     async def _stop_one(self, name: str, service: Service) -> None:

@@ -1,0 +1,273 @@
+"""The DNS core: a query's bytes in, a decision out (sans-IO).
+
+`DnsEngine.handle` returns a Reply (bytes to send), a Forward (the name is not
+ours and this client may recurse) or None (drop). Answers in the cluster's zones
+are encoded once per (name, type, EDNS) and reused: a hit copies the bytes and
+patches the ID, flags and the question's case. dnslib does everything else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+from dnslib import EDNS0, QTYPE, RR, DNSError, DNSHeader, DNSQuestion, DNSRecord
+
+from appliance.plan import DnsPlan
+from services.dns.authority import (
+    FORMERR,
+    NOTIMP,
+    REFUSED,
+    Answer,
+    Authority,
+)
+from services.dns.wire import (
+    CLASS_IN,
+    Query,
+    parse_query,
+    patch_reply,
+    template_key,
+    truncate,
+)
+
+OUR_UDP_SIZE = 1232  # the DNS flag day 2020 default: no IP fragmentation
+TYPE_AXFR, TYPE_IXFR, CLASS_ANY = 252, 251, 255
+TEMPLATE_LIMIT = 20_000  # lazily cached answers (wildcard names, NODATA, NXDOMAIN)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Not ours: ask upstream. `key` names the question for the cache."""
+
+    data: bytes
+    key: tuple[str, int, int]
+    edns: bool
+    udp_size: int
+
+
+Decision = Reply | Forward | None
+
+
+class DnsEngine:
+    def __init__(self, plan: DnsPlan, counters: Counter[str] | None = None) -> None:
+        self.plan = plan
+        self.authority = Authority(plan)
+        self.counters: Counter[str] = counters if counters is not None else Counter()
+        self.forwarding = bool(plan.upstreams)
+        self._allowed_cache: dict[str, bool] = {}
+        # Answers encoded from the zones up front never leave; lazily added ones
+        # (wildcard names, NODATA, NXDOMAIN) are bounded so a name flood cannot grow memory.
+        self._static: dict[bytes, bytes] = {}
+        self._templates: dict[bytes, bytes] = {}
+        self._precompute()
+        self._static = dict(self._templates)
+
+    # --- who may recurse -----------------------------------------------------------
+
+    def may_forward(self, client: str) -> bool:
+        allowed = self._allowed_cache.get(client)
+        if allowed is None:
+            try:
+                addr: IPv4Address | IPv6Address = ipaddress.ip_address(client.split("%", 1)[0])
+            except ValueError:
+                return False
+            if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            allowed = any(addr in net for net in self.plan.forward_allowed)
+            if len(self._allowed_cache) > 65536:
+                self._allowed_cache.clear()
+            self._allowed_cache[client] = allowed
+        return allowed
+
+    # --- the fast path -----------------------------------------------------------------
+
+    def _precompute(self) -> None:
+        """Encode every name/type the zones hold, with and without EDNS."""
+        for zone in self.authority.zones:
+            for name, rrsets in zone.names.items():
+                for qtype in rrsets:
+                    for edns in (False, True):
+                        self._template_for(name, qtype, edns)
+
+    def _template_for(self, qname: str, qtype: int, edns: bool) -> bytes | None:
+        answer = self.authority.lookup(qname, qtype)
+        if answer is None:
+            return None
+        template = self._encode(0, 0, qname, qtype, CLASS_IN, answer, edns, do=False, ra=False)
+        key = template_key(qname, qtype, CLASS_IN, edns)
+        if len(self._templates) >= TEMPLATE_LIMIT + len(self._static):
+            self._templates = dict(self._static)
+        self._templates[key] = template
+        return template
+
+    def handle(self, data: bytes, client: str, *, tcp: bool = False) -> Decision:
+        """Decide what to do with one query from `client` (an address string)."""
+        self.counters["queries"] += 1
+        query = parse_query(data)
+        if query is not None and query.qclass == CLASS_IN:
+            template = self._templates.get(query.key(data))
+            if template is not None:
+                self.counters["fast"] += 1
+                reply = patch_reply(template, data, query, self._ra(client))
+                return Reply(self._fit(reply, query, tcp))
+        return self._slow(data, client, query, tcp)
+
+    def _ra(self, client: str) -> bool:
+        return self.forwarding and self.may_forward(client)
+
+    def _fit(self, reply: bytes, query: Query, tcp: bool) -> bytes:
+        if tcp:
+            return reply
+        limit = max(512, min(query.udp_size, 65535)) if query.edns else 512
+        if len(reply) <= limit:
+            return reply
+        self.counters["truncated"] += 1
+        return truncate(reply, query.qname_end, query.edns)
+
+    # --- the slow path ----------------------------------------------------------------
+
+    def _slow(self, data: bytes, client: str, query: Query | None, tcp: bool) -> Decision:
+        self.counters["slow"] += 1
+        try:
+            request = DNSRecord.parse(data)
+        except (DNSError, ValueError, IndexError, KeyError, TypeError, UnicodeError):
+            return self._formerr_or_drop(data)
+        header = request.header
+        if header.qr:
+            self.counters["dropped"] += 1  # a response sent to us: never answer it
+            return None
+        if header.opcode != 0:
+            return Reply(self._error(request, NOTIMP))
+        if len(request.questions) != 1 or request.rr or request.auth:
+            return self._formerr_or_drop(data)
+        q = request.questions[0]
+        opt = [rr for rr in request.ar if rr.rtype == QTYPE.OPT]
+        if len(opt) > 1 or len(request.ar) > len(opt):
+            return self._formerr_or_drop(data)
+        edns = bool(opt)
+        if edns and (opt[0].ttl >> 16) & 0xFF:
+            return Reply(self._badvers(request))
+        if q.qclass not in (CLASS_IN, CLASS_ANY):
+            self.counters["malformed"] += 1
+            return Reply(self._error(request, FORMERR))
+        qname = str(q.qname).rstrip(".").lower()
+        if q.qtype in (TYPE_AXFR, TYPE_IXFR):
+            self.counters["refused"] += 1
+            return Reply(self._error(request, REFUSED))
+        ra = self._ra(client)
+        if not self.authority.is_ours(qname):
+            if not ra:
+                self.counters["refused"] += 1
+                return Reply(self._error(request, REFUSED))
+            self.counters["forwarded"] += 1
+            udp_size = max(512, opt[0].rclass) if edns else 512
+            return Forward(data, (qname, q.qtype, CLASS_IN), edns, udp_size)
+        if query is not None and q.qclass == CLASS_IN:
+            template = self._template_for(qname, q.qtype, edns)
+            assert template is not None
+            return Reply(self._fit(patch_reply(template, data, query, ra), query, tcp))
+        answer = self.authority.lookup(qname, q.qtype)
+        assert answer is not None
+        do = edns and bool(opt[0].ttl & 0x8000)
+        reply = self._encode(
+            header.id, header.rd, str(q.qname), q.qtype, q.qclass, answer, edns, do, ra
+        )
+        limit = 65535 if tcp else (max(512, opt[0].rclass) if edns else 512)
+        if len(reply) > limit:
+            self.counters["truncated"] += 1
+            reply = self._encode(
+                header.id,
+                header.rd,
+                str(q.qname),
+                q.qtype,
+                q.qclass,
+                Answer(answer.rcode),
+                edns,
+                do,
+                ra,
+                tc=True,
+            )
+        return Reply(reply)
+
+    def _formerr_or_drop(self, data: bytes) -> Decision:
+        self.counters["malformed"] += 1
+        if len(data) < 12 or data[2] & 0x80:
+            self.counters["dropped"] += 1
+            return None  # no usable header, or a response: say nothing
+        # FORMERR with the header only (RFC 1035 4.1.1): we could not read the rest.
+        return Reply(data[0:2] + bytes([0x80 | (data[2] & 0x79), 0x00 | FORMERR]) + b"\x00" * 8)
+
+    @staticmethod
+    def _error(request: DNSRecord, rcode: int) -> bytes:
+        reply = DNSRecord(
+            DNSHeader(id=request.header.id, qr=1, rd=request.header.rd, rcode=rcode),
+            q=request.questions[0] if request.questions else None,
+        )
+        if any(rr.rtype == QTYPE.OPT for rr in request.ar):
+            reply.add_ar(EDNS0(udp_len=OUR_UDP_SIZE))
+        return bytes(reply.pack())
+
+    @staticmethod
+    def _badvers(request: DNSRecord) -> bytes:
+        reply = DNSRecord(
+            DNSHeader(id=request.header.id, qr=1, rd=request.header.rd),
+            q=request.questions[0],
+        )
+        # BADVERS (16) = extended rcode 1 in the OPT TTL, low 4 bits 0 in the header.
+        reply.add_ar(EDNS0(udp_len=OUR_UDP_SIZE, ext_rcode=1))
+        return bytes(reply.pack())
+
+    @staticmethod
+    def _encode(
+        qid: int,
+        rd: int,
+        qname: str,
+        qtype: int,
+        qclass: int,
+        answer: Answer,
+        edns: bool,
+        do: bool,
+        ra: bool,
+        tc: bool = False,
+    ) -> bytes:
+        header = DNSHeader(id=qid, qr=1, aa=1, rd=rd, ra=int(ra), rcode=answer.rcode, tc=int(tc))
+        reply = DNSRecord(header, q=DNSQuestion(qname, qtype, qclass))
+        if not tc:
+            for rr in answer.answer:
+                reply.add_answer(rr)
+            for rr in answer.authority:
+                reply.add_auth(rr)
+            for rr in answer.additional:
+                reply.add_ar(rr)
+        if edns:
+            # Last on purpose: wire.truncate and the DO patch expect the OPT at the end.
+            reply.add_ar(EDNS0(udp_len=OUR_UDP_SIZE, flags="do" if do else ""))
+        return bytes(reply.pack())
+
+
+def cache_reply(request: bytes, cached: DNSRecord, age: int) -> bytes | None:
+    """A cached upstream answer for a new query: its ID and question, TTLs aged."""
+    try:
+        q = DNSRecord.parse(request)
+    except (DNSError, ValueError, IndexError, KeyError, TypeError, UnicodeError):
+        return None
+    reply = DNSRecord(
+        DNSHeader(id=q.header.id, qr=1, rd=q.header.rd, ra=1, rcode=cached.header.rcode),
+        q=q.questions[0],
+    )
+    for section, add in ((cached.rr, reply.add_answer), (cached.auth, reply.add_auth)):
+        for rr in section:
+            add(RR(rr.rname, rr.rtype, rr.rclass, max(0, rr.ttl - age), rr.rdata))
+    for rr in cached.ar:
+        if rr.rtype != QTYPE.OPT:
+            reply.add_ar(RR(rr.rname, rr.rtype, rr.rclass, max(0, rr.ttl - age), rr.rdata))
+    if any(rr.rtype == QTYPE.OPT for rr in q.ar):
+        reply.add_ar(EDNS0(udp_len=OUR_UDP_SIZE))
+    return bytes(reply.pack())
