@@ -205,6 +205,14 @@ class LoadBalancer(_Strict):
     backend_ports: BackendPorts = BackendPorts()
 
 
+class Loaders(_Strict):
+    """Boot loader file names in tftp_root, per client kind (added key: boot.loaders)."""
+
+    bios: str = "undionly.kpxe"
+    uefi_x64: str = "ipxe.efi"
+    uefi_arm64: str = "ipxe-arm64.efi"
+
+
 class Boot(_Strict):
     tftp_root: str = "tftp"
     images_dir: str = "images"
@@ -215,6 +223,7 @@ class Boot(_Strict):
     install_device: str = "/dev/sda"
     kernel_args: list[str] = ["console=tty0", "console=ttyS0"]
     after_install: Literal["localboot", "reinstall"] = "localboot"
+    loaders: Loaders = Loaders()
 
 
 Role = Literal["bootstrap", "master", "worker"]

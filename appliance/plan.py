@@ -102,6 +102,12 @@ class BootFiles:
     uefi_x64: str = "ipxe.efi"
     uefi_arm64: str = "ipxe-arm64.efi"
     ipxe_script_url: str = ""
+    # UEFI HTTP boot fetches the loader itself over HTTP: the http service serves
+    # tftp_root read-only under /boot/.
+    http_base: str = ""
+
+    def http_url(self, loader: str) -> str:
+        return f"{self.http_base}/boot/{loader}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,7 +443,13 @@ def build_plan(loaded: LoadedInventory) -> Plan:
         pool=net.dhcp_range,
         reservations=reservations,
         next_server=net.address,
-        boot_files=BootFiles(ipxe_script_url=ipxe_url),
+        boot_files=BootFiles(
+            bios=inv.boot.loaders.bios,
+            uefi_x64=inv.boot.loaders.uefi_x64,
+            uefi_arm64=inv.boot.loaders.uefi_arm64,
+            ipxe_script_url=ipxe_url,
+            http_base=base,
+        ),
         by_mac=MappingProxyType({r.mac: r for r in reservations}),
     )
     node_boots = tuple(_node_boot(loaded, n, base) for n in inv.nodes)

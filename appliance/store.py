@@ -63,6 +63,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             installed_at REAL,
             reinstall_requested REAL)""",
     ),
+    # 2: machines that network-boot but are not in the inventory
+    (
+        """CREATE TABLE unknown_machines (
+            mac TEXT PRIMARY KEY,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            seen INTEGER NOT NULL DEFAULT 1,
+            vendor_class TEXT NOT NULL DEFAULT '',
+            arch TEXT NOT NULL DEFAULT '',
+            user_class TEXT NOT NULL DEFAULT '',
+            hostname TEXT NOT NULL DEFAULT '')""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -283,6 +295,26 @@ class Store:
                 ) from exc
             raise StoreError(f"cannot store lease for {lease.mac}: {exc}") from exc
 
+    def save_leases(self, leases: Sequence[Lease]) -> None:
+        """Write a batch of leases in one transaction (one fsync: group commit).
+
+        The caller's lease table is the authority: a stored row that holds one of
+        these addresses under another MAC is an expired binding, and is replaced.
+        """
+        with self._transaction() as cur:
+            for lease in leases:
+                if lease.state not in LEASE_STATES:
+                    raise ValueError(f"unknown lease state {lease.state!r}")
+                cur.execute("DELETE FROM leases WHERE ip = ? AND mac != ?", (lease.ip, lease.mac))
+                cur.execute(
+                    f"""INSERT INTO leases ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (mac) DO UPDATE SET
+                        ip = excluded.ip, hostname = excluded.hostname,
+                        expires = excluded.expires, state = excluded.state,
+                        updated = excluded.updated""",
+                    dataclasses.astuple(lease),
+                )
+
     def lease_for_mac(self, mac: str) -> Lease | None:
         row = self._conn.execute(
             f"SELECT {_LEASE_COLUMNS} FROM leases WHERE mac = ?", (mac,)
@@ -315,6 +347,32 @@ class Store:
         with self._transaction() as cur:
             cur.execute("DELETE FROM leases WHERE expires < ?", (now,))
             return cur.rowcount
+
+    # --- machines outside the inventory ------------------------------------------------
+
+    def note_unknown(
+        self, mac: str, time: float, *, vendor_class: str = "", arch: str = "",
+        user_class: str = "", hostname: str = "",
+    ) -> None:  # fmt: skip
+        with self._transaction() as cur:
+            cur.execute(
+                """INSERT INTO unknown_machines
+                    (mac, first_seen, last_seen, vendor_class, arch, user_class, hostname)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (mac) DO UPDATE SET
+                    last_seen = excluded.last_seen, seen = seen + 1,
+                    vendor_class = excluded.vendor_class, arch = excluded.arch,
+                    user_class = excluded.user_class, hostname = excluded.hostname""",
+                (mac, time, time, vendor_class, arch, user_class, hostname),
+            )
+
+    def unknown_machines(self) -> list[dict[str, object]]:
+        cur = self._conn.execute(
+            """SELECT mac, first_seen, last_seen, seen, vendor_class, arch, user_class, hostname
+            FROM unknown_machines ORDER BY last_seen DESC"""
+        )
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur]
 
     # --- install state (boot once) ----------------------------------------------------
 

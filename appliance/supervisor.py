@@ -44,9 +44,10 @@ TOKEN_FILE = "admin.token"
 def default_specs() -> list[ServiceSpec]:
     """Every service this build has, in start order (admin last: it reports on the rest)."""
     from appliance.admin import SPEC as ADMIN
+    from services.dhcp import SPEC as DHCP
     from services.dns import SPEC as DNS
 
-    return [DNS, ADMIN]
+    return [DNS, DHCP, ADMIN]
 
 
 def load_plan(config: Path) -> Plan:

@@ -1,0 +1,432 @@
+"""The DHCP server's decisions (sans-IO): a message in, replies and lease changes out.
+
+RFC 2131 states: DISCOVER -> OFFER; REQUEST while selecting (server id present),
+init-reboot (requested address, no server id) and renewing/rebinding (ciaddr)
+-> ACK or NAK; DECLINE quarantines the address; RELEASE frees it; INFORM gets
+configuration only. PXE clients are told their boot loader by architecture
+(option 93), iPXE clients the HTTP script. In proxy mode (proxyDHCP) no address
+is ever given: PXE clients get boot information only.
+
+Time is an argument; nothing here touches a socket, a clock or the disk.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+from appliance.plan import DhcpPlan, DhcpReservation
+from services.dhcp import codec
+from services.dhcp.codec import (
+    ACK,
+    BOOTREPLY,
+    BOOTREQUEST,
+    DECLINE,
+    DISCOVER,
+    INFORM,
+    NAK,
+    OFFER,
+    RELEASE,
+    REQUEST,
+    ZERO,
+    DhcpMessage,
+    DhcpParseError,
+)
+from services.dhcp.leases import Binding, LeaseTable
+
+BROADCAST = "255.255.255.255"
+
+# Option 93 (RFC 4578 and the IANA registry) -> which loader
+ARCH_NAMES = {
+    0: "bios", 6: "uefi-ia32", 7: "uefi-x64", 9: "uefi-x64", 10: "uefi-arm32",
+    11: "uefi-arm64", 15: "uefi-ia32-http", 16: "uefi-x64-http", 19: "uefi-arm64-http",
+}  # fmt: skip
+HTTP_ARCHS = {15, 16, 19}
+ARM64_ARCHS = {11, 19}
+X64_ARCHS = {7, 9, 16}
+
+# What every reply of a kind carries, in wire order; the rest only when asked (option 55).
+ALWAYS = (
+    codec.OPT_SUBNET_MASK, codec.OPT_ROUTER, codec.OPT_DNS, codec.OPT_HOSTNAME,
+    codec.OPT_DOMAIN,
+)  # fmt: skip
+PXE_DISCOVERY_CONTROL = b"\x06\x01\x08\xff"  # use the boot file in this offer, no menu
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    data: bytes
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """What a client told about itself: for logs, events and the unknown-machines list."""
+
+    mac: str
+    vendor_class: str
+    arch: int | None
+    user_class: str
+    hostname: str
+
+    def describe(self) -> str:
+        arch = ARCH_NAMES.get(self.arch, str(self.arch)) if self.arch is not None else "-"
+        return f"arch={arch} vendor={self.vendor_class or '-'} user-class={self.user_class or '-'}"
+
+
+@dataclass
+class Outcome:
+    replies: list[Outgoing] = field(default_factory=list)
+    commit: list[Binding] = field(default_factory=list)  # persist before the replies leave
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # node, stage, detail
+    unknown: ClientInfo | None = None
+    log: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BootChoice:
+    file: str  # a TFTP file name or an http URL
+    http: bool
+    detail: str
+
+
+class DhcpCore:
+    def __init__(
+        self,
+        plan: DhcpPlan,
+        table: LeaseTable,
+        server_port: int,
+        counters: Counter[str] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.table = table
+        self.server_port = server_port
+        self.client_port = server_port + 1  # 67 -> 68; an alternate port pair in tests
+        self.counters: Counter[str] = counters if counters is not None else Counter()
+        reserved = {r.ip for r in plan.reservations} | {plan.server_id}
+        if plan.router is not None:
+            reserved.add(plan.router)
+        table.set_pool(plan.pool, reserved)
+
+    # --- entry point ------------------------------------------------------------------
+
+    def handle(
+        self, data: bytes, src: tuple[str, int], now: float, *, pxe_port: bool = False
+    ) -> Outcome:
+        """Everything to do about one datagram from `src`; never raises on bad input."""
+        self.counters["received"] += 1
+        try:
+            msg = codec.parse(data)
+        except DhcpParseError as exc:
+            self.counters["malformed"] += 1
+            return Outcome(log=f"malformed from {src[0]}: {exc}")
+        mtype = msg.message_type
+        if msg.op != BOOTREQUEST or mtype is None or msg.htype != 1 or msg.hlen != 6:
+            self.counters["ignored"] += 1
+            return Outcome(log=f"ignored from {src[0]}: not an Ethernet DHCP request")
+        if msg.giaddr != ZERO and msg.giaddr not in self.plan.subnet:
+            self.counters["foreign_relay"] += 1
+            return Outcome(log=f"relay {msg.giaddr} is outside {self.plan.subnet}: ignored")
+        self.counters[codec.MESSAGE_NAMES.get(mtype, f"type{mtype}").lower()] += 1
+        if self.plan.mode == "proxy":
+            return self._proxy(msg, src, pxe_port)
+        handler = {
+            DISCOVER: self._discover,
+            REQUEST: self._request,
+            DECLINE: self._decline,
+            RELEASE: self._release,
+            INFORM: self._inform,
+        }.get(mtype)
+        if handler is None:
+            self.counters["ignored"] += 1
+            return Outcome(log=f"{msg.mac}: message type {mtype} is not for a server")
+        return handler(msg, src, now)
+
+    # --- server mode ------------------------------------------------------------------
+
+    def _discover(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
+        mac = msg.mac
+        node = self.plan.by_mac.get(mac)
+        if node is not None:
+            holder = self.table.holder(node.ip, now)
+            if holder not in (None, mac):
+                self.counters["conflicts"] += 1
+                return Outcome(log=f"{mac} ({node.node}): {node.ip} is still leased to {holder}")
+            ip = node.ip
+        elif self.plan.pool is not None:
+            allocated = self.table.allocate(mac, msg.ip_option(codec.OPT_REQUESTED_IP), now)
+            if allocated is None:
+                self.counters["pool_exhausted"] += 1
+                return Outcome(log=f"{mac}: no free address in the pool")
+            ip = allocated
+        else:
+            return self._unknown(msg)
+        self.table.offer(mac, ip, now, node.hostname if node else None)
+        reply, boot = self._lease_reply(msg, OFFER, ip, node)
+        out = Outcome(replies=[self._to_client(reply, msg, src)], log=f"OFFER {ip} to {mac}")
+        if node is not None:
+            out.events.append((node.node, "dhcp-offer", _detail(ip, boot)))
+        return out
+
+    def _request(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
+        mac = msg.mac
+        server_id = msg.ip_option(codec.OPT_SERVER_ID)
+        requested = msg.ip_option(codec.OPT_REQUESTED_IP)
+        if server_id is not None and server_id != self.plan.server_id:
+            self.table.drop_offer(mac)  # it chose another server
+            self.counters["other_server"] += 1
+            return Outcome(log=f"{mac} chose server {server_id}")
+        if server_id is not None or requested is not None:
+            ip = requested  # selecting or init-reboot
+        else:
+            ip = msg.ciaddr if msg.ciaddr != ZERO else None  # renewing or rebinding
+        node = self.plan.by_mac.get(mac)
+        if node is None and self.plan.pool is None:
+            return self._unknown(msg)
+        if ip is None:
+            return self._nak(msg, src, "no address requested")
+        if ip not in self.plan.subnet:
+            return self._nak(msg, src, f"{ip} is not on this network")
+        if node is not None:
+            holder = self.table.holder(ip, now)
+            if ip != node.ip:
+                return self._nak(msg, src, f"{mac} is reserved {node.ip}, not {ip}")
+            if holder not in (None, mac):
+                self.counters["conflicts"] += 1
+                return self._nak(msg, src, f"{ip} is still leased to {holder}")
+        elif not self.table.free_for(ip, mac, now):
+            return self._nak(msg, src, f"{ip} is not available to {mac}")
+        binding = self.table.bind(
+            mac, ip, now, self.plan.lease_time, node.hostname if node else None
+        )
+        reply, boot = self._lease_reply(msg, ACK, ip, node)
+        out = Outcome(
+            replies=[self._to_client(reply, msg, src)],
+            commit=[binding],
+            log=f"ACK {ip} to {mac}",
+        )
+        if node is not None:
+            out.events.append((node.node, "dhcp-ack", _detail(ip, boot)))
+        return out
+
+    def _decline(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
+        server_id = msg.ip_option(codec.OPT_SERVER_ID)
+        ip = msg.ip_option(codec.OPT_REQUESTED_IP)
+        if ip is None or (server_id is not None and server_id != self.plan.server_id):
+            return Outcome(log=f"{msg.mac}: DECLINE not for us")
+        declined = self.table.decline(msg.mac, ip, now)
+        self.counters["declined"] += 1
+        return Outcome(
+            commit=[declined] if declined else [],
+            log=f"{msg.mac} DECLINEd {ip}: address in use on the network; quarantined",
+        )
+
+    def _release(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
+        binding = self.table.by_mac.get(msg.mac)
+        if binding is None or binding.ip != msg.ciaddr:
+            return Outcome(log=f"{msg.mac}: RELEASE of {msg.ciaddr}, which it does not hold")
+        released = self.table.release(msg.mac, now)
+        return Outcome(
+            commit=[released] if released else [], log=f"{msg.mac} released {msg.ciaddr}"
+        )
+
+    def _inform(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
+        node = self.plan.by_mac.get(msg.mac)
+        reply = self._base(msg, ACK)
+        self._add_config(reply, msg, node, lease=False)
+        dest = msg.ciaddr if msg.ciaddr != ZERO else IPv4Address(src[0])
+        host, port = self._dest(msg, src, unicast=dest)
+        return Outcome(replies=[Outgoing(self._encode(reply, msg), host, port)])
+
+    def _unknown(self, msg: DhcpMessage) -> Outcome:
+        self.counters["unknown"] += 1
+        info = client_info(msg)
+        return Outcome(unknown=info, log=f"unknown machine {msg.mac} ({info.describe()})")
+
+    def _nak(self, msg: DhcpMessage, src: tuple[str, int], why: str) -> Outcome:
+        self.counters["nak"] += 1
+        reply = self._base(msg, NAK)
+        reply.options[codec.OPT_MESSAGE] = why.encode()[:255]
+        reply.flags |= codec.BROADCAST_FLAG if msg.giaddr != ZERO else 0
+        host, port = self._dest(msg, src, nak=True)
+        return Outcome(
+            replies=[Outgoing(self._encode(reply, msg), host, port)], log=f"NAK {msg.mac}: {why}"
+        )
+
+    # --- proxyDHCP ---------------------------------------------------------------------
+
+    def _proxy(self, msg: DhcpMessage, src: tuple[str, int], pxe_port: bool) -> Outcome:
+        mtype = msg.message_type
+        boot = self.boot_choice(msg, self.plan.by_mac.get(msg.mac))
+        if boot is None or mtype not in ((REQUEST, INFORM) if pxe_port else (DISCOVER, REQUEST)):
+            self.counters["ignored"] += 1
+            return Outcome(log=f"{msg.mac}: not a PXE request for the proxy")
+        reply = self._base(msg, ACK if pxe_port or mtype == REQUEST else OFFER)
+        self._add_boot(reply, msg, boot)
+        if not boot.http:
+            reply.options[codec.OPT_VENDOR_CLASS] = b"PXEClient"
+        reply.options[codec.OPT_VENDOR_SPECIFIC] = PXE_DISCOVERY_CONTROL
+        if codec.OPT_UUID in msg.options:
+            reply.options[codec.OPT_UUID] = msg.options[codec.OPT_UUID]
+        if pxe_port:  # port 4011: the client has its address and talks to us directly
+            out = Outgoing(self._encode(reply, msg), src[0], src[1])
+        else:
+            host, port = self._dest(msg, src)
+            out = Outgoing(self._encode(reply, msg), host, port)
+        node = self.plan.by_mac.get(msg.mac)
+        outcome = Outcome(replies=[out], log=f"proxy boot info to {msg.mac}: {boot.file}")
+        if node is not None:
+            outcome.events.append((node.node, "dhcp-offer", f"proxy {boot.detail}"))
+        return outcome
+
+    # --- replies ----------------------------------------------------------------------
+
+    def _base(self, msg: DhcpMessage, mtype: int) -> DhcpMessage:
+        reply = DhcpMessage(
+            op=BOOTREPLY,
+            htype=msg.htype,
+            hlen=msg.hlen,
+            xid=msg.xid,
+            flags=msg.flags,
+            giaddr=msg.giaddr,
+            chaddr=msg.chaddr,
+        )
+        reply.options[codec.OPT_MESSAGE_TYPE] = bytes((mtype,))
+        reply.options[codec.OPT_SERVER_ID] = self.plan.server_id.packed
+        return reply
+
+    def _lease_reply(
+        self, msg: DhcpMessage, mtype: int, ip: IPv4Address, node: DhcpReservation | None
+    ) -> tuple[DhcpMessage, BootChoice | None]:
+        reply = self._base(msg, mtype)
+        reply.yiaddr = ip
+        if mtype == ACK and msg.ciaddr != ZERO:
+            reply.ciaddr = msg.ciaddr
+        lease = self.plan.lease_time
+        reply.options[codec.OPT_LEASE_TIME] = codec.u32(lease)
+        reply.options[codec.OPT_T1] = codec.u32(lease // 2)
+        reply.options[codec.OPT_T2] = codec.u32(lease * 7 // 8)
+        self._add_config(reply, msg, node, lease=True)
+        boot = self.boot_choice(msg, node)
+        if boot is not None:
+            self._add_boot(reply, msg, boot)
+        return reply, boot
+
+    def _add_config(
+        self, reply: DhcpMessage, msg: DhcpMessage, node: DhcpReservation | None, lease: bool
+    ) -> None:
+        p = self.plan
+        available: dict[int, bytes] = {
+            codec.OPT_SUBNET_MASK: p.subnet.netmask.packed,
+            codec.OPT_DNS: codec.ips(*p.dns_servers),
+            codec.OPT_DOMAIN: p.domain.encode(),
+            codec.OPT_BROADCAST: p.subnet.broadcast_address.packed,
+            codec.OPT_DOMAIN_SEARCH: codec.domain_search(p.domain),
+        }
+        if p.router is not None:
+            available[codec.OPT_ROUTER] = p.router.packed
+        if p.ntp_servers:
+            available[codec.OPT_NTP] = codec.ips(*p.ntp_servers)
+        if node is not None:
+            available[codec.OPT_HOSTNAME] = node.hostname.encode()
+        requested = list(msg.options.get(codec.OPT_PARAMS, b""))
+        # The client's order first (RFC 2132 9.8), then what every client gets.
+        for code in [*requested, *ALWAYS]:
+            if code in available and code not in reply.options:
+                reply.options[code] = available[code]
+
+    def _add_boot(self, reply: DhcpMessage, msg: DhcpMessage, boot: BootChoice) -> None:
+        reply.siaddr = self.plan.next_server
+        reply.file = boot.file.encode()
+        if boot.http:
+            reply.options[codec.OPT_VENDOR_CLASS] = b"HTTPClient"  # UEFI HTTP boot needs it
+        else:
+            reply.options[codec.OPT_TFTP_SERVER] = str(self.plan.next_server).encode()
+        reply.options[codec.OPT_BOOTFILE] = boot.file.encode()
+
+    def _encode(self, reply: DhcpMessage, msg: DhcpMessage) -> bytes:
+        relay = msg.options.get(codec.OPT_RELAY_AGENT)
+        if relay is not None:
+            reply.options.pop(codec.OPT_RELAY_AGENT, None)
+            reply.options[codec.OPT_RELAY_AGENT] = relay  # echoed, last (RFC 3046 2.2)
+        max_size = msg.options.get(codec.OPT_MAX_SIZE)
+        limit = int.from_bytes(max_size, "big") if max_size and len(max_size) == 2 else 576
+        return codec.encode(reply, limit)
+
+    def _to_client(self, reply: DhcpMessage, msg: DhcpMessage, src: tuple[str, int]) -> Outgoing:
+        host, port = self._dest(msg, src)
+        return Outgoing(self._encode(reply, msg), host, port)
+
+    def _dest(
+        self,
+        msg: DhcpMessage,
+        src: tuple[str, int],
+        *,
+        nak: bool = False,
+        unicast: IPv4Address | None = None,
+    ) -> tuple[str, int]:
+        """Where a reply goes (RFC 2131 4.1)."""
+        if msg.giaddr != ZERO:
+            return str(msg.giaddr), self.server_port  # through the relay
+        if unicast is not None:
+            return str(unicast), self.client_port
+        if not nak and msg.ciaddr != ZERO:
+            return str(msg.ciaddr), self.client_port  # renewing: the client has its address
+        if src[0] != "0.0.0.0":
+            # A sender with an address of its own (a test client on loopback): answer it there.
+            return src[0], src[1]
+        # No ARP entry can exist for a client without an address: broadcast to it.
+        return BROADCAST, self.client_port
+
+    # --- PXE --------------------------------------------------------------------------
+
+    def boot_choice(self, msg: DhcpMessage, node: DhcpReservation | None) -> BootChoice | None:
+        """The loader or script for a network-booting client; None for a plain DHCP client."""
+        files = self.plan.boot_files
+        vendor = msg.options.get(codec.OPT_VENDOR_CLASS, b"")
+        archs = codec.architectures(msg.options.get(codec.OPT_CLIENT_ARCH))
+        arch = archs[0] if archs else None
+        classes = codec.user_classes(msg.options.get(codec.OPT_USER_CLASS))
+        if b"iPXE" in classes or codec.OPT_IPXE in msg.options:
+            return BootChoice(files.ipxe_script_url, http=True, detail="ipxe script")
+        http = vendor.startswith(b"HTTPClient") or arch in HTTP_ARCHS
+        if not (http or vendor.startswith(b"PXEClient") or arch is not None):
+            return None
+        firmware = node.firmware if node is not None else "auto"
+        if firmware == "bios":
+            loader = files.bios
+        elif arch in ARM64_ARCHS:
+            loader = files.uefi_arm64
+        elif firmware == "uefi" or arch in X64_ARCHS:
+            loader = files.uefi_x64
+        elif arch is None or arch == 0:
+            loader = files.bios  # a PXE ROM that does not send option 93 is a BIOS one
+        else:
+            self.counters["unsupported_arch"] += 1
+            return None
+        name = ARCH_NAMES.get(arch, f"arch {arch}") if arch is not None else "bios"
+        if http:
+            return BootChoice(files.http_url(loader), http=True, detail=f"{name} {loader}")
+        return BootChoice(loader, http=False, detail=f"{name} {loader}")
+
+
+def client_info(msg: DhcpMessage) -> ClientInfo:
+    archs = codec.architectures(msg.options.get(codec.OPT_CLIENT_ARCH))
+    classes = codec.user_classes(msg.options.get(codec.OPT_USER_CLASS))
+    return ClientInfo(
+        mac=msg.mac,
+        vendor_class=_text(msg.options.get(codec.OPT_VENDOR_CLASS)),
+        arch=archs[0] if archs else None,
+        user_class=",".join(_text(c) for c in classes),
+        hostname=_text(msg.options.get(codec.OPT_HOSTNAME)),
+    )
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode("ascii", "replace")[:64] if value else ""
+
+
+def _detail(ip: IPv4Address, boot: BootChoice | None) -> str:
+    return f"{ip} {boot.detail}" if boot is not None else str(ip)

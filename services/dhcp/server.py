@@ -1,0 +1,265 @@
+"""The dhcp service: UDP sockets, the group committer, and the core's decisions.
+
+An ACK is sent only after its lease is on disk. Leases decided while the disk
+was busy are written together in one transaction (one fsync), then their ACKs
+leave: the throughput of a batch, the durability of one write per lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import Any
+
+from appliance.inventory import Endpoint
+from appliance.plan import Plan
+from appliance.service import BindError, ServiceContext, ServiceError
+from appliance.store import Lease, Store
+from services.dhcp.leases import Binding, LeaseTable
+from services.dhcp.policy import ClientInfo, DhcpCore, Outcome, Outgoing
+
+PXE_PORT = 4011  # proxyDHCP boot server port
+SWEEP_EVERY = 30.0  # seconds between expiry sweeps of offers and quarantines
+UNKNOWN_NOTE_EVERY = 60.0  # write an unknown machine to the store at most this often
+
+
+def _binding_to_lease(b: Binding, now: float) -> Lease:
+    state: Any = b.state
+    return Lease(b.mac, str(b.ip), b.hostname, b.expires, state, now)
+
+
+def _lease_to_binding(lease: Lease) -> Binding:
+    return Binding(lease.mac, IPv4Address(lease.ip), lease.expires, lease.state, lease.hostname)
+
+
+def _dhcp_socket(service: str, endpoint: Endpoint, interface: str | None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if interface:
+            # Serve exactly one link: broadcasts in and out of that interface only.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        sock.bind((endpoint.host, endpoint.port))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if interface and exc.errno in (19, 1):  # ENODEV, EPERM
+            raise ServiceError(
+                f"{service}: cannot use interface {interface}: {exc.strerror}"
+            ) from None
+        raise BindError(service, endpoint, exc) from None
+    return sock
+
+
+def _returning(protocol: _Protocol) -> Callable[[], _Protocol]:
+    return lambda: protocol
+
+
+@dataclass
+class _Pending:
+    leases: list[Lease] = field(default_factory=list)
+    after: list[Callable[[], None]] = field(default_factory=list)
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, service: DhcpService, pxe_port: bool) -> None:
+        self.service = service
+        self.pxe_port = pxe_port
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        assert self.transport is not None
+        self.service.on_datagram(data, addr, self.transport, self.pxe_port)
+
+    def error_received(self, exc: Exception) -> None:
+        self.service.counters["socket_errors"] += 1
+
+
+class DhcpService:
+    name = "dhcp"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.log = ctx.log
+        self.counters: Counter[str] = Counter()
+        self.table = LeaseTable(None)
+        self.core: DhcpCore
+        self.transports: list[asyncio.DatagramTransport] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="dhcp-leases")
+        self.store: Store | None = None  # our own connection, used only in the executor
+        self.pending = _Pending()
+        self.wake = asyncio.Event()
+        self.unknown_seen: dict[str, float] = {}
+        self.endpoints: tuple[Endpoint, ...] = ()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self, plan: Plan) -> None:
+        loop = asyncio.get_running_loop()
+        self.store = await loop.run_in_executor(self.executor, Store.open, plan.state_dir)
+        leases = await loop.run_in_executor(self.executor, self.store.leases)
+        self.table.load(_lease_to_binding(lease) for lease in leases)
+        self.core = DhcpCore(plan.dhcp, self.table, plan.listen["dhcp"].port, self.counters)
+        endpoint = plan.listen["dhcp"]
+        eps = [endpoint]
+        if plan.dhcp.mode == "proxy":
+            eps.append(Endpoint(endpoint.host, PXE_PORT))
+        socks = []
+        try:
+            for ep in eps:
+                socks.append(_dhcp_socket(self.name, ep, plan.dhcp.interface))
+        except ServiceError:
+            for s in socks:
+                s.close()
+            raise
+        for i, sock in enumerate(socks):
+            protocol = _Protocol(self, pxe_port=i == 1)
+            transport, _ = await loop.create_datagram_endpoint(_returning(protocol), sock=sock)
+            self.transports.append(transport)
+        self.endpoints = tuple(eps)
+        self.tasks.append(loop.create_task(self._committer(), name="dhcp-commit"))
+        self.tasks.append(loop.create_task(self._sweeper(), name="dhcp-sweep"))
+        self.log.info(
+            "%s mode, %d reservations, %s, %d leases loaded",
+            plan.dhcp.mode,
+            len(plan.dhcp.reservations),
+            f"pool {plan.dhcp.pool[0]}-{plan.dhcp.pool[1]}" if plan.dhcp.pool else "no pool",
+            len(leases),
+        )
+
+    async def reload(self, plan: Plan) -> None:
+        if plan.dhcp.mode != self.core.plan.mode or plan.dhcp.interface != self.core.plan.interface:
+            raise ServiceError("dhcp: changing dhcp_mode or interface needs a restart")
+        self.core = DhcpCore(plan.dhcp, self.table, self.core.server_port, self.counters)
+
+    async def stop(self) -> None:
+        for transport in self.transports:
+            transport.close()
+        self.transports.clear()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.tasks.clear()
+        await self._flush()  # decided leases still reach the disk (their ACKs are not sent)
+        if self.store is not None:
+            store, self.store = self.store, None
+            await asyncio.get_running_loop().run_in_executor(self.executor, store.close)
+        self.executor.shutdown(wait=True)
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        bound = sum(1 for b in self.table.by_mac.values() if b.state == "bound" and b.expires > now)
+        return {
+            "counters": dict(self.counters),
+            "leases_bound": bound,
+            "unknown_machines": len(self.unknown_seen),
+        }
+
+    # --- packets ----------------------------------------------------------------------
+
+    def on_datagram(
+        self, data: bytes, addr: tuple[Any, ...], transport: asyncio.DatagramTransport, pxe: bool
+    ) -> None:
+        now = time.time()
+        try:
+            outcome = self.core.handle(data, (addr[0], addr[1]), now, pxe_port=pxe)
+        except Exception:  # a bug must cost one packet, never the service
+            self.counters["errors"] += 1
+            self.log.exception("dhcp: error handling a packet from %s", addr[0])
+            return
+        if outcome.log:
+            self.log.debug("%s", outcome.log)
+        if outcome.unknown is not None:
+            self._note_unknown(outcome.unknown, now)
+
+        def send() -> None:
+            self._send(outcome, transport)
+
+        if outcome.commit:
+            self.pending.leases.extend(_binding_to_lease(b, now) for b in outcome.commit)
+            self.pending.after.append(send)
+            self.wake.set()
+        else:
+            send()
+
+    def _send(self, outcome: Outcome, transport: asyncio.DatagramTransport) -> None:
+        for out in outcome.replies:
+            self._sendto(transport, out)
+        for node, stage, detail in outcome.events:
+            self.ctx.bus.publish(node, stage, detail, source="dhcp")
+
+    def _sendto(self, transport: asyncio.DatagramTransport, out: Outgoing) -> None:
+        if transport.is_closing():
+            return
+        try:
+            transport.sendto(out.data, (out.host, out.port))
+            self.counters["sent"] += 1
+        except OSError:
+            self.counters["send_errors"] += 1
+
+    def _note_unknown(self, info: ClientInfo, now: float) -> None:
+        last = self.unknown_seen.get(info.mac)
+        if last is None:
+            self.log.warning(
+                "unknown machine %s is network-booting (%s): not in the inventory",
+                info.mac,
+                info.describe(),
+            )
+        if last is not None and now - last < UNKNOWN_NOTE_EVERY:
+            return
+        self.unknown_seen[info.mac] = now
+        store = self.store
+        if store is not None:
+            arch = "" if info.arch is None else str(info.arch)
+            self.executor.submit(
+                store.note_unknown,
+                info.mac,
+                now,
+                vendor_class=info.vendor_class,
+                arch=arch,
+                user_class=info.user_class,
+                hostname=info.hostname,
+            )
+
+    # --- group commit -----------------------------------------------------------------
+
+    async def _committer(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        batch, self.pending = self.pending, _Pending()
+        if not batch.leases or self.store is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.executor, self.store.save_leases, batch.leases)
+        except Exception:
+            # Not on disk, so not promised: the clients ask again and we try again.
+            self.counters["commit_failures"] += 1
+            self.log.exception("dhcp: could not store %d leases; ACKs withheld", len(batch.leases))
+            return
+        self.counters["commits"] += 1
+        self.counters["leases_committed"] += len(batch.leases)
+        for send in batch.after:
+            send()
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            self.table.expire(time.time())

@@ -1,0 +1,351 @@
+"""The DHCP core without sockets: codec, lease table and every RFC 2131 path."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+from typing import Any
+
+import pytest
+
+from appliance.inventory import parse_inventory
+from appliance.plan import Plan, build_plan
+from services.dhcp import codec
+from services.dhcp.codec import DhcpMessage
+from services.dhcp.leases import LeaseTable
+from services.dhcp.policy import DhcpCore, Outcome
+from tests.helpers import CONFIG
+
+SERVER = IPv4Address("10.33.3.18")
+MASTER0 = "52:54:00:00:03:50"
+WORKER0 = "02:00:00:00:03:44"
+STRANGER = "de:ad:be:ef:00:01"
+CLIENT = ("0.0.0.0", 68)
+
+
+def _plan(raw: dict[str, Any], **network: Any) -> Plan:
+    raw["network"].update(network)
+    return build_plan(parse_inventory(raw, "x.yaml", CONFIG))
+
+
+@pytest.fixture
+def core(dgxpod_raw: dict[str, Any]) -> DhcpCore:
+    return DhcpCore(_plan(dgxpod_raw).dhcp, LeaseTable(None), 67)
+
+
+@pytest.fixture
+def pool_core(dgxpod_raw: dict[str, Any]) -> DhcpCore:
+    plan = _plan(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.102"])
+    return DhcpCore(plan.dhcp, LeaseTable(None), 67)
+
+
+def msg(mac: str, mtype: int, **fields: Any) -> DhcpMessage:
+    options: dict[int, bytes] = {codec.OPT_MESSAGE_TYPE: bytes((mtype,))}
+    options.update(fields.pop("options", {}))
+    m = DhcpMessage(
+        op=codec.BOOTREQUEST,
+        xid=fields.pop("xid", 0x1234),
+        chaddr=bytes.fromhex(mac.replace(":", "")),
+        options=options,
+        **fields,
+    )
+    return m
+
+
+def send(
+    core: DhcpCore, m: DhcpMessage, now: float = 1000.0, src: tuple[str, int] = CLIENT
+) -> Outcome:
+    return core.handle(codec.encode(m), src, now)
+
+
+def reply(out: Outcome) -> DhcpMessage:
+    assert len(out.replies) == 1, out.log
+    return codec.parse(out.replies[0].data)
+
+
+def arch(value: int) -> dict[int, bytes]:
+    return {
+        codec.OPT_CLIENT_ARCH: codec.u16(value),
+        codec.OPT_VENDOR_CLASS: b"PXEClient:Arch:00000",
+    }
+
+
+def dora(
+    core: DhcpCore, mac: str, now: float = 1000.0, opts: dict[int, bytes] | None = None
+) -> DhcpMessage:
+    opts = opts or {}
+    offer = reply(send(core, msg(mac, codec.DISCOVER, options=opts), now))
+    request = msg(
+        mac,
+        codec.REQUEST,
+        options={
+            codec.OPT_SERVER_ID: SERVER.packed,
+            codec.OPT_REQUESTED_IP: offer.yiaddr.packed,
+            **opts,
+        },
+    )
+    return reply(send(core, request, now + 1))
+
+
+# --- codec -----------------------------------------------------------------------------
+
+
+def test_codec_round_trip_and_long_options() -> None:
+    m = msg(MASTER0, codec.DISCOVER, options={codec.OPT_DOMAIN_SEARCH: b"x" * 600})
+    parsed = codec.parse(codec.encode(m, 1500))
+    assert parsed.mac == MASTER0 and parsed.message_type == codec.DISCOVER
+    assert parsed.options[codec.OPT_DOMAIN_SEARCH] == b"x" * 600  # RFC 3396 split and joined
+
+
+def test_codec_overload_and_limits() -> None:
+    data = bytearray(codec.encode(msg(MASTER0, codec.DISCOVER)))
+    # Put option 52 = 1 (options continue in `file`) and a hostname option inside file.
+    end = data.index(b"\xff", 240)
+    data[end : end + 4] = b"\x34\x01\x01\xff"
+    data[108:114] = b"\x0c\x04node"
+    data[114] = 0xFF
+    parsed = codec.parse(bytes(data))
+    assert parsed.options[codec.OPT_HOSTNAME] == b"node" and parsed.file == b""
+    with pytest.raises(codec.DhcpParseError):
+        codec.parse(bytes(data[:200]))
+    with pytest.raises(codec.DhcpParseError):
+        codec.parse(bytes(data[:236]) + b"\x00\x00\x00\x00")  # no magic cookie
+    runaway = bytes(data[:240]) + b"\x0c\xff" + b"a" * 10
+    with pytest.raises(codec.DhcpParseError):
+        codec.parse(runaway)
+
+
+def test_encode_respects_max_size() -> None:
+    m = DhcpMessage(options={codec.OPT_MESSAGE_TYPE: b"\x02", 200: b"a" * 250, 201: b"b" * 250})
+    assert len(codec.encode(m, 576)) <= 576 - 28
+    assert 201 in codec.parse(codec.encode(m, 1500)).options
+
+
+def test_user_class_forms() -> None:
+    assert codec.user_classes(b"iPXE") == [b"iPXE"]
+    assert codec.user_classes(b"\x04iPXE\x03foo") == [b"iPXE", b"foo"]
+
+
+# --- reservations and PXE ------------------------------------------------------------------
+
+
+def test_reserved_node_gets_its_address_and_options(core: DhcpCore) -> None:
+    offer = reply(send(core, msg(MASTER0, codec.DISCOVER, options=arch(0))))
+    assert offer.message_type == codec.OFFER and offer.yiaddr == IPv4Address("10.33.3.50")
+    assert offer.options[codec.OPT_HOSTNAME] == b"master-0"
+    assert offer.options[codec.OPT_DOMAIN] == b"dgxpod.nvidia.com"
+    assert offer.options[codec.OPT_ROUTER] == IPv4Address("10.33.3.1").packed
+    assert offer.options[codec.OPT_DNS] == SERVER.packed
+    assert offer.options[codec.OPT_SERVER_ID] == SERVER.packed
+    assert offer.siaddr == SERVER and offer.file == b"undionly.kpxe"
+    assert next(iter(offer.options)) == codec.OPT_MESSAGE_TYPE
+    ack = dora(core, MASTER0, opts=arch(0))
+    assert ack.message_type == codec.ACK and ack.yiaddr == IPv4Address("10.33.3.50")
+    assert int.from_bytes(ack.options[codec.OPT_LEASE_TIME], "big") == 3600
+    assert int.from_bytes(ack.options[codec.OPT_T1], "big") == 1800
+
+
+@pytest.mark.parametrize(
+    ("arch_code", "node_mac", "expected"),
+    [
+        (0, STRANGER, "undionly.kpxe"),
+        (7, STRANGER, "ipxe.efi"),
+        (9, STRANGER, "ipxe.efi"),
+        (11, STRANGER, "ipxe-arm64.efi"),
+        (0, WORKER0, "ipxe.efi"),  # firmware: uefi overrides a BIOS report
+        (7, MASTER0, "undionly.kpxe"),  # firmware: bios overrides a UEFI report
+    ],
+)
+def test_loader_by_architecture(
+    dgxpod_raw: dict[str, Any], arch_code: int, node_mac: str, expected: str
+) -> None:
+    plan = _plan(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.120"])
+    core = DhcpCore(plan.dhcp, LeaseTable(None), 67)
+    offer = reply(send(core, msg(node_mac, codec.DISCOVER, options=arch(arch_code))))
+    assert offer.file.decode() == expected
+    assert offer.options[codec.OPT_BOOTFILE].decode() == expected
+
+
+def test_http_boot_and_ipxe(core: DhcpCore) -> None:
+    http = {codec.OPT_CLIENT_ARCH: codec.u16(16), codec.OPT_VENDOR_CLASS: b"HTTPClient:Arch:00016"}
+    offer = reply(send(core, msg(WORKER0, codec.DISCOVER, options=http)))
+    assert offer.file == b"http://10.33.3.18:8080/boot/ipxe.efi"
+    assert offer.options[codec.OPT_VENDOR_CLASS] == b"HTTPClient"
+    ipxe = {**arch(7), codec.OPT_USER_CLASS: b"iPXE"}
+    offer = reply(send(core, msg(WORKER0, codec.DISCOVER, options=ipxe)))
+    assert offer.file == b"http://10.33.3.18:8080/boot.ipxe"
+    offer = reply(
+        send(core, msg(WORKER0, codec.DISCOVER, options={codec.OPT_IPXE: b"\x13\x01\x01"}))
+    )
+    assert offer.file == b"http://10.33.3.18:8080/boot.ipxe"
+    plain = reply(send(core, msg(WORKER0, codec.DISCOVER)))
+    assert plain.file == b"" and codec.OPT_BOOTFILE not in plain.options  # an installed OS
+
+
+def test_unknown_machine_without_pool_gets_nothing(core: DhcpCore) -> None:
+    out = send(core, msg(STRANGER, codec.DISCOVER, options=arch(7)))
+    assert not out.replies and out.unknown is not None
+    assert out.unknown.arch == 7 and out.unknown.vendor_class.startswith("PXEClient")
+    assert "uefi-x64" in out.unknown.describe()
+
+
+def test_events_for_inventory_nodes(core: DhcpCore) -> None:
+    out = send(core, msg(MASTER0, codec.DISCOVER, options=arch(0)))
+    assert out.events == [("master-0", "dhcp-offer", "10.33.3.50 bios undionly.kpxe")]
+    request = msg(
+        MASTER0,
+        codec.REQUEST,
+        options={
+            codec.OPT_SERVER_ID: SERVER.packed,
+            codec.OPT_REQUESTED_IP: bytes([10, 33, 3, 50]),
+        },
+    )
+    out = send(core, request)
+    assert out.events[0][:2] == ("master-0", "dhcp-ack") and out.commit[0].state == "bound"
+
+
+# --- request states ----------------------------------------------------------------------
+
+
+def test_selecting_another_server_drops_our_offer(pool_core: DhcpCore) -> None:
+    offer = reply(send(pool_core, msg(STRANGER, codec.DISCOVER)))
+    other = msg(
+        STRANGER,
+        codec.REQUEST,
+        options={
+            codec.OPT_SERVER_ID: bytes([10, 33, 3, 2]),
+            codec.OPT_REQUESTED_IP: offer.yiaddr.packed,
+        },
+    )
+    assert not send(pool_core, other).replies
+    assert pool_core.table.holder(offer.yiaddr, 1001) is None
+
+
+def test_init_reboot_renew_rebind(core: DhcpCore) -> None:
+    good = msg(MASTER0, codec.REQUEST, options={codec.OPT_REQUESTED_IP: bytes([10, 33, 3, 50])})
+    assert reply(send(core, good)).message_type == codec.ACK  # init-reboot
+    wrong = msg(MASTER0, codec.REQUEST, options={codec.OPT_REQUESTED_IP: bytes([10, 33, 3, 77])})
+    nak = reply(send(core, wrong))
+    assert nak.message_type == codec.NAK and nak.yiaddr == IPv4Address(0)
+    assert b"reserved" in nak.options[codec.OPT_MESSAGE]
+    assert send(core, wrong).replies[0].host == "255.255.255.255"  # NAK is broadcast
+    renew = msg(MASTER0, codec.REQUEST, ciaddr=IPv4Address("10.33.3.50"))
+    out = send(core, renew, src=("10.33.3.50", 68))
+    ack = reply(out)
+    assert ack.message_type == codec.ACK and ack.ciaddr == IPv4Address("10.33.3.50")
+    assert (out.replies[0].host, out.replies[0].port) == ("10.33.3.50", 68)
+    foreign = msg(MASTER0, codec.REQUEST, options={codec.OPT_REQUESTED_IP: bytes([192, 0, 2, 5])})
+    assert b"not on this network" in reply(send(core, foreign)).options[codec.OPT_MESSAGE]
+
+
+def test_pool_allocation_expiry_and_no_double_lease(pool_core: DhcpCore) -> None:
+    macs = [f"de:ad:be:ef:00:{i:02x}" for i in range(4)]
+    got = [dora(pool_core, mac, now=1000.0).yiaddr for mac in macs[:3]]
+    assert sorted(got) == [IPv4Address(f"10.33.3.{i}") for i in (100, 101, 102)]
+    assert not send(pool_core, msg(macs[3], codec.DISCOVER), 1002).replies  # exhausted
+    later = 1000.0 + 3600 + 10
+    # A returning client gets its old address back while it is free...
+    assert dora(pool_core, macs[0], now=later).yiaddr == got[0]
+    # ...and an expired lease's address goes to the next client, never to two at once.
+    taken = dora(pool_core, macs[3], now=later).yiaddr
+    assert taken in got[1:]
+    assert pool_core.table.holder(taken, later + 2) == macs[3]
+
+
+def test_requested_address_in_pool_is_honoured(pool_core: DhcpCore) -> None:
+    want = {codec.OPT_REQUESTED_IP: bytes([10, 33, 3, 102])}
+    assert reply(
+        send(pool_core, msg(STRANGER, codec.DISCOVER, options=want))
+    ).yiaddr == IPv4Address("10.33.3.102")
+
+
+def test_decline_quarantines(pool_core: DhcpCore) -> None:
+    ack = dora(pool_core, STRANGER)
+    decline = msg(
+        STRANGER,
+        codec.DECLINE,
+        options={codec.OPT_REQUESTED_IP: ack.yiaddr.packed, codec.OPT_SERVER_ID: SERVER.packed},
+    )
+    out = send(pool_core, decline, 1010)
+    assert out.commit[0].state == "declined" and not out.replies
+    offer = reply(send(pool_core, msg(STRANGER, codec.DISCOVER), 1011))
+    assert offer.yiaddr != ack.yiaddr
+
+
+def test_release_frees_the_address(pool_core: DhcpCore) -> None:
+    ack = dora(pool_core, STRANGER)
+    out = send(pool_core, msg(STRANGER, codec.RELEASE, ciaddr=ack.yiaddr), 1010)
+    assert out.commit[0].state == "released" and not out.replies
+    assert pool_core.table.holder(ack.yiaddr, 1011) is None
+
+
+def test_inform_configuration_only(core: DhcpCore) -> None:
+    inform = msg(MASTER0, codec.INFORM, ciaddr=IPv4Address("10.33.3.50"))
+    out = send(core, inform, src=("10.33.3.50", 68))
+    ack = reply(out)
+    assert ack.message_type == codec.ACK and ack.yiaddr == IPv4Address(0)
+    assert codec.OPT_LEASE_TIME not in ack.options and out.replies[0].host == "10.33.3.50"
+
+
+def test_relay_reply_goes_to_giaddr_with_option_82(core: DhcpCore) -> None:
+    relay82 = b"\x01\x04port\x02\x03abc"
+    m = msg(
+        MASTER0,
+        codec.DISCOVER,
+        giaddr=IPv4Address("10.33.3.1"),
+        options={codec.OPT_RELAY_AGENT: relay82},
+    )
+    out = send(core, m, src=("10.33.3.1", 67))
+    assert (out.replies[0].host, out.replies[0].port) == ("10.33.3.1", 67)
+    offer = reply(out)
+    assert offer.giaddr == IPv4Address("10.33.3.1")
+    assert list(offer.options)[-1] == codec.OPT_RELAY_AGENT
+    assert offer.options[codec.OPT_RELAY_AGENT] == relay82
+    far = msg(MASTER0, codec.DISCOVER, giaddr=IPv4Address("198.51.100.1"))
+    assert not send(core, far).replies and core.counters["foreign_relay"] == 1
+
+
+def test_param_request_list_and_max_size(dgxpod_raw: dict[str, Any]) -> None:
+    plan = _plan(dgxpod_raw, ntp_servers=["10.33.3.1"])
+    core = DhcpCore(plan.dhcp, LeaseTable(None), 67)
+    params = bytes([42, 28, 119, 1])
+    offer = reply(send(core, msg(MASTER0, codec.DISCOVER, options={codec.OPT_PARAMS: params})))
+    order = list(offer.options)
+    assert order[:2] == [codec.OPT_MESSAGE_TYPE, codec.OPT_SERVER_ID]
+    assert [c for c in order if c in params] == list(params)  # the client's order
+    assert offer.options[codec.OPT_DOMAIN_SEARCH] == b"\x06dgxpod\x06nvidia\x03com\x00"
+    no_ntp = reply(send(core, msg(MASTER0, codec.DISCOVER)))
+    assert codec.OPT_NTP not in no_ntp.options  # not asked for, not sent
+
+
+def test_proxy_mode_gives_boot_info_only(dgxpod_raw: dict[str, Any]) -> None:
+    plan = _plan(dgxpod_raw, dhcp_mode="proxy")
+    core = DhcpCore(plan.dhcp, LeaseTable(None), 67)
+    offer = reply(send(core, msg(STRANGER, codec.DISCOVER, options=arch(7))))
+    assert offer.yiaddr == IPv4Address(0) and offer.file == b"ipxe.efi"
+    assert offer.options[codec.OPT_VENDOR_CLASS] == b"PXEClient"
+    assert offer.options[codec.OPT_VENDOR_SPECIFIC] == b"\x06\x01\x08\xff"
+    assert codec.OPT_LEASE_TIME not in offer.options
+    assert not send(core, msg(STRANGER, codec.DISCOVER)).replies  # not a PXE client
+    req = msg(STRANGER, codec.REQUEST, ciaddr=IPv4Address("10.33.3.77"), options=arch(7))
+    out = core.handle(codec.encode(req), ("10.33.3.77", 68), 1000.0, pxe_port=True)
+    ack = reply(out)
+    assert ack.message_type == codec.ACK and (out.replies[0].host, out.replies[0].port) == (
+        "10.33.3.77",
+        68,
+    )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x01" * 100, b"\x00" * 300, codec.encode(msg(MASTER0, codec.DISCOVER))[:239]],
+)
+def test_garbage_is_counted_not_raised(core: DhcpCore, data: bytes) -> None:
+    out = core.handle(data, CLIENT, 1000.0)
+    assert not out.replies
+    assert core.counters["malformed"] + core.counters["ignored"] == 1
+
+
+def test_wrong_op_is_ignored(core: DhcpCore) -> None:
+    m = msg(MASTER0, codec.DISCOVER)
+    m.op = codec.BOOTREPLY
+    assert not send(core, m).replies and core.counters["ignored"] == 1
