@@ -19,6 +19,7 @@ from appliance.inventory import Endpoint
 from appliance.plan import Plan
 
 if TYPE_CHECKING:
+    from appliance.bootstate import BootState
     from appliance.events import EventBus
     from appliance.store import Store
 
@@ -70,6 +71,7 @@ class ServiceContext:
     log: logging.Logger
     # Services look each other up here (e.g. the cluster loop drains LB backends).
     services: dict[str, Service]
+    boot: BootState
     control: Control | None = None
     admin_token: str = ""
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
+from appliance.bootstate import BootState
 from appliance.events import EventBus
 from appliance.inventory import InventoryError, load_inventory
 from appliance.notify import notify, watchdog_interval, watchdog_loop
@@ -46,8 +47,10 @@ def default_specs() -> list[ServiceSpec]:
     from appliance.admin import SPEC as ADMIN
     from services.dhcp import SPEC as DHCP
     from services.dns import SPEC as DNS
+    from services.http import SPEC as HTTP
+    from services.tftp import SPEC as TFTP
 
-    return [DNS, DHCP, ADMIN]
+    return [DNS, DHCP, TFTP, HTTP, ADMIN]
 
 
 def load_plan(config: Path) -> Plan:
@@ -79,6 +82,7 @@ class Supervisor:
         self.running: dict[str, Service] = {}
         self.plan: Plan | None = None
         self.store: Store | None = None
+        self.boot: BootState
         self.token = ""
         self.started_at = 0.0
         self.reloads: dict[str, Any] = {"ok": 0, "failed": 0, "last_error": None, "last_at": None}
@@ -95,6 +99,7 @@ class Supervisor:
             store=self.store,
             log=logging.getLogger(name),
             services=self.running,
+            boot=self.boot,
             control=self,
             admin_token=self.token,
         )
@@ -127,6 +132,7 @@ class Supervisor:
         """Open the store and start every enabled service; raise ServiceError on failure."""
         try:
             self.store = Store.open(plan.state_dir)
+            self.boot = BootState(self.store)
             self.token = ensure_token(plan.state_dir)
         except (StoreError, OSError) as exc:
             raise ServiceError(str(exc)) from None

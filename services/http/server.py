@@ -1,0 +1,179 @@
+"""The http service (aiohttp): boot images, boot loaders, boot configs and ignition.
+
+Images go out with sendfile, Content-Length, Range, HEAD, ETag and Last-Modified
+(aiohttp's FileResponse). Ignition holds cluster secrets (bootstrap.ign above all),
+so it is served only to the addresses of the nodes that own it; anyone else gets
+403 and an audit line. A node's first ignition fetch marks it installed: its next
+network boot boots from disk (boot once).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from ipaddress import IPv4Address, ip_address
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from appliance.plan import Plan
+from appliance.service import ServiceContext, bind_socket
+from services import bootconfig
+from services.tftp.files import Refused, jailed
+
+audit = logging.getLogger("audit")
+ROLES = ("bootstrap", "master", "worker")
+
+
+class HttpService:
+    name = "http"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.log = ctx.log
+        self.plan: Plan
+        self.runner: web.AppRunner | None = None
+        self.counters: dict[str, int] = {}
+
+    async def start(self, plan: Plan) -> None:
+        self.plan = plan
+        sock = bind_socket(self.name, plan.listen["http"], socket.SOCK_STREAM)
+        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self.runner.setup()
+        await web.SockSite(self.runner, sock).start()
+
+    async def reload(self, plan: Plan) -> None:
+        self.plan = plan
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    def status(self) -> dict[str, Any]:
+        return {"counters": dict(self.counters)}
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    # --- routes ---------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/images/{path:.+}", self.images)
+        app.router.add_get("/boot/{path:.+}", self.loaders)
+        app.router.add_get("/ignition/node/{name}.ign", self.node_ignition)
+        app.router.add_get("/ignition/{role}.ign", self.role_ignition)
+        app.router.add_get("/{path:.*}", self.generated)  # boot.ipxe, pxelinux.cfg/, grub.cfg
+        return app
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    def _file(self, root: Path, rel: str) -> web.FileResponse:
+        try:
+            path = jailed(root, rel)
+        except Refused as exc:
+            self._count("refused")
+            raise web.HTTPForbidden(text=f"{exc}\n") from None
+        if not path.is_file():
+            self._count("not_found")
+            raise web.HTTPNotFound(text="not found\n")
+        self._count("files")
+        return web.FileResponse(path, chunk_size=1 << 20)
+
+    async def images(self, request: web.Request) -> web.FileResponse:
+        rel = request.match_info["path"]
+        response = self._file(self.plan.boot.images_dir, rel)
+        node = self._node(request)
+        if node is not None and request.method == "GET":
+            boot = self.plan.boot.by_mac.get(node.mac)
+            if boot is not None and rel == boot.kernel:
+                self._event(node.name, "kernel", f"http /images/{rel}")
+            elif boot is not None and rel == boot.initramfs:
+                self._event(node.name, "initramfs", f"http /images/{rel}")
+        return response
+
+    async def loaders(self, request: web.Request) -> web.FileResponse:
+        """tftp_root over HTTP: UEFI HTTP boot fetches its loader here."""
+        rel = request.match_info["path"]
+        response = self._file(self.plan.boot.tftp_root, rel)
+        node = self._node(request)
+        if node is not None and request.method == "GET":
+            self._event(node.name, "bootloader", f"http /boot/{rel}")
+        return response
+
+    async def generated(self, request: web.Request) -> web.Response:
+        found = bootconfig.virtual_file(
+            self.plan.boot, request.path, self.ctx.boot.installed, request.query_string
+        )
+        if found is None:
+            self._count("not_found")
+            raise web.HTTPNotFound(text="not found\n")
+        text, _node = found
+        self._count("configs")
+        return web.Response(text=text, content_type="text/plain")
+
+    # --- ignition -------------------------------------------------------------------
+
+    async def role_ignition(self, request: web.Request) -> web.Response:
+        role = request.match_info["role"]
+        if role not in ROLES:
+            raise web.HTTPNotFound(text="not found\n")
+        owners = {n.ip for n in self.plan.nodes if n.role == role}
+        return self._ignition(request, f"{role}.ign", owners, role)
+
+    async def node_ignition(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        node = self.plan.by_name.get(name)
+        if node is None:
+            raise web.HTTPNotFound(text="not found\n")
+        own = self.plan.boot.ignition_dir / f"{name}.ign"
+        filename = own.name if own.is_file() else f"{node.role}.ign"
+        return self._ignition(request, filename, {node.ip}, f"node {name}")
+
+    def _ignition(
+        self, request: web.Request, filename: str, owners: set[IPv4Address], what: str
+    ) -> web.Response:
+        client = request.remote or ""
+        try:
+            addr = ip_address(client)
+        except ValueError:
+            addr = None
+        if isinstance(addr, IPv4Address) is False or addr not in owners:
+            self._count("ignition_refused")
+            audit.warning(
+                "ignition: refused %s (%s) to %s: not an address of its node(s)",
+                filename,
+                what,
+                client or "an unknown client",
+            )
+            raise web.HTTPForbidden(text="this ignition belongs to other nodes\n")
+        try:
+            data = jailed(self.plan.boot.ignition_dir, filename).read_bytes()
+        except (Refused, OSError):
+            self._count("not_found")
+            self.log.warning("ignition: %s is missing in %s", filename, self.plan.boot.ignition_dir)
+            raise web.HTTPNotFound(text="ignition file not found\n") from None
+        node = self.plan.by_ip[addr]  # type: ignore[index]
+        self._count("ignition_served")
+        audit.info("ignition: served %s to %s (%s)", filename, client, node.name)
+        self._event(node.name, "ignition", f"http {filename}")
+        if self.plan.boot.after_install == "localboot":
+            self.ctx.boot.mark_installed(node.name, time.time())
+        return web.Response(body=data, content_type="application/vnd.coreos.ignition+json")
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _node(self, request: web.Request) -> Any:
+        try:
+            addr = ip_address(request.remote or "")
+        except ValueError:
+            return None
+        return self.plan.by_ip.get(addr) if isinstance(addr, IPv4Address) else None
+
+    def _event(self, node: str, stage: str, detail: str) -> None:
+        self.ctx.bus.publish(node, stage, detail, source="http")

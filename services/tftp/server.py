@@ -1,0 +1,241 @@
+"""The tftp service: requests on `listen.tftp`, one socket (a new TID) per transfer.
+
+The protocol lives in transfer.py and files.py; this only moves datagrams, runs
+each transfer's timer and publishes node events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import Counter
+from ipaddress import IPv4Address, ip_address
+from typing import Any
+
+from tftpy.TftpPacketFactory import TftpPacketFactory
+from tftpy.TftpPacketTypes import TftpPacketRRQ, TftpPacketWRQ
+
+from appliance.plan import Plan
+from appliance.service import ServiceContext, bind_socket
+from services.bootconfig import IMAGES_PREFIX
+from services.tftp.files import Refused, Source, open_source
+from services.tftp.transfer import (
+    ERR_ACCESS,
+    ERR_ILLEGAL_OP,
+    ERR_UNDEFINED,
+    ReadTransfer,
+    error_packet,
+    negotiate,
+)
+
+MAX_TRANSFERS = 512  # concurrent transfers; a boot storm of hundreds of nodes fits
+
+
+class _Listener(asyncio.DatagramProtocol):
+    def __init__(self, service: TftpService) -> None:
+        self.service = service
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        try:
+            self.service.on_request(data, addr, self)
+        except Exception:  # one bad packet must never take the service down
+            self.service.counters["errors"] += 1
+            self.service.log.exception("tftp: error on a request from %s", addr[0])
+
+    def reply(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(data, addr)
+
+
+class _Session(asyncio.DatagramProtocol):
+    """The server side of one transfer, on its own port (RFC 1350 TID)."""
+
+    def __init__(self, service: TftpService, xfer: ReadTransfer, source: Source, peer: Any) -> None:
+        self.service = service
+        self.xfer = xfer
+        self.source = source
+        self.peer = peer
+        self.transport: asyncio.DatagramTransport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.started = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._send(self.xfer.start(time.monotonic()))
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        try:
+            self._send(self.xfer.on_packet(data, time.monotonic()))
+        except Exception:
+            self.service.counters["errors"] += 1
+            self.service.log.exception("tftp: error in a transfer to %s", self.peer[0])
+            self.xfer.done = True
+            self._send([])
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable: the client went away.
+        self.xfer.done = True
+        self.xfer.error = f"client unreachable: {exc}"
+        self._send([])
+
+    def _tick(self) -> None:
+        self.timer = None
+        self._send(self.xfer.on_timer(time.monotonic()))
+
+    def _send(self, packets: list[bytes]) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        for packet in packets:
+            transport.sendto(packet)
+        if self.xfer.done:
+            self.close()
+            return
+        if self.timer is None and self.xfer.deadline is not None:
+            delay = max(0.0, self.xfer.deadline - time.monotonic())
+            self.timer = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self.service.finished(self)
+
+
+class TftpService:
+    name = "tftp"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.log = ctx.log
+        self.counters: Counter[str] = Counter()
+        self.plan: Plan
+        self.listener: asyncio.DatagramTransport | None = None
+        self.sessions: set[_Session] = set()
+        self.factory = TftpPacketFactory()
+
+    async def start(self, plan: Plan) -> None:
+        self.plan = plan
+        sock = bind_socket(self.name, plan.listen["tftp"], socket.SOCK_DGRAM)
+        loop = asyncio.get_running_loop()
+        self.listener, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), sock=sock)
+
+    async def reload(self, plan: Plan) -> None:
+        self.plan = plan  # running transfers finish with the file they opened
+
+    async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        for session in list(self.sessions):
+            session.close()
+
+    def status(self) -> dict[str, Any]:
+        return {"counters": dict(self.counters), "transfers": len(self.sessions)}
+
+    # --- requests ------------------------------------------------------------------
+
+    def on_request(self, data: bytes, addr: tuple[Any, ...], listener: _Listener) -> None:
+        self.counters["requests"] += 1
+        try:
+            packet = self.factory.parse(data)
+        except Exception:  # tftpy raises TftpException, struct.error, UnicodeDecodeError...
+            self.counters["malformed"] += 1
+            return
+        if isinstance(packet, TftpPacketWRQ):
+            self.counters["refused"] += 1
+            listener.reply(error_packet(ERR_ACCESS, "read-only server: no writes"), addr)
+            return
+        if not isinstance(packet, TftpPacketRRQ):
+            self.counters["malformed"] += 1
+            listener.reply(error_packet(ERR_ILLEGAL_OP, "expected a read request"), addr)
+            return
+        mode = packet.mode.lower()
+        if mode not in ("octet", "netascii"):
+            listener.reply(error_packet(ERR_ILLEGAL_OP, f"mode {mode} is not supported"), addr)
+            return
+        if len(self.sessions) >= MAX_TRANSFERS:
+            self.counters["busy"] += 1
+            listener.reply(error_packet(ERR_UNDEFINED, "server busy, try again"), addr)
+            return
+        plan = self.plan
+        try:
+            source = open_source(
+                plan.boot, packet.filename, self.ctx.boot.installed, netascii=mode == "netascii"
+            )
+        except Refused as exc:
+            self.counters["refused" if exc.code == ERR_ACCESS else "not_found"] += 1
+            if exc.code == ERR_ACCESS:
+                self.log.warning("tftp: refused %r to %s: %s", packet.filename, addr[0], exc)
+            listener.reply(error_packet(exc.code, str(exc)), addr)
+            return
+        neg = negotiate(packet.options or {}, source.size)
+        xfer = ReadTransfer(source.read, source.size, neg, time.monotonic())
+        self._spawn(xfer, source, addr)
+        self._event(addr[0], source)
+
+    def _spawn(self, xfer: ReadTransfer, source: Source, addr: tuple[Any, ...]) -> None:
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind((self.plan.listen["tftp"].host, 0))
+            sock.connect(addr[:2])
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            source.close()
+            raise
+        session = _Session(self, xfer, source, addr)
+        self.sessions.add(session)
+        self.counters["transfers"] += 1
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.create_datagram_endpoint(lambda: session, sock=sock))
+        task.add_done_callback(lambda t: self._started(t, session))
+
+    def _started(self, task: asyncio.Task[Any], session: _Session) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self.finished(session)
+
+    def finished(self, session: _Session) -> None:
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        session.source.close()
+        xfer = session.xfer
+        self.counters["bytes"] += xfer.bytes_sent
+        if xfer.error and not xfer.error.startswith("client error"):
+            self.counters["failed"] += 1
+            self.log.info(
+                "tftp: %s to %s ended: %s", session.source.path, session.peer[0], xfer.error
+            )
+        elif not xfer.error:
+            self.counters["completed"] += 1
+
+    # --- events -------------------------------------------------------------------
+
+    def _event(self, client: str, source: Source) -> None:
+        try:
+            ip = ip_address(client)
+        except ValueError:
+            return
+        node = self.plan.by_ip.get(ip) if isinstance(ip, IPv4Address) else None
+        if node is None:
+            return
+        path = source.path
+        files = self.plan.dhcp.boot_files
+        boot = self.plan.boot.by_mac.get(node.mac)
+        stage = None
+        if path.rsplit("/", 1)[-1] in (files.bios, files.uefi_x64, files.uefi_arm64):
+            stage = "bootloader"
+        elif boot is not None and path == IMAGES_PREFIX + boot.kernel:
+            stage = "kernel"
+        elif boot is not None and path == IMAGES_PREFIX + boot.initramfs:
+            stage = "initramfs"
+        if stage:
+            self.ctx.bus.publish(node.name, stage, f"tftp {path}", source="tftp")
