@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from dnslib import NS, PTR, QTYPE, RR, SOA, SRV, A
+from dnslib import NS, PTR, QTYPE, RR, SOA, SRV, A, DNSLabel
 
 from appliance.plan import ARecord, DnsPlan, DnsZone, NsRecord, PtrRecord, SrvRecord
 
@@ -86,8 +86,12 @@ class Authority:
     def is_ours(self, qname: str) -> bool:
         return self.zone_for(qname) is not None
 
-    def lookup(self, qname: str, qtype: int) -> Answer | None:
-        """The answer for a lower-case name without trailing dot; None when not ours."""
+    def lookup(self, qname: str, qtype: int, owner: DNSLabel | None = None) -> Answer | None:
+        """The answer for a lower-case name without trailing dot; None when not ours.
+
+        `owner` is the name as the question spelled it on the wire; a wildcard answer
+        is given that owner (default: qname).
+        """
         zone = self.zone_for(qname)
         if zone is None:
             return None
@@ -104,13 +108,15 @@ class Authority:
                 break
         wild = zone.names.get("*." + encloser)
         if wild is not None:
-            return self._from_rrsets(zone, qname, qtype, wild, synthesized=True)
+            return self._from_rrsets(
+                zone, qname if owner is None else owner, qtype, wild, synthesized=True
+            )
         return Answer(NXDOMAIN, authority=(zone.negative_soa,))
 
     def _from_rrsets(
         self,
         zone: _Zone,
-        qname: str,
+        qname: str | DNSLabel,
         qtype: int,
         rrsets: dict[int, list[RR]],
         *,

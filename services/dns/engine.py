@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from dnslib import EDNS0, QTYPE, RR, DNSError, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import EDNS0, QTYPE, RR, DNSError, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
 from appliance.plan import DnsPlan
 from services.dns.authority import (
@@ -26,13 +26,16 @@ from services.dns.authority import (
 from services.dns.wire import (
     CLASS_IN,
     Query,
+    labels_key,
     parse_query,
     patch_reply,
-    template_key,
     truncate,
 )
 
 OUR_UDP_SIZE = 1232  # the DNS flag day 2020 default: no IP fragmentation
+# Zone names are plain LDH text (inventory-validated); any other byte in a question's
+# label is written as \DDD, so the label keeps its boundaries and never matches by accident.
+_PLAIN = b"abcdefghijklmnopqrstuvwxyz0123456789-_*"
 TYPE_AXFR, TYPE_IXFR, CLASS_ANY = 252, 251, 255
 TEMPLATE_LIMIT = 20_000  # lazily cached answers (wildcard names, NODATA, NXDOMAIN)
 
@@ -53,6 +56,22 @@ class Forward:
 
 
 Decision = Reply | Forward | None
+
+
+def lookup_name(labels: tuple[bytes, ...]) -> str:
+    """A question's wire labels as the lower-case text name the zones are keyed by.
+
+    Not str(DNSLabel): that leaves a '.' inside a label as a label boundary, and its
+    escapes do not survive a round trip (DNSLabel(str) IDNA-encodes them).
+    """
+    out = []
+    for label in labels:
+        low = label.lower()
+        if low.translate(None, _PLAIN):
+            out.append("".join(chr(c) if c in _PLAIN else f"\\{c:03d}" for c in low))
+        else:
+            out.append(low.decode("ascii"))
+    return ".".join(out)
 
 
 class DnsEngine:
@@ -96,12 +115,20 @@ class DnsEngine:
                     for edns in (False, True):
                         self._template_for(name, qtype, edns)
 
-    def _template_for(self, qname: str, qtype: int, edns: bool) -> bytes | None:
-        answer = self.authority.lookup(qname, qtype)
+    def _template_for(
+        self, qname: str, qtype: int, edns: bool, owner: DNSLabel | None = None
+    ) -> bytes | None:
+        """The answer for (qname, qtype), cached; `owner` is the question's name as sent.
+
+        The question (and a wildcard's owner) is encoded from the wire labels, so a
+        patched reply has exactly the question's bytes where the template has its name.
+        """
+        owner = owner if owner is not None else DNSLabel(qname)
+        answer = self.authority.lookup(qname, qtype, owner)
         if answer is None:
             return None
-        template = self._encode(0, 0, qname, qtype, CLASS_IN, answer, edns, do=False, ra=False)
-        key = template_key(qname, qtype, CLASS_IN, edns)
+        template = self._encode(0, 0, owner, qtype, CLASS_IN, answer, edns, do=False, ra=False)
+        key = labels_key(owner.label, qtype, CLASS_IN, edns)
         if len(self._templates) >= TEMPLATE_LIMIT + len(self._static):
             self._templates = dict(self._static)
         self._templates[key] = template
@@ -125,7 +152,7 @@ class DnsEngine:
     def _fit(self, reply: bytes, query: Query, tcp: bool) -> bytes:
         if tcp:
             return reply
-        limit = max(512, min(query.udp_size, 65535)) if query.edns else 512
+        limit = min(query.udp_size, OUR_UDP_SIZE) if query.edns else 512
         if len(reply) <= limit:
             return reply
         self.counters["truncated"] += 1
@@ -157,7 +184,7 @@ class DnsEngine:
         if q.qclass not in (CLASS_IN, CLASS_ANY):
             self.counters["malformed"] += 1
             return Reply(self._error(request, FORMERR))
-        qname = str(q.qname).rstrip(".").lower()
+        qname = lookup_name(tuple(q.qname.label))
         if q.qtype in (TYPE_AXFR, TYPE_IXFR):
             self.counters["refused"] += 1
             return Reply(self._error(request, REFUSED))
@@ -166,26 +193,28 @@ class DnsEngine:
             if not ra:
                 self.counters["refused"] += 1
                 return Reply(self._error(request, REFUSED))
+            if query is None:
+                # Only the plain shape goes upstream (one uncompressed question, at most an
+                # OPT, nothing after it): the forwarder matches the reply's question bytes.
+                return self._formerr_or_drop(data)
             self.counters["forwarded"] += 1
-            udp_size = max(512, opt[0].rclass) if edns else 512
-            return Forward(data, (qname, q.qtype, CLASS_IN), edns, udp_size)
+            udp_size = _udp_limit(opt[0].rclass) if edns else 512
+            return Forward(data, (qname, q.qtype, q.qclass), edns, udp_size)
         if query is not None and q.qclass == CLASS_IN:
-            template = self._template_for(qname, q.qtype, edns)
+            template = self._template_for(qname, q.qtype, edns, q.qname)
             assert template is not None
             return Reply(self._fit(patch_reply(template, data, query, ra), query, tcp))
-        answer = self.authority.lookup(qname, q.qtype)
+        answer = self.authority.lookup(qname, q.qtype, q.qname)
         assert answer is not None
         do = edns and bool(opt[0].ttl & 0x8000)
-        reply = self._encode(
-            header.id, header.rd, str(q.qname), q.qtype, q.qclass, answer, edns, do, ra
-        )
-        limit = 65535 if tcp else (max(512, opt[0].rclass) if edns else 512)
+        reply = self._encode(header.id, header.rd, q.qname, q.qtype, q.qclass, answer, edns, do, ra)
+        limit = 65535 if tcp else (_udp_limit(opt[0].rclass) if edns else 512)
         if len(reply) > limit:
             self.counters["truncated"] += 1
             reply = self._encode(
                 header.id,
                 header.rd,
-                str(q.qname),
+                q.qname,
                 q.qtype,
                 q.qclass,
                 Answer(answer.rcode),
@@ -228,7 +257,7 @@ class DnsEngine:
     def _encode(
         qid: int,
         rd: int,
-        qname: str,
+        qname: str | DNSLabel,
         qtype: int,
         qclass: int,
         answer: Answer,
@@ -250,6 +279,15 @@ class DnsEngine:
             # Last on purpose: wire.truncate and the DO patch expect the OPT at the end.
             reply.add_ar(EDNS0(udp_len=OUR_UDP_SIZE, flags="do" if do else ""))
         return bytes(reply.pack())
+
+
+def _udp_limit(client_size: int) -> int:
+    """The largest UDP reply for a client's EDNS size: never below 512, never above ours.
+
+    Ours (1232) caps it even when the client offers 4096: a bigger datagram fragments
+    on a 1500-byte path, and fragments get lost; TC sends the client to TCP instead.
+    """
+    return min(max(512, client_size), OUR_UDP_SIZE)
 
 
 def cache_reply(request: bytes, cached: DNSRecord, age: int) -> bytes | None:

@@ -57,7 +57,8 @@ def _question_bytes(data: bytes) -> bytes:
     pos = 12
     while data[pos]:
         pos += data[pos] + 1
-    return data[12:pos].lower() + data[pos + 1 : pos + 5]
+    pos += 1  # the root label ends the name and belongs to it
+    return data[12:pos].lower() + data[pos : pos + 4]
 
 
 class Forwarder:

@@ -56,6 +56,12 @@ def template_key(qname: str, qtype: int, qclass: int, edns: bool) -> bytes:
     )
 
 
+def labels_key(labels: tuple[bytes, ...], qtype: int, qclass: int, edns: bool) -> bytes:
+    """template_key for a name given as its wire labels (any bytes, kept exactly)."""
+    name = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
+    return name.lower() + TYPE_CLASS.pack(qtype, qclass) + (b"\x01" if edns else b"\x00")
+
+
 def parse_query(data: bytes) -> Query | None:
     """Parse a plain query; None for anything unusual (let the slow path judge it)."""
     if len(data) < 17:
