@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import socket
+import time
 from typing import Any
 
 from aiohttp import web
@@ -57,6 +58,7 @@ class AdminService:
         app.router.add_get("/api/v1/nodes", self.get_nodes)
         app.router.add_get("/api/v1/plan", self.get_plan)
         app.router.add_post("/api/v1/reload", self.post_reload)
+        app.router.add_post("/api/v1/nodes/{name}/reinstall", self.post_reinstall)
         return app
 
     def _token_ok(self, request: web.Request) -> bool:
@@ -114,6 +116,14 @@ class AdminService:
                 }
             )
         return web.json_response({"nodes": nodes})
+
+    async def post_reinstall(self, request: web.Request) -> web.Response:
+        assert self.plan is not None
+        name = request.match_info["name"]
+        if name not in self.plan.by_name:
+            return web.json_response({"error": f"no node {name!r} in the inventory"}, status=404)
+        self.ctx.boot.request_reinstall(name, time.time())
+        return web.json_response({"ok": True, "node": name, "next_boot": "install"})
 
     async def post_reload(self, request: web.Request) -> web.Response:
         control = self.ctx.control

@@ -13,6 +13,19 @@ from pathlib import Path
 from appliance.inventory import Problem
 from appliance.plan import Plan
 
+# Where Debian's `ipxe` package puts the loaders the defaults name.
+DEBIAN_IPXE = {
+    "undionly.kpxe": "/usr/lib/ipxe/undionly.kpxe",
+    "ipxe.efi": "/usr/lib/ipxe/ipxe.efi",
+}
+
+
+def _ipxe_hint(loader: str) -> str:
+    found = DEBIAN_IPXE.get(loader)
+    if found is None:
+        return ""
+    return f" (Debian's ipxe package installs it as {found}: copy it there)"
+
 
 def _missing(path: Path) -> bool:
     return not path.exists()

@@ -20,6 +20,7 @@ import yaml
 
 from appliance import __version__
 from appliance.checks import file_warnings
+from appliance.client import ClientError
 from appliance.inventory import InventoryError, load_inventory
 from appliance.logs import setup_logging
 from appliance.plan import ARecord, NsRecord, Plan, PtrRecord, SrvRecord, build_plan
@@ -53,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
         "render", parents=[common], help="print the equivalent classic configuration"
     )
     render.add_argument("--as", dest="kind", choices=("dnsmasq", "haproxy", "hosts"), required=True)
+    reinstall = sub.add_parser(
+        "reinstall", parents=[common], help="install NODE again at its next network boot"
+    )
+    reinstall.add_argument("node")
     return p
 
 
@@ -128,6 +133,18 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reinstall(args: argparse.Namespace) -> int:
+    from appliance import client
+
+    plan = _load(args.config)
+    if args.node not in plan.by_name:
+        print(f"appliance: no node {args.node!r} in {args.config}", file=sys.stderr)
+        return EXIT_INVALID
+    how = client.reinstall(plan, args.node)
+    print(f"{args.node}: its next network boot installs it again ({how})")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from appliance.supervisor import run
 
@@ -144,7 +161,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": _cmd_run, "check": _cmd_check, "plan": _cmd_plan, "render": _cmd_render}
+    commands = {
+        "run": _cmd_run,
+        "check": _cmd_check,
+        "plan": _cmd_plan,
+        "render": _cmd_render,
+        "reinstall": _cmd_reinstall,
+    }
     try:
         return commands[args.command](args)
     except InventoryError as exc:
@@ -153,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INVALID
     except KeyboardInterrupt:
         return 130
+    except ClientError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except BrokenPipeError:
         return 0
     except Exception as exc:

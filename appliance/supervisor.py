@@ -23,6 +23,7 @@ from typing import Any
 
 from appliance import __version__
 from appliance.bootstate import BootState
+from appliance.client import TOKEN_FILE
 from appliance.events import EventBus
 from appliance.inventory import InventoryError, load_inventory
 from appliance.notify import notify, watchdog_interval, watchdog_loop
@@ -39,7 +40,6 @@ from appliance.store import Store, StoreError
 log = logging.getLogger("appliance")
 
 STOP_TIMEOUT = 10.0  # seconds a service gets to stop before it is abandoned
-TOKEN_FILE = "admin.token"
 
 
 def default_specs() -> list[ServiceSpec]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from urllib.parse import parse_qs, urlsplit
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from urllib.parse import parse_qs
 
 from appliance.inventory import normalize_mac
 from appliance.plan import BootPlan, NodeBoot
@@ -129,7 +130,22 @@ def _node(plan: BootPlan, mac: str | None) -> NodeBoot | None:
     return plan.by_mac.get(mac) if mac else None
 
 
+def client_ipv4(remote: str) -> IPv4Address | None:
+    """A client's IPv4 address; a dual-stack listener ([::]) sees it as ::ffff:a.b.c.d."""
+    try:
+        addr = ip_address(remote)
+    except ValueError:
+        return None
+    if isinstance(addr, IPv6Address):
+        return addr.ipv4_mapped
+    return addr
+
+
 def split_target(target: str) -> tuple[str, str]:
-    """A TFTP file name may carry a query (`boot.ipxe?mac=...`): split it."""
-    parts = urlsplit(target)
-    return parts.path, parts.query
+    """A TFTP file name may carry a query (`boot.ipxe?mac=...`): split it.
+
+    Only at the first `?`: a file name is not a URL (urlsplit would read `//host/`,
+    `c:` and `#` in it, and raise on `//[`).
+    """
+    path, _, query = target.partition("?")
+    return path, query

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from aiohttp import web
 from appliance.plan import Plan
 from appliance.service import ServiceContext, bind_socket
 from services import bootconfig
+from services.bootconfig import client_ipv4
 from services.tftp.files import Refused, jailed
 
 audit = logging.getLogger("audit")
@@ -139,11 +140,8 @@ class HttpService:
         self, request: web.Request, filename: str, owners: set[IPv4Address], what: str
     ) -> web.Response:
         client = request.remote or ""
-        try:
-            addr = ip_address(client)
-        except ValueError:
-            addr = None
-        if isinstance(addr, IPv4Address) is False or addr not in owners:
+        addr = client_ipv4(client)
+        if addr is None or addr not in owners:
             self._count("ignition_refused")
             audit.warning(
                 "ignition: refused %s (%s) to %s: not an address of its node(s)",
@@ -158,22 +156,21 @@ class HttpService:
             self._count("not_found")
             self.log.warning("ignition: %s is missing in %s", filename, self.plan.boot.ignition_dir)
             raise web.HTTPNotFound(text="ignition file not found\n") from None
-        node = self.plan.by_ip[addr]  # type: ignore[index]
+        node = self.plan.by_ip[addr]
         self._count("ignition_served")
         audit.info("ignition: served %s to %s (%s)", filename, client, node.name)
-        self._event(node.name, "ignition", f"http {filename}")
-        if self.plan.boot.after_install == "localboot":
-            self.ctx.boot.mark_installed(node.name, time.time())
+        # A HEAD (a probe: no body, nothing installs from it) is no install.
+        if request.method == "GET":
+            self._event(node.name, "ignition", f"http {filename}")
+            if self.plan.boot.after_install == "localboot":
+                self.ctx.boot.mark_installed(node.name, time.time())
         return web.Response(body=data, content_type="application/vnd.coreos.ignition+json")
 
     # --- helpers ---------------------------------------------------------------------
 
     def _node(self, request: web.Request) -> Any:
-        try:
-            addr = ip_address(request.remote or "")
-        except ValueError:
-            return None
-        return self.plan.by_ip.get(addr) if isinstance(addr, IPv4Address) else None
+        addr = client_ipv4(request.remote or "")
+        return self.plan.by_ip.get(addr) if addr is not None else None
 
     def _event(self, node: str, stage: str, detail: str) -> None:
         self.ctx.bus.publish(node, stage, detail, source="http")

@@ -10,7 +10,6 @@ import asyncio
 import socket
 import time
 from collections import Counter
-from ipaddress import IPv4Address, ip_address
 from typing import Any
 
 from tftpy.TftpPacketFactory import TftpPacketFactory
@@ -18,7 +17,7 @@ from tftpy.TftpPacketTypes import TftpPacketRRQ, TftpPacketWRQ
 
 from appliance.plan import Plan
 from appliance.service import ServiceContext, bind_socket
-from services.bootconfig import IMAGES_PREFIX
+from services.bootconfig import IMAGES_PREFIX, client_ipv4
 from services.tftp.files import Refused, Source, open_source
 from services.tftp.transfer import (
     ERR_ACCESS,
@@ -147,6 +146,11 @@ class TftpService:
             packet = self.factory.parse(data)
         except Exception:  # tftpy raises TftpException, struct.error, UnicodeDecodeError...
             self.counters["malformed"] += 1
+            if data[:2] in (b"\0\1", b"\0\2"):
+                # A request we cannot read (a NUL inside the name shifts the fields, a
+                # non-ASCII name, an odd option list): say so, as tftpd-hpa does, rather
+                # than leave the client waiting for its timeout.
+                listener.reply(error_packet(ERR_ILLEGAL_OP, "malformed request"), addr)
             return
         if isinstance(packet, TftpPacketWRQ):
             self.counters["refused"] += 1
@@ -220,11 +224,8 @@ class TftpService:
     # --- events -------------------------------------------------------------------
 
     def _event(self, client: str, source: Source) -> None:
-        try:
-            ip = ip_address(client)
-        except ValueError:
-            return
-        node = self.plan.by_ip.get(ip) if isinstance(ip, IPv4Address) else None
+        ip = client_ipv4(client)
+        node = self.plan.by_ip.get(ip) if ip is not None else None
         if node is None:
             return
         path = source.path
