@@ -9,6 +9,7 @@ stops at the client's maximum message size.
 from __future__ import annotations
 
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
@@ -136,11 +137,13 @@ def parse(data: bytes) -> DhcpMessage:
     )  # fmt: skip
 
 
-def encode(msg: DhcpMessage, max_size: int = 576) -> bytes:
-    """Encode with options in insertion order, dropping trailing ones that do not fit.
+def encode(msg: DhcpMessage, max_size: int = 576, keep: Collection[int] = ()) -> bytes:
+    """Encode with options in insertion order, dropping those that do not fit.
 
-    Callers put the essential options first; those that do not fit in `max_size`
-    (the client's option 57, at least 576) are left out rather than truncated.
+    Options that do not fit in `max_size` (the client's option 57, at least 576) are
+    left out rather than truncated. Room is made for the options in `keep` first
+    (message type, boot file, relay agent information...): the others fill what is
+    left, in order, so a long option the client asked for never pushes them out.
     """
     head = FIXED.pack(
         msg.op, msg.htype, msg.hlen, msg.hops, msg.xid, msg.secs, msg.flags,
@@ -151,13 +154,23 @@ def encode(msg: DhcpMessage, max_size: int = 576) -> bytes:
     out = bytearray(head + MAGIC)
     # IP (20) + UDP (8) headers count towards the client's limit (RFC 2132 9.10).
     budget = max(576, max_size) - 28 - 1  # keep room for END
+    chunks = []
     for code, value in msg.options.items():
         chunk = bytearray()
         for i in range(0, max(len(value), 1), 255):  # RFC 3396: split long values
             part = value[i : i + 255]
             chunk += bytes((code, len(part))) + part
-        if len(out) + len(chunk) > budget:
+        chunks.append((code, chunk))
+    # What the options outside `keep` may use once every kept one is in.
+    spare = budget - len(out) - sum(len(chunk) for code, chunk in chunks if code in keep)
+    for code, chunk in chunks:
+        if code in keep:
+            if len(out) + len(chunk) > budget:
+                continue
+        elif len(chunk) > spare:
             continue
+        else:
+            spare -= len(chunk)
         out += chunk
     out.append(OPT_END)
     if len(out) < 300:  # some BOOTP relays and old clients drop shorter messages

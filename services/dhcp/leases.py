@@ -53,6 +53,8 @@ class LeaseTable:
     def load(self, bindings: Iterable[Binding]) -> None:
         for b in bindings:
             self._put(b)
+            if b.state == "declined":  # a stored DECLINE keeps its quarantine over a restart
+                self.quarantine[b.ip] = max(self.quarantine.get(b.ip, 0.0), b.expires)
 
     def _put(self, b: Binding) -> None:
         old = self.by_mac.get(b.mac)

@@ -52,6 +52,16 @@ ALWAYS = (
     codec.OPT_DOMAIN,
 )  # fmt: skip
 PXE_DISCOVERY_CONTROL = b"\x06\x01\x08\xff"  # use the boot file in this offer, no menu
+# Never left out for a client's maximum message size (option 57) while others can be:
+# the lease, the basic configuration, the boot file, and the relay's option 82.
+ESSENTIAL = frozenset(
+    (
+        codec.OPT_MESSAGE_TYPE, codec.OPT_SERVER_ID, codec.OPT_LEASE_TIME, codec.OPT_T1,
+        codec.OPT_T2, codec.OPT_MESSAGE, *ALWAYS, codec.OPT_VENDOR_CLASS,
+        codec.OPT_VENDOR_SPECIFIC, codec.OPT_TFTP_SERVER, codec.OPT_BOOTFILE,
+        codec.OPT_UUID, codec.OPT_RELAY_AGENT,
+    )
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,7 +363,7 @@ class DhcpCore:
             reply.options[codec.OPT_RELAY_AGENT] = relay  # echoed, last (RFC 3046 2.2)
         max_size = msg.options.get(codec.OPT_MAX_SIZE)
         limit = int.from_bytes(max_size, "big") if max_size and len(max_size) == 2 else 576
-        return codec.encode(reply, limit)
+        return codec.encode(reply, limit, ESSENTIAL)
 
     def _to_client(self, reply: DhcpMessage, msg: DhcpMessage, src: tuple[str, int]) -> Outgoing:
         host, port = self._dest(msg, src)
