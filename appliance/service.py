@@ -9,6 +9,7 @@ supervisor restarts a service only when one of those addresses changes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Callable
@@ -93,6 +94,26 @@ class ServiceSpec:
         return tuple(plan.listen.get(k) for k in self.listen_keys)
 
 
+UDP_BUFFER = 4 << 20  # bytes: a burst (a boot storm) waits in the kernel, not on the floor
+
+
+def grow_buffers(sock: socket.socket, size: int = UDP_BUFFER) -> None:
+    """Ask for big socket buffers; as root past net.core.rmem_max (SO_*BUFFORCE)."""
+    for force, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+    ):
+        try:
+            if force is None:
+                raise PermissionError
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except PermissionError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+        except OSError:
+            pass
+
+
 def _family(endpoint: Endpoint) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
 
@@ -107,6 +128,8 @@ def bind_socket(service: str, endpoint: Endpoint, kind: socket.SocketKind) -> so
         sock.bind((endpoint.host, endpoint.port))
         if kind == socket.SOCK_STREAM:
             sock.listen(1024)
+        else:
+            grow_buffers(sock)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

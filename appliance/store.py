@@ -123,7 +123,12 @@ class Store:
         self.path = path
 
     @classmethod
-    def open(cls, state_dir: Path) -> Store:
+    def open(cls, state_dir: Path, *, durable: bool = True) -> Store:
+        """Open (and migrate) the store; `durable=False` trades power-loss safety for speed.
+
+        WAL with synchronous=NORMAL still survives kill -9; only a power cut may lose
+        the last commits. The DHCP leases always use a durable connection of their own.
+        """
         path = Path(state_dir) / DB_NAME
         try:
             Path(state_dir).mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -136,7 +141,7 @@ class Store:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"cannot open state store {path}: WAL mode refused ({mode})")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             store = cls(conn, path)
@@ -301,19 +306,25 @@ class Store:
         The caller's lease table is the authority: a stored row that holds one of
         these addresses under another MAC is an expired binding, and is replaced.
         """
+        for lease in leases:
+            if lease.state not in LEASE_STATES:
+                raise ValueError(f"unknown lease state {lease.state!r}")
+        rows = [
+            (lease.mac, lease.ip, lease.hostname, lease.expires, lease.state, lease.updated)
+            for lease in leases
+        ]
         with self._transaction() as cur:
-            for lease in leases:
-                if lease.state not in LEASE_STATES:
-                    raise ValueError(f"unknown lease state {lease.state!r}")
-                cur.execute("DELETE FROM leases WHERE ip = ? AND mac != ?", (lease.ip, lease.mac))
-                cur.execute(
-                    f"""INSERT INTO leases ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)
-                    ON CONFLICT (mac) DO UPDATE SET
-                        ip = excluded.ip, hostname = excluded.hostname,
-                        expires = excluded.expires, state = excluded.state,
-                        updated = excluded.updated""",
-                    dataclasses.astuple(lease),
-                )
+            cur.executemany(
+                "DELETE FROM leases WHERE ip = ? AND mac != ?", [(r[1], r[0]) for r in rows]
+            )
+            cur.executemany(
+                f"""INSERT INTO leases ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT (mac) DO UPDATE SET
+                    ip = excluded.ip, hostname = excluded.hostname,
+                    expires = excluded.expires, state = excluded.state,
+                    updated = excluded.updated""",
+                rows,
+            )
 
     def lease_for_mac(self, mac: str) -> Lease | None:
         row = self._conn.execute(

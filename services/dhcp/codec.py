@@ -70,7 +70,7 @@ class DhcpMessage:
 
     @property
     def mac(self) -> str:
-        return ":".join(f"{b:02x}" for b in self.chaddr[: self.hlen])
+        return self.chaddr[: self.hlen].hex(":")
 
     @property
     def broadcast(self) -> bool:

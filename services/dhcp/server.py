@@ -20,7 +20,7 @@ from typing import Any
 
 from appliance.inventory import Endpoint
 from appliance.plan import Plan
-from appliance.service import BindError, ServiceContext, ServiceError
+from appliance.service import BindError, ServiceContext, ServiceError, grow_buffers
 from appliance.store import Lease, Store
 from services.dhcp.leases import Binding, LeaseTable
 from services.dhcp.policy import ClientInfo, DhcpCore, Outcome, Outgoing
@@ -47,6 +47,7 @@ def _dhcp_socket(service: str, endpoint: Endpoint, interface: str | None) -> soc
             # Serve exactly one link: broadcasts in and out of that interface only.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         sock.bind((endpoint.host, endpoint.port))
+        grow_buffers(sock)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

@@ -37,6 +37,7 @@ OUR_UDP_SIZE = 1232  # the DNS flag day 2020 default: no IP fragmentation
 # label is written as \DDD, so the label keeps its boundaries and never matches by accident.
 _PLAIN = b"abcdefghijklmnopqrstuvwxyz0123456789-_*"
 TYPE_AXFR, TYPE_IXFR, CLASS_ANY = 252, 251, 255
+SEEN_LIMIT = 50_000  # distinct query shapes kept whole (clients differ in flags, cookies)
 TEMPLATE_LIMIT = 20_000  # lazily cached answers (wildcard names, NODATA, NXDOMAIN)
 
 
@@ -84,6 +85,8 @@ class DnsEngine:
         # Answers encoded from the zones up front never leave; lazily added ones
         # (wildcard names, NODATA, NXDOMAIN) are bounded so a name flood cannot grow memory.
         self._static: dict[bytes, bytes] = {}
+        # Whole replies by the query's bytes after its ID, per recursion-available flag.
+        self._seen: tuple[dict[bytes, bytes], dict[bytes, bytes]] = ({}, {})
         self._templates: dict[bytes, bytes] = {}
         self._precompute()
         self._static = dict(self._templates)
@@ -137,13 +140,24 @@ class DnsEngine:
     def handle(self, data: bytes, client: str, *, tcp: bool = False) -> Decision:
         """Decide what to do with one query from `client` (an address string)."""
         self.counters["queries"] += 1
+        ra = self.forwarding and self.may_forward(client)
+        if not tcp:
+            # The same query bytes (but the ID) get the same reply bytes: skip parsing.
+            hit = self._seen[ra].get(data[2:])
+            if hit is not None:
+                return Reply(data[:2] + hit)
         query = parse_query(data)
         if query is not None and query.qclass == CLASS_IN:
             template = self._templates.get(query.key(data))
             if template is not None:
                 self.counters["fast"] += 1
-                reply = patch_reply(template, data, query, self._ra(client))
-                return Reply(self._fit(reply, query, tcp))
+                reply = self._fit(patch_reply(template, data, query, ra), query, tcp)
+                if not tcp:
+                    seen = self._seen[ra]
+                    if len(seen) >= SEEN_LIMIT:
+                        seen.clear()
+                    seen[data[2:]] = reply[2:]
+                return Reply(reply)
         return self._slow(data, client, query, tcp)
 
     def _ra(self, client: str) -> bool:
