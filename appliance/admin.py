@@ -57,6 +57,7 @@ class AdminService:
         app.router.add_get("/api/v1/status", self.get_status)
         app.router.add_get("/api/v1/nodes", self.get_nodes)
         app.router.add_get("/api/v1/plan", self.get_plan)
+        app.router.add_get("/api/v1/unknown-machines", self.get_unknown)
         app.router.add_post("/api/v1/reload", self.post_reload)
         app.router.add_post("/api/v1/nodes/{name}/reinstall", self.post_reinstall)
         return app
@@ -116,6 +117,10 @@ class AdminService:
                 }
             )
         return web.json_response({"nodes": nodes})
+
+    async def get_unknown(self, request: web.Request) -> web.Response:
+        """Machines that network-booted here but are not in the inventory."""
+        return web.json_response({"machines": self.ctx.store.unknown_machines()})
 
     async def post_reinstall(self, request: web.Request) -> web.Response:
         assert self.plan is not None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.helpers import CONFIG
+from tests.helpers import CONFIG, Daemon
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -25,3 +27,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def dgxpod_raw() -> dict[str, Any]:
     """The article's inventory as plain data, to be edited by each test."""
     return copy.deepcopy(yaml.safe_load((CONFIG / "dgxpod.yaml").read_text()))
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(config: Path, *extra: str, env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(config, tmp_path / f"daemon-{len(started)}.log", *extra, env=env)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()

@@ -8,7 +8,6 @@ the systemd notify datagrams on a real unix socket.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -16,81 +15,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.helpers import CONFIG, ROOT, free_port, loopback_inventory, write_inventory
-
-
-class Daemon:
-    def __init__(
-        self, config: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None
-    ) -> None:
-        self.log_path = log_path
-        self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", *extra, "run", "--config", str(config)],
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-
-    def output(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_for(self, text: str, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.output():
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} not seen in:\n{self.output()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=15)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self.log.close()
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
-
-    def start(config: Path, *extra: str, env: dict[str, str] | None = None) -> Daemon:
-        d = Daemon(config, tmp_path / f"daemon-{len(started)}.log", *extra, env=env)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.stop()
-
-
-def _get(url: str, token: str | None = None, method: str = "GET") -> tuple[int, Any]:
-    req = urllib.request.Request(url, method=method)
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            status, body = resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        status, body = err.code, err.read()
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, body.decode()
+from tests.helpers import (
+    CONFIG,
+    ROOT,
+    Daemon,
+    free_port,
+    loopback_inventory,
+    write_inventory,
+)
+from tests.helpers import get_json as _get
 
 
 def _wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
