@@ -58,6 +58,10 @@ class AdminService:
         app.router.add_get("/api/v1/nodes", self.get_nodes)
         app.router.add_get("/api/v1/plan", self.get_plan)
         app.router.add_get("/api/v1/unknown-machines", self.get_unknown)
+        app.router.add_get("/api/v1/backends", self.get_backends)
+        app.router.add_post(
+            "/api/v1/frontends/{frontend}/backends/{backend}/{action}", self.post_backend
+        )
         app.router.add_post("/api/v1/reload", self.post_reload)
         app.router.add_post("/api/v1/nodes/{name}/reinstall", self.post_reinstall)
         return app
@@ -121,6 +125,30 @@ class AdminService:
     async def get_unknown(self, request: web.Request) -> web.Response:
         """Machines that network-booted here but are not in the inventory."""
         return web.json_response({"machines": self.ctx.store.unknown_machines()})
+
+    def _proxy(self) -> Any:
+        return self.ctx.services.get("proxy")
+
+    async def get_backends(self, request: web.Request) -> web.Response:
+        proxy = self._proxy()
+        return web.json_response(proxy.status() if proxy is not None else {"frontends": {}})
+
+    async def post_backend(self, request: web.Request) -> web.Response:
+        """drain | disable | enable one backend of one frontend."""
+        proxy = self._proxy()
+        if proxy is None:
+            return web.json_response({"error": "the load balancer is not running"}, status=404)
+        action = request.match_info["action"]
+        state = {"drain": "drain", "disable": "disabled", "enable": "enabled"}.get(action)
+        if state is None:
+            return web.json_response({"error": f"unknown action {action!r}"}, status=404)
+        try:
+            backend = proxy.set_admin_state(
+                request.match_info["frontend"], request.match_info["backend"], state
+            )
+        except KeyError as exc:
+            return web.json_response({"error": str(exc.args[0])}, status=404)
+        return web.json_response({"ok": True, "backend": backend.stats()})
 
     async def post_reinstall(self, request: web.Request) -> web.Response:
         assert self.plan is not None

@@ -200,9 +200,27 @@ class BackendPorts(_Strict):
     ingress_https: Port = 443
 
 
+class FrontendSeconds(_Strict):
+    """A number of seconds per frontend (added key: load_balancer.idle_timeout)."""
+
+    api: Annotated[float, Field(gt=0)] = 3600.0  # API watches stay open for long
+    machine_config: Annotated[float, Field(gt=0)] = 300.0
+    ingress_http: Annotated[float, Field(gt=0)] = 300.0
+    ingress_https: Annotated[float, Field(gt=0)] = 3600.0  # websockets through the router
+
+
 class LoadBalancer(_Strict):
     address: IPv4
     backend_ports: BackendPorts = BackendPorts()
+    # Added keys (the proxy service); the defaults are HAProxy-like.
+    balance: Literal["roundrobin", "leastconn", "source"] = "roundrobin"
+    check_interval: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    rise: Annotated[int, Field(ge=1, le=100)] = 2
+    fall: Annotated[int, Field(ge=1, le=100)] = 3
+    connect_timeout: Annotated[float, Field(gt=0, le=300)] = 5.0
+    idle_timeout: FrontendSeconds = FrontendSeconds()
+    max_connections: Annotated[int, Field(ge=1)] = 10_000  # per frontend
+    ingress_check: Literal["http", "tcp"] = "http"  # http: GET /healthz/ready on :1936
 
 
 class Loaders(_Strict):

@@ -27,6 +27,7 @@ NS_LABEL = "ns"  # the zone's name server: the appliance itself
 
 IGNITION_FILE = {"bootstrap": "bootstrap.ign", "master": "master.ign", "worker": "worker.ign"}
 LB_FRONTENDS = ("api", "machine_config", "ingress_http", "ingress_https")
+ROUTER_HEALTH_PORT = 1936  # the OpenShift router's health endpoint
 
 
 # --- DNS --------------------------------------------------------------------------
@@ -182,11 +183,27 @@ class Backend:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheck:
+    kind: Literal["tcp", "http", "https"]
+    port: int | None  # None: the backend's own port
+    path: str = ""  # for http(s): GET this, expect 200
+    interval: float = 2.0
+    rise: int = 2
+    fall: int = 3
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class Frontend:
     name: str  # api | machine_config | ingress_http | ingress_https
     listen: Endpoint | None
     backend_port: int
     backends: tuple[Backend, ...]
+    check: HealthCheck = HealthCheck("tcp", None)
+    balance: Literal["roundrobin", "leastconn", "source"] = "roundrobin"
+    connect_timeout: float = 5.0
+    idle_timeout: float = 3600.0
+    max_connections: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,11 +419,40 @@ def _frontends(loaded: LoadedInventory) -> tuple[Frontend, ...]:
         "ingress_http": ingress,
         "ingress_https": ingress,
     }
+    lb = inv.load_balancer
+
+    def check(kind: Literal["tcp", "http", "https"], port: int | None, path: str) -> HealthCheck:
+        timeout = min(lb.check_interval, 2.0)
+        return HealthCheck(kind, port, path, lb.check_interval, lb.rise, lb.fall, timeout)
+
+    router = (
+        check("http", ROUTER_HEALTH_PORT, "/healthz/ready")
+        if lb.ingress_check == "http"
+        else check("tcp", None, "")
+    )
+    checks = {
+        "api": check("https", None, "/readyz"),
+        "machine_config": check("https", None, "/healthz"),
+        "ingress_http": router,
+        "ingress_https": router,
+    }
     out = []
     for name in LB_FRONTENDS:
         port: int = getattr(ports, name)
         backends = tuple(Backend(n.name, n.ip, port, n.role) for n in pools[name])
-        out.append(Frontend(name, getattr(inv.listen, name), port, backends))
+        out.append(
+            Frontend(
+                name,
+                getattr(inv.listen, name),
+                port,
+                backends,
+                check=checks[name],
+                balance=lb.balance,
+                connect_timeout=lb.connect_timeout,
+                idle_timeout=getattr(lb.idle_timeout, name),
+                max_connections=lb.max_connections,
+            )
+        )
     return tuple(out)
 
 

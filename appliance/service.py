@@ -84,6 +84,9 @@ class ServiceSpec:
     # The plan's listen keys this service binds; `enabled` defaults to "any of them set".
     listen_keys: tuple[str, ...] = ()
     enabled: Callable[[Plan], bool] | None = None
+    # True: the service moves its own listeners on reload (keeping its connections),
+    # so a changed address is a reload, not a restart.
+    rebinds_itself: bool = False
 
     def is_enabled(self, plan: Plan) -> bool:
         if self.enabled is not None:

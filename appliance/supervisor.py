@@ -48,9 +48,10 @@ def default_specs() -> list[ServiceSpec]:
     from services.dhcp import SPEC as DHCP
     from services.dns import SPEC as DNS
     from services.http import SPEC as HTTP
+    from services.proxy import SPEC as PROXY
     from services.tftp import SPEC as TFTP
 
-    return [DNS, DHCP, TFTP, HTTP, ADMIN]
+    return [DNS, DHCP, TFTP, HTTP, PROXY, ADMIN]
 
 
 def load_plan(config: Path) -> Plan:
@@ -221,7 +222,9 @@ class Supervisor:
         try:
             for spec in self.specs:
                 was, want = spec.name in self.running, spec.is_enabled(new)
-                moved = was and spec.endpoints(old) != spec.endpoints(new)
+                moved = (
+                    was and not spec.rebinds_itself and spec.endpoints(old) != spec.endpoints(new)
+                )
                 if want and (moved or not was):
                     fresh[spec.name] = await self._start_fresh(spec, new, replaced)
         except ServiceError as exc:

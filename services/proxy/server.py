@@ -1,0 +1,371 @@
+"""The proxy service: the TCP load balancer of the api, machine_config and ingress frontends.
+
+Per frontend: a listening socket, a pool (pool.py decides), active health checks
+(checks.py probes), and connections pumped by pump.py. A connect that fails is
+retried on the next eligible backend, and that backend leaves the pool at once.
+Reload keeps every established connection: listeners that move are re-bound,
+backends gone from the plan drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import Counter
+from ipaddress import IPv4Address, ip_address
+from typing import Any
+
+from appliance.inventory import Endpoint
+from appliance.plan import LB_FRONTENDS, Frontend, Plan
+from appliance.service import ServiceContext, ServiceError, bind_socket
+from services.proxy.checks import probe
+from services.proxy.pool import BackendState, Pool
+from services.proxy.pump import HAVE_SPLICE, Direction
+
+ACCEPT_BATCH = 64  # connections accepted per wakeup
+SWEEP_EVERY = 1.0  # seconds between idle-timeout sweeps
+EVENT_EVERY = 30.0  # at most one machine-config event per node this often
+
+
+class Connection:
+    def __init__(self, fe: FrontendRunner, client: socket.socket, peer: str) -> None:
+        self.fe = fe
+        self.client = client
+        self.peer = peer
+        self.backend: BackendState | None = None
+        self.upstream: socket.socket | None = None
+        self.ways: list[Direction] = []
+        self.last = time.monotonic()
+        self.closed = False
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, service: ProxyService) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._connect(service))
+
+    async def _connect(self, service: ProxyService) -> None:
+        loop = asyncio.get_running_loop()
+        tried: set[int] = set()
+        fe = self.fe
+        while not self.closed:
+            backend = fe.pool.choose(self.peer, tried)
+            if backend is None:
+                fe.counters["no_backend"] += 1
+                self.close()
+                return
+            tried.add(id(backend))
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(
+                    loop.sock_connect(sock, (str(backend.spec.address), backend.spec.port)),
+                    fe.frontend.connect_timeout,
+                )
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+                fe.counters["retries"] += 1
+                if backend.connect_failed(time.time(), why) == "down":
+                    service.ctx.log.warning(
+                        "%s: backend %s down: connect failed (%s)", fe.name, backend.spec.name, why
+                    )
+                continue
+            except asyncio.CancelledError:
+                sock.close()
+                raise
+            if self.closed:
+                sock.close()
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.upstream, self.backend = sock, backend
+            backend.active += 1
+            backend.total += 1
+            self._pump(loop)
+            return
+
+    def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.upstream is not None and self.backend is not None
+        backend = self.backend
+
+        def sent(n: int) -> None:
+            backend.bytes_in += n
+            self.last = time.monotonic()
+
+        def received(n: int) -> None:
+            backend.bytes_out += n
+            self.last = time.monotonic()
+
+        splice = self.fe.service.splice
+        self.ways = [
+            Direction(loop, self.client, self.upstream, sent, self._way_done, splice),
+            Direction(loop, self.upstream, self.client, received, self._way_done, splice),
+        ]
+        for way in self.ways:
+            way.start()
+
+    def _way_done(self, way: Direction, error: str | None) -> None:
+        if error is not None or all(w.finished for w in self.ways):
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for way in self.ways:
+            way.close()
+        for sock in (self.client, self.upstream):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+        if self.backend is not None:
+            self.backend.active -= 1
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self.fe.connections.discard(self)
+
+
+class FrontendRunner:
+    def __init__(self, service: ProxyService, frontend: Frontend) -> None:
+        self.service = service
+        self.name = frontend.name
+        self.frontend = frontend
+        self.pool = Pool(frontend)
+        self.listener: socket.socket | None = None
+        self.endpoint: Endpoint | None = None
+        self.connections: set[Connection] = set()
+        self.counters: Counter[str] = Counter()
+        self.checks: dict[int, asyncio.Task[None]] = {}
+        self.last_event: dict[str, float] = {}
+
+    # --- listening ----------------------------------------------------------------
+
+    def bind(self, endpoint: Endpoint) -> socket.socket:
+        return bind_socket(self.name, endpoint, socket.SOCK_STREAM)
+
+    def listen(self, sock: socket.socket, endpoint: Endpoint) -> None:
+        loop = asyncio.get_running_loop()
+        if self.listener is not None:
+            loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+        self.listener, self.endpoint = sock, endpoint
+        loop.add_reader(sock.fileno(), self._accept)
+
+    def close_listener(self) -> None:
+        if self.listener is not None:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: keep the listener alive
+                self.counters["accept_errors"] += 1
+                self.service.ctx.log.warning("%s: accept failed: %s", self.name, exc)
+                return
+            self.counters["accepted"] += 1
+            if len(self.connections) >= self.frontend.max_connections:
+                self.counters["over_limit"] += 1
+                client.close()
+                continue
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(self, client, addr[0])
+            self.connections.add(conn)
+            conn.start(self.service)
+            self._event(addr[0])
+
+    def _event(self, client: str) -> None:
+        if self.name != "machine_config":
+            return
+        try:
+            addr = ip_address(client)
+        except ValueError:
+            return
+        if isinstance(addr, IPv4Address):
+            node = self.service.plan.by_ip.get(addr)
+            now = time.monotonic()
+            if (
+                node is not None
+                and now - self.last_event.get(node.name, -EVENT_EVERY) >= EVENT_EVERY
+            ):
+                self.last_event[node.name] = now
+                self.service.ctx.bus.publish(
+                    node.name,
+                    "machine-config",
+                    f"{client} -> :{self.endpoint.port if self.endpoint else ''}",
+                    source="proxy",
+                )
+
+    # --- health checks -------------------------------------------------------------
+
+    def sync_checks(self) -> None:
+        """One check task per backend in the pool; stop those of backends gone."""
+        loop = asyncio.get_running_loop()
+        alive = {id(b): b for b in self.pool.backends if not b.removed}
+        for key in list(self.checks):
+            if key not in alive:
+                self.checks.pop(key).cancel()
+        for key, backend in alive.items():
+            if key not in self.checks:
+                self.checks[key] = loop.create_task(self._check_loop(backend))
+
+    async def _check_loop(self, backend: BackendState) -> None:
+        log = self.service.ctx.log
+        while True:
+            check = self.frontend.check
+            if backend.admin != "disabled":
+                ok, detail = await probe(check, str(backend.spec.address), backend.spec.port)
+                change = backend.check_result(ok, time.time(), detail)
+                if change is not None:
+                    log.info(
+                        "%s: backend %s is %s (%s)", self.name, backend.spec.name, change, detail
+                    )
+            await asyncio.sleep(check.interval)
+
+    # --- idle timeouts and stats ---------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        limit = self.frontend.idle_timeout
+        for conn in list(self.connections):
+            if now - conn.last > limit:
+                self.counters["idle_closed"] += 1
+                conn.close()
+        self.pool.forget_idle_removed()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "listen": str(self.endpoint) if self.endpoint else None,
+            "active": len(self.connections),
+            "balance": self.frontend.balance,
+            "counters": dict(self.counters),
+            "backends": [b.stats() for b in self.pool.backends],
+        }
+
+    async def stop(self) -> None:
+        self.close_listener()
+        for task in self.checks.values():
+            task.cancel()
+        for task in self.checks.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.checks.clear()
+        for conn in list(self.connections):
+            conn.close()
+
+
+class ProxyService:
+    name = "proxy"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.plan: Plan
+        self.frontends: dict[str, FrontendRunner] = {}
+        self.sweeper: asyncio.Task[None] | None = None
+        self.splice = HAVE_SPLICE
+
+    async def start(self, plan: Plan) -> None:
+        self.plan = plan
+        await self._apply(plan)
+        self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self.ctx.log.info("zero-copy splice(): %s", "on" if self.splice else "off (recv/send)")
+
+    async def reload(self, plan: Plan) -> None:
+        await self._apply(plan)
+        self.plan = plan
+
+    async def _apply(self, plan: Plan) -> None:
+        # Bind every listener that is new or moved first: if one fails, nothing changes.
+        wanted = {fe.name: fe for fe in plan.frontends if fe.listen is not None}
+        fresh: dict[str, socket.socket] = {}
+        try:
+            for name, fe in wanted.items():
+                runner = self.frontends.get(name)
+                assert fe.listen is not None
+                if runner is None or runner.endpoint != fe.listen:
+                    fresh[name] = self._bind(name, fe.listen, runner)
+        except ServiceError:
+            for sock in fresh.values():
+                sock.close()
+            raise
+        for name in list(self.frontends):
+            if name not in wanted:
+                runner = self.frontends.pop(name)
+                runner.close_listener()  # its connections finish; its checks stop
+                for task in runner.checks.values():
+                    task.cancel()
+        for name, fe in wanted.items():
+            runner = self.frontends.get(name)
+            if runner is None:
+                runner = self.frontends[name] = FrontendRunner(self, fe)
+            else:
+                runner.frontend = fe
+                runner.pool.update(fe)
+            if name in fresh:
+                assert fe.listen is not None
+                runner.listen(fresh[name], fe.listen)
+            runner.sync_checks()
+
+    def _bind(self, name: str, endpoint: Endpoint, runner: FrontendRunner | None) -> socket.socket:
+        try:
+            return bind_socket(name, endpoint, socket.SOCK_STREAM)
+        except ServiceError:
+            # 0.0.0.0:6443 -> 127.0.0.1:6443 clashes with our own old socket: let it go.
+            if runner is None or runner.listener is None:
+                raise
+            runner.close_listener()
+            return bind_socket(name, endpoint, socket.SOCK_STREAM)
+
+    async def stop(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sweeper
+        for runner in self.frontends.values():
+            await runner.stop()
+        self.frontends.clear()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            now = time.monotonic()
+            for runner in self.frontends.values():
+                runner.sweep(now)
+
+    # --- operations (admin API, cluster loop) -----------------------------------------
+
+    def set_admin_state(self, frontend: str, backend: str, state: str) -> BackendState:
+        """drain: no new connections; disable: none at all (existing ones closed); enable."""
+        runner = self.frontends.get(frontend)
+        if runner is None:
+            raise KeyError(f"no frontend {frontend!r}")
+        found = runner.pool.find(backend)
+        if found is None:
+            raise KeyError(f"no backend {backend!r} in {frontend}")
+        if state not in ("enabled", "drain", "disabled"):
+            raise ValueError(f"unknown state {state!r}")
+        found.admin = state  # type: ignore[assignment]
+        if state == "disabled":
+            for conn in list(runner.connections):
+                if conn.backend is found:
+                    conn.close()
+        self.ctx.log.info("%s: backend %s set to %s", frontend, backend, state)
+        return found
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "splice": self.splice,
+            "frontends": {name: r.stats() for name, r in self.frontends.items()},
+        }
+
+
+def proxy_enabled(plan: Plan) -> bool:
+    return any(fe.listen is not None for fe in plan.frontends)
+
+
+__all__ = ["LB_FRONTENDS", "ProxyService", "proxy_enabled"]
