@@ -22,7 +22,7 @@ AdminState = Literal["enabled", "drain", "disabled"]
 HISTORY = 10  # check results kept per backend, for the stats
 
 
-@dataclass
+@dataclass(eq=False)  # an identity: two backends with equal counters are not the same one
 class BackendState:
     spec: Backend
     rise: int
@@ -108,6 +108,9 @@ class Pool:
             state = known.pop(key, None)
             if state is None:
                 state = BackendState(spec, check.rise, check.fall)
+            # The same node at the same address: keep its health and counters, take
+            # the new spec (its role may have changed) and the new check settings.
+            state.spec = spec
             state.rise, state.fall, state.removed = check.rise, check.fall, False
             fresh.append(state)
         gone = list(known.values())

@@ -4,7 +4,8 @@ One `Direction` per way. It reads only while its pipe (or buffer) is empty, so a
 slow receiver stops the sender (back-pressure, no unbounded buffers). An EOF is
 passed on as shutdown(SHUT_WR) once everything before it is written (half-close).
 On Linux the bytes never enter Python: splice() moves them socket -> pipe ->
-socket inside the kernel; elsewhere a fixed buffer is used.
+socket inside the kernel; elsewhere a fixed buffer is used, and so it is for a
+connection that cannot get a pipe (out of descriptors).
 """
 
 from __future__ import annotations
@@ -50,10 +51,14 @@ class Direction:
         self.pipe: tuple[int, int] | None = None
         self.buf = memoryview(b"")
         if splice:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            with contextlib.suppress(OSError):  # a smaller default pipe still works
-                fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
-            self.pipe = (r, w)
+            try:
+                r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                pass  # EMFILE/ENFILE: this connection still works, through recv/send
+            else:
+                with contextlib.suppress(OSError):  # a smaller default pipe still works
+                    fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+                self.pipe = (r, w)
 
     def start(self) -> None:
         self._want_read()

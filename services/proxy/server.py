@@ -5,12 +5,18 @@ Per frontend: a listening socket, a pool (pool.py decides), active health checks
 retried on the next eligible backend, and that backend leaves the pool at once.
 Reload keeps every established connection: listeners that move are re-bound,
 backends gone from the plan drain.
+
+APPLIANCE_NO_SPLICE=1 in the environment turns the splice() pump off (recv/send
+instead), for tests and for comparing the two paths.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
+import resource
 import socket
 import time
 from collections import Counter
@@ -19,7 +25,7 @@ from typing import Any
 
 from appliance.inventory import Endpoint
 from appliance.plan import LB_FRONTENDS, Frontend, Plan
-from appliance.service import ServiceContext, ServiceError, bind_socket
+from appliance.service import BindError, ServiceContext, ServiceError, bind_socket
 from services.proxy.checks import probe
 from services.proxy.pool import BackendState, Pool
 from services.proxy.pump import HAVE_SPLICE, Direction
@@ -27,6 +33,12 @@ from services.proxy.pump import HAVE_SPLICE, Direction
 ACCEPT_BATCH = 64  # connections accepted per wakeup
 SWEEP_EVERY = 1.0  # seconds between idle-timeout sweeps
 EVENT_EVERY = 30.0  # at most one machine-config event per node this often
+ACCEPT_PAUSE = 0.1  # seconds a listener rests after accept() ran out of descriptors
+# Errors of this host, not of the backend: no passive mark-down for these.
+LOCAL_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
+FDS_PER_CONNECTION = 6  # two sockets, and two pipes (two descriptors each) with splice
 
 
 class Connection:
@@ -45,6 +57,16 @@ class Connection:
         self.task = asyncio.get_running_loop().create_task(self._connect(service))
 
     async def _connect(self, service: ProxyService) -> None:
+        try:
+            await self._connect_upstream(service)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never leave the client hanging on a half-made connection
+            self.fe.counters["local_errors"] += 1
+            service.ctx.log.warning("%s: connection from %s: %s", self.fe.name, self.peer, exc)
+            self.close()
+
+    async def _connect_upstream(self, service: ProxyService) -> None:
         loop = asyncio.get_running_loop()
         tried: set[int] = set()
         fe = self.fe
@@ -64,6 +86,8 @@ class Connection:
                 )
             except (OSError, TimeoutError) as exc:
                 sock.close()
+                if not isinstance(exc, TimeoutError) and exc.errno in LOCAL_ERRNOS:
+                    raise  # out of descriptors or ports here: the backend is not to blame
                 why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
                 fe.counters["retries"] += 1
                 if backend.connect_failed(time.time(), why) == "down":
@@ -77,6 +101,9 @@ class Connection:
             if self.closed:
                 sock.close()
                 return
+            if backend.admin == "disabled":
+                sock.close()  # disabled while we connected: it takes no connection at all
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.upstream, self.backend = sock, backend
             backend.active += 1
@@ -137,6 +164,8 @@ class FrontendRunner:
         self.counters: Counter[str] = Counter()
         self.checks: dict[int, asyncio.Task[None]] = {}
         self.last_event: dict[str, float] = {}
+        self.paused: asyncio.TimerHandle | None = None
+        self.last_accept_warning = 0.0
 
     # --- listening ----------------------------------------------------------------
 
@@ -145,6 +174,7 @@ class FrontendRunner:
 
     def listen(self, sock: socket.socket, endpoint: Endpoint) -> None:
         loop = asyncio.get_running_loop()
+        self._unpause()
         if self.listener is not None:
             loop.remove_reader(self.listener.fileno())
             self.listener.close()
@@ -152,10 +182,21 @@ class FrontendRunner:
         loop.add_reader(sock.fileno(), self._accept)
 
     def close_listener(self) -> None:
+        self._unpause()
         if self.listener is not None:
             asyncio.get_running_loop().remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
+
+    def _unpause(self) -> None:
+        if self.paused is not None:
+            self.paused.cancel()
+            self.paused = None
+
+    def _resume(self) -> None:
+        self.paused = None
+        if self.listener is not None:
+            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._accept)
 
     def _accept(self) -> None:
         assert self.listener is not None
@@ -166,7 +207,16 @@ class FrontendRunner:
                 return
             except OSError as exc:  # EMFILE and friends: keep the listener alive
                 self.counters["accept_errors"] += 1
-                self.service.ctx.log.warning("%s: accept failed: %s", self.name, exc)
+                now = time.monotonic()
+                if now - self.last_accept_warning >= 10.0:  # not a line per wakeup
+                    self.last_accept_warning = now
+                    self.service.ctx.log.warning("%s: accept failed: %s", self.name, exc)
+                if exc.errno in LOCAL_ERRNOS and self.paused is None:
+                    # The connection stays in the backlog and the listener stays readable:
+                    # without a pause this would spin. Rest until descriptors free up.
+                    loop = asyncio.get_running_loop()
+                    loop.remove_reader(self.listener.fileno())
+                    self.paused = loop.call_later(ACCEPT_PAUSE, self._resume)
                 return
             self.counters["accepted"] += 1
             if len(self.connections) >= self.frontend.max_connections:
@@ -174,7 +224,8 @@ class FrontendRunner:
                 client.close()
                 continue
             client.setblocking(False)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError):  # the client may be gone (reset) already
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(self, client, addr[0])
             self.connections.add(conn)
             conn.start(self.service)
@@ -267,31 +318,64 @@ class ProxyService:
         self.plan: Plan
         self.frontends: dict[str, FrontendRunner] = {}
         self.sweeper: asyncio.Task[None] | None = None
-        self.splice = HAVE_SPLICE
+        self.splice = HAVE_SPLICE and os.environ.get("APPLIANCE_NO_SPLICE", "") in ("", "0")
+        # Frontends switched off by a reload: no listener, their connections finish.
+        self.retired: list[FrontendRunner] = []
 
     async def start(self, plan: Plan) -> None:
         self.plan = plan
         await self._apply(plan)
+        self._raise_nofile(plan)
         self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self.ctx.log.info("zero-copy splice(): %s", "on" if self.splice else "off (recv/send)")
 
     async def reload(self, plan: Plan) -> None:
         await self._apply(plan)
         self.plan = plan
+        self._raise_nofile(plan)
+
+    def _raise_nofile(self, plan: Plan) -> None:
+        """Lift the soft descriptor limit to what max_connections needs (as HAProxy does).
+
+        The usual soft limit is 1024: a few hundred spliced connections would exhaust
+        it. The hard limit (systemd: LimitNOFILE=) is the ceiling; never lowered.
+        """
+        need = 1024 + sum(
+            fe.max_connections * FDS_PER_CONNECTION for fe in plan.frontends if fe.listen
+        )
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft == resource.RLIM_INFINITY or soft >= need:
+                return
+            target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            if target > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                self.ctx.log.info("open files limit raised from %d to %d", soft, target)
+            if target < need:
+                self.ctx.log.warning(
+                    "open files limit %d is below the %d that max_connections needs; "
+                    "raise LimitNOFILE=",
+                    target,
+                    need,
+                )
+        except (OSError, ValueError) as exc:
+            self.ctx.log.warning("cannot raise the open files limit: %s", exc)
 
     async def _apply(self, plan: Plan) -> None:
         # Bind every listener that is new or moved first: if one fails, nothing changes.
         wanted = {fe.name: fe for fe in plan.frontends if fe.listen is not None}
         fresh: dict[str, socket.socket] = {}
+        released: list[FrontendRunner] = []  # old listeners let go to make room
         try:
             for name, fe in wanted.items():
                 runner = self.frontends.get(name)
                 assert fe.listen is not None
                 if runner is None or runner.endpoint != fe.listen:
-                    fresh[name] = self._bind(name, fe.listen, runner)
+                    fresh[name] = self._bind(name, fe.listen, runner, released)
         except ServiceError:
             for sock in fresh.values():
                 sock.close()
+            self._relisten(released)  # the running plan stays as it was, listeners too
             raise
         for name in list(self.frontends):
             if name not in wanted:
@@ -299,6 +383,8 @@ class ProxyService:
                 runner.close_listener()  # its connections finish; its checks stop
                 for task in runner.checks.values():
                     task.cancel()
+                runner.checks.clear()
+                self.retired.append(runner)  # still swept, closed at stop
         for name, fe in wanted.items():
             runner = self.frontends.get(name)
             if runner is None:
@@ -311,31 +397,58 @@ class ProxyService:
                 runner.listen(fresh[name], fe.listen)
             runner.sync_checks()
 
-    def _bind(self, name: str, endpoint: Endpoint, runner: FrontendRunner | None) -> socket.socket:
+    def _bind(
+        self,
+        name: str,
+        endpoint: Endpoint,
+        runner: FrontendRunner | None,
+        released: list[FrontendRunner],
+    ) -> socket.socket:
         try:
             return bind_socket(name, endpoint, socket.SOCK_STREAM)
-        except ServiceError:
+        except BindError as exc:
             # 0.0.0.0:6443 -> 127.0.0.1:6443 clashes with our own old socket: let it go.
-            if runner is None or runner.listener is None:
+            # Only then: a port some other program holds must not cost the old listener.
+            old = runner.endpoint if runner is not None else None
+            if (
+                runner is None
+                or runner.listener is None
+                or old is None
+                or exc.errno != errno.EADDRINUSE
+                or old.port != endpoint.port
+                or not (old.is_wildcard or endpoint.is_wildcard)
+            ):
                 raise
             runner.close_listener()
+            released.append(runner)
             return bind_socket(name, endpoint, socket.SOCK_STREAM)
+
+    def _relisten(self, released: list[FrontendRunner]) -> None:
+        for runner in released:
+            endpoint = runner.endpoint
+            assert endpoint is not None
+            try:
+                runner.listen(bind_socket(runner.name, endpoint, socket.SOCK_STREAM), endpoint)
+            except ServiceError as exc:
+                self.ctx.log.error("%s: cannot listen on %s again: %s", runner.name, endpoint, exc)
 
     async def stop(self) -> None:
         if self.sweeper is not None:
             self.sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.sweeper
-        for runner in self.frontends.values():
+        for runner in [*self.frontends.values(), *self.retired]:
             await runner.stop()
         self.frontends.clear()
+        self.retired.clear()
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_EVERY)
             now = time.monotonic()
-            for runner in self.frontends.values():
+            for runner in [*self.frontends.values(), *self.retired]:
                 runner.sweep(now)
+            self.retired = [r for r in self.retired if r.connections]
 
     # --- operations (admin API, cluster loop) -----------------------------------------
 
