@@ -44,9 +44,7 @@ def rrq(name: str, options: dict[str, str]) -> bytes:
 
 def parse_oack(data: bytes) -> dict[str, str]:
     parts = data[2:].split(b"\0")
-    return {
-        parts[i].decode().lower(): parts[i + 1].decode() for i in range(0, len(parts) - 1, 2)
-    }
+    return {parts[i].decode().lower(): parts[i + 1].decode() for i in range(0, len(parts) - 1, 2)}
 
 
 def fetch(
@@ -196,7 +194,8 @@ def main() -> int:
             print(json.dumps(r), flush=True)
         else:
             print(
-                f"{r['seconds']:.3f} s {r['bytes']} bytes {r['mbps']:.1f} MB/s cpu {r['client_cpu']:.3f} s "
+                f"{r['seconds']:.3f} s {r['bytes']} bytes {r['mbps']:.1f} MB/s "
+                f"cpu {r['client_cpu']:.3f} s "
                 f"window {r['window']} acks {r['acks']} data {r['datas']} "
                 f"out-of-order {r['out_of_order']}",
                 flush=True,

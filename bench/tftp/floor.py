@@ -52,11 +52,14 @@ class Sender(asyncio.DatagramProtocol):
 class Listener(asyncio.DatagramProtocol):
     def __init__(self, root: str) -> None:
         self.root = root
+        self.tasks: set[asyncio.Task[object]] = set()
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         parts = data[2:].split(b"\0")
         name = parts[0].decode().lstrip("/")
-        opts = {parts[i].decode().lower(): parts[i + 1].decode() for i in range(2, len(parts) - 1, 2)}
+        opts = {
+            parts[i].decode().lower(): parts[i + 1].decode() for i in range(2, len(parts) - 1, 2)
+        }
         fd = os.open(os.path.join(self.root, name), os.O_RDONLY)
         size = os.fstat(fd).st_size
         blksize = int(opts.get("blksize", 512))
@@ -64,17 +67,22 @@ class Listener(asyncio.DatagramProtocol):
         accepted = {"blksize": str(blksize), "tsize": str(size)}
         if "windowsize" in opts:
             accepted["windowsize"] = str(window)
-        oack = b"\0\6" + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in accepted.items())
+        oack = b"\0\6" + b"".join(
+            k.encode() + b"\0" + v.encode() + b"\0" for k, v in accepted.items()
+        )
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("127.0.0.1", 0))
         sock.connect(addr)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        loop.create_task(
-            loop.create_datagram_endpoint(
-                lambda: Sender(fd, size, blksize, window, oack), sock=sock
+        self.tasks.add(
+            task := loop.create_task(
+                loop.create_datagram_endpoint(
+                    lambda: Sender(fd, size, blksize, window, oack), sock=sock
+                )
             )
         )
+        task.add_done_callback(self.tasks.discard)
 
 
 async def main(port: int, root: str) -> None:
