@@ -51,65 +51,112 @@ class Connection:
         self.ways: list[Direction] = []
         self.last = time.monotonic()
         self.closed = False
-        self.task: asyncio.Task[None] | None = None
+        self.service: ProxyService | None = None
+        self.tried: set[int] = set()
+        # The connect in progress: its socket, backend, writer fd and timeout.
+        self.pending: tuple[socket.socket, BackendState, int, asyncio.TimerHandle] | None = None
 
     def start(self, service: ProxyService) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._connect(service))
+        # Callbacks, not a task: a new connection costs no Task, no wait_for, and no
+        # getaddrinfo round trip to a thread (uvloop's sock_connect does one per call).
+        self.service = service
+        self._next_backend()
 
-    async def _connect(self, service: ProxyService) -> None:
-        try:
-            await self._connect_upstream(service)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # never leave the client hanging on a half-made connection
-            self.fe.counters["local_errors"] += 1
-            service.ctx.log.warning("%s: connection from %s: %s", self.fe.name, self.peer, exc)
-            self.close()
-
-    async def _connect_upstream(self, service: ProxyService) -> None:
-        loop = asyncio.get_running_loop()
-        tried: set[int] = set()
+    def _next_backend(self) -> None:
         fe = self.fe
+        loop = asyncio.get_running_loop()
         while not self.closed:
-            backend = fe.pool.choose(self.peer, tried)
+            backend = fe.pool.choose(self.peer, self.tried)
             if backend is None:
                 fe.counters["no_backend"] += 1
                 self.close()
                 return
-            tried.add(id(backend))
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
+            self.tried.add(id(backend))
             try:
-                await asyncio.wait_for(
-                    loop.sock_connect(sock, (str(backend.spec.address), backend.spec.port)),
-                    fe.frontend.connect_timeout,
-                )
-            except (OSError, TimeoutError) as exc:
-                sock.close()
-                if not isinstance(exc, TimeoutError) and exc.errno in LOCAL_ERRNOS:
-                    raise  # out of descriptors or ports here: the backend is not to blame
-                why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-                fe.counters["retries"] += 1
-                if backend.connect_failed(time.time(), why) == "down":
-                    service.ctx.log.warning(
-                        "%s: backend %s down: connect failed (%s)", fe.name, backend.spec.name, why
-                    )
-                continue
-            except asyncio.CancelledError:
-                sock.close()
-                raise
-            if self.closed:
-                sock.close()
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as exc:
+                self._local_error(exc)
                 return
-            if backend.admin == "disabled":
-                sock.close()  # disabled while we connected: it takes no connection at all
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.upstream, self.backend = sock, backend
-            backend.active += 1
-            backend.total += 1
-            self._pump(loop)
+            sock.setblocking(False)
+            err = sock.connect_ex((str(backend.spec.address), backend.spec.port))
+            if err == 0:
+                self._connected(sock, backend)
+                return
+            if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+                fd = sock.fileno()
+                timer = loop.call_later(fe.frontend.connect_timeout, self._timed_out)
+                self.pending = (sock, backend, fd, timer)
+                loop.add_writer(fd, self._writable)
+                return
+            sock.close()
+            if err in LOCAL_ERRNOS:
+                self._local_error(OSError(err, os.strerror(err)))
+                return
+            self._failed(backend, os.strerror(err))
+
+    def _finish_pending(self) -> tuple[socket.socket, BackendState] | None:
+        if self.pending is None:
+            return None
+        sock, backend, fd, timer = self.pending
+        self.pending = None
+        timer.cancel()
+        asyncio.get_running_loop().remove_writer(fd)
+        return sock, backend
+
+    def _writable(self) -> None:
+        done = self._finish_pending()
+        if done is None:
             return
+        sock, backend = done
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            sock.close()
+            if err in LOCAL_ERRNOS:
+                self._local_error(OSError(err, os.strerror(err)))
+                return
+            self._failed(backend, os.strerror(err))
+            self._next_backend()
+            return
+        self._connected(sock, backend)
+
+    def _timed_out(self) -> None:
+        done = self._finish_pending()
+        if done is None:
+            return
+        sock, backend = done
+        sock.close()
+        self._failed(backend, "timed out")
+        self._next_backend()
+
+    def _failed(self, backend: BackendState, why: str) -> None:
+        fe = self.fe
+        fe.counters["retries"] += 1
+        if backend.connect_failed(time.time(), why) == "down" and self.service is not None:
+            self.service.ctx.log.warning(
+                "%s: backend %s down: connect failed (%s)", fe.name, backend.spec.name, why
+            )
+
+    def _local_error(self, exc: OSError) -> None:
+        # Out of descriptors or ports here: the backend is not to blame.
+        self.fe.counters["local_errors"] += 1
+        if self.service is not None:
+            self.service.ctx.log.warning("%s: connection from %s: %s", self.fe.name, self.peer, exc)
+        self.close()
+
+    def _connected(self, sock: socket.socket, backend: BackendState) -> None:
+        if self.closed:
+            sock.close()
+            return
+        if backend.admin == "disabled":
+            sock.close()  # disabled while we connected: it takes no connection at all
+            self._next_backend()
+            return
+        with contextlib.suppress(OSError):  # the backend already reset: the pump sees it
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.upstream, self.backend = sock, backend
+        backend.active += 1
+        backend.total += 1
+        self._pump(asyncio.get_running_loop())
 
     def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.upstream is not None and self.backend is not None
@@ -147,8 +194,9 @@ class Connection:
                     sock.close()
         if self.backend is not None:
             self.backend.active -= 1
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        pending = self._finish_pending()
+        if pending is not None:
+            pending[0].close()
         self.fe.connections.discard(self)
 
 
