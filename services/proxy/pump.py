@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 CHUNK = 1 << 16  # recv/send buffer
 PIPE_SIZE = 1 << 20  # bytes a pipe may hold in flight per direction (splice moves pages)
+SPLICE_AFTER = 1 << 18  # bytes through a buffer before a direction switches to splice()
 HAVE_SPLICE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SPLICE_FLAGS = (
@@ -50,15 +51,11 @@ class Direction:
         self.writing = False
         self.pipe: tuple[int, int] | None = None
         self.buf = memoryview(b"")
-        if splice:
-            try:
-                r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:
-                pass  # EMFILE/ENFILE: this connection still works, through recv/send
-            else:
-                with contextlib.suppress(OSError):  # a smaller default pipe still works
-                    fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
-                self.pipe = (r, w)
+        # Short exchanges (a TLS handshake, one HTTP request) go through a buffer: a pipe
+        # pair costs more system calls than the bytes do. Past SPLICE_AFTER bytes the
+        # direction switches to splice(), between two reads, with nothing held.
+        self.splice_wanted = splice
+        self.moved = 0
 
     def start(self) -> None:
         self._want_read()
@@ -127,14 +124,27 @@ class Direction:
                 self._finish(exc.strerror or str(exc))
                 return
             self.pending -= m
+            self.moved += m
             self.on_bytes(m)
         self._stop_write()
+        if self.splice_wanted and self.pipe is None and self.moved >= SPLICE_AFTER:
+            self._open_pipe()
         if self.eof:
             with contextlib.suppress(OSError):
                 self.dst.shutdown(socket.SHUT_WR)  # pass the half-close on
             self._finish(None)
         else:
             self._want_read()
+
+    def _open_pipe(self) -> None:
+        self.splice_wanted = False
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # out of descriptors or pipe memory: stay on recv/send
+        with contextlib.suppress(OSError):  # a smaller default pipe still works
+            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+        self.pipe = (r, w)
 
     def _finish(self, error: str | None) -> None:
         if self.finished:

@@ -57,6 +57,7 @@ from typing import Any
 
 import pytest
 
+from services.proxy.pump import SPLICE_AFTER
 from tests.helpers import ROOT, Daemon, free_port, get_json, loopback_inventory, write_inventory
 from tests.integration.proxy_backends import blob_chunks, blob_sha256
 
@@ -534,7 +535,8 @@ def test_bulk_sha256_and_half_close(
     d, admin = start_daemon(daemons, tmp_path, raw, env=env)
     assert get_json(f"{admin}/api/v1/backends")[1]["splice"] is splice
 
-    # The splice path holds two pipes (four descriptors) per connection, recv/send none.
+    # Short exchanges go through a buffer; past SPLICE_AFTER bytes each way a connection
+    # on the splice path holds two pipes (four descriptors), on recv/send none.
     def pipes() -> int:
         count = 0
         for fd in Path(f"/proc/{d.proc.pid}/fd").iterdir():
@@ -544,6 +546,10 @@ def test_bulk_sha256_and_half_close(
 
     base = pipes()
     held = Echo(lb_port)
+    assert pipes() - base == 0
+    line = "x" * 65_000
+    for _ in range(2 * SPLICE_AFTER // len(line) + 1):
+        assert held.echo(line) == line
     assert pipes() - base == (4 if splice else 0)
     held.close()
 
