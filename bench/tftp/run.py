@@ -1,0 +1,1123 @@
+"""TFTP benchmark: the appliance's tftp service against tftpd-hpa, one 64 MiB file, one run.
+
+Run through bench/tftp/run.sh (it installs tftpd-hpa, curl, strace and uvloop when
+missing). Steps:
+  1. a temp dir with one 64 MiB file of random bytes (written once per run), served
+     by both: the appliance (an inventory with only listen.tftp and listen.admin on,
+     127.0.0.1 and free ports; boot.tftp_root and boot.images_dir in the temp dir) and
+     our own `in.tftpd --foreground --listen --address 127.0.0.1:PORT --secure DIR`
+     (the system's tftpd-hpa service is never used or touched; in --listen mode
+     in.tftpd forks one child per request, and those children are stopped by PID too);
+  2. one untimed download from each with curl, compared with the file (sha256): both
+     serve the same bytes, and the file is in the page cache for every timed run;
+  3. timed downloads, alternating between the servers (who goes first alternates
+     too), with two clients: curl (`--tftp-blksize 1468`: lock-step, curl has no
+     windowsize) and bench/tftp/client.py (raw UDP: blksize 1468, lock-step; and
+     windowsize 16, which tftpd-hpa ignores: its OACK has no windowsize and the client
+     falls back to lock-step), in three placements:
+       one vCPU   server and client pinned to the same vCPU (--cpu): every block is a
+                  context switch there and back; wall time = the CPU both spend;
+       two vCPUs  server on --cpu, client on the other one: every block is two
+                  cross-vCPU wake-ups;
+       free       no pinning: the scheduler's choice, which changes from run to run;
+  4. per download: MB/s (10^6 bytes/s), the client's CPU, the server's CPU (the
+     appliance: exact, from /proc/PID/task/*/schedstat; both servers: estimated as the
+     busy time of the server's vCPU less the client's CPU when they share it), and
+     what the rest of the machine used meanwhile (flagged above 0.2 cores);
+  5. pingpong.py on the same placements: two processes exchanging a 1472-byte datagram
+     and a 4-byte answer, the floor under any lock-step transfer here;
+  6. a table, optional JSON, and the "TFTP" section of docs/benchmarks.md (between
+     <!-- tftp:begin --> and <!-- tftp:end -->; the rest of the file is left alone).
+--profile adds where the appliance's time goes: floor.py (the least a Python asyncio
+sender can do per block) on the one-vCPU placement, ReadTransfer timed in-process
+without sockets, a cProfile run of the appliance, and syscalls per block of both
+servers (`strace -f -c`, counts only: strace itself slows the transfer ten times).
+Traffic goes to 127.0.0.1 only; every run is bounded (the script arms an alarm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import glob
+import hashlib
+import json
+import os
+import platform
+import pstats
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Result = dict[str, Any]
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- tftp:begin -->", "<!-- tftp:end -->"
+APPLIANCE = (sys.executable, "-m", "appliance")
+HOST = "127.0.0.1"
+SIZE = 64 * 1024 * 1024
+NAME = "bench-64MiB.bin"
+BLKSIZE = 1468
+WINDOW = 16
+BLOCKS = SIZE // BLKSIZE + 1
+RETRY_UNTIL = 120.0  # s into the run: after this, noisy downloads are not repeated
+POLL = 0.002  # s between readings of in.tftpd's children's CPU
+GOAL_RATIO = 1.0  # appliance MB/s / tftpd-hpa MB/s, curl lock-step, blksize 1468
+X = "\u00d7"  # the multiplication sign, for ratios in the doc
+BUSY = 0.2  # cores used by others above which a run is flagged as noisy
+READY_TIMEOUT = 20.0
+LABEL = {"appliance": "appliance", "hpa": "tftpd-hpa", "floor": "floor.py"}
+LISTENERS = (
+    "dns",
+    "dhcp",
+    "tftp",
+    "http",
+    "api",
+    "machine_config",
+    "ingress_http",
+    "ingress_https",
+    "admin",
+)
+
+# --- processes: started here, stopped here by PID ------------------------------------
+
+_children: dict[int, subprocess.Popen[bytes]] = {}
+WORK = Path(os.environ.get("BTF_WORK") or tempfile.mkdtemp(prefix="bench-tftp."))
+PIDS = WORK / "pids"
+SOURCE = ""  # which code the appliance runs, for the report
+APP_SRC = ROOT  # the code the appliance runs from; --rev REV: a `git archive` of REV
+
+
+def _start(name: str, argv: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, **kw)
+    PIDS.mkdir(parents=True, exist_ok=True)
+    (PIDS / f"{name}-{proc.pid}.pid").write_text(str(proc.pid))
+    _children[proc.pid] = proc
+    return proc
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (in.tftpd's per-transfer processes)."""
+    found: list[int] = []
+    for task in glob.glob(f"/proc/{pid}/task/*/children"):
+        with contextlib.suppress(OSError):
+            found += [int(x) for x in Path(task).read_text().split()]
+    return found
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    kids = child_pids(proc.pid)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    for kid in kids:  # a transfer still running in a forked in.tftpd
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(kid, signal.SIGKILL)
+    _children.pop(proc.pid, None)
+    for f in PIDS.glob(f"*-{proc.pid}.pid"):
+        f.unlink(missing_ok=True)
+
+
+def _stop_children() -> None:
+    for proc in list(_children.values()):
+        _stop(proc)
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    why = " (over the time budget)" if signum == signal.SIGALRM else ""
+    raise SystemExit(f"bench/tftp: stopped by {signal.Signals(signum).name}{why}")
+
+
+def app_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(APP_SRC))
+
+
+def use_rev(rev: str) -> str:
+    """Run the appliance as committed at `rev` (others may be editing the work tree)."""
+    global APP_SRC
+    sha = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout.strip()
+    src = WORK / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.Popen(["git", "archive", sha], stdout=subprocess.PIPE, cwd=ROOT)
+    subprocess.run(["tar", "-x", "-C", str(src)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        raise SystemExit(f"git archive {sha} failed")
+    APP_SRC = src
+    return sha
+
+
+def source_description(rev_sha: str | None) -> str:
+    """Which code the appliance ran: a --rev archive, or the work tree (and if it was dirty)."""
+    if rev_sha:
+        return f"commit {rev_sha[:12]} (`--rev`, a `git archive` of it)"
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "appliance", "services"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout.split()
+    changed = sorted({p for p in dirty if "/" in p})
+    if changed:
+        return f"work tree at {sha}, with uncommitted changes in {', '.join(changed)}"
+    return f"work tree at {sha} (clean)"
+
+
+# --- measuring ------------------------------------------------------------------------
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds of every thread of `pid` (ns resolution, from schedstat)."""
+    total = 0
+    for f in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f).read_text().split()[0])
+    return total / 1e9
+
+
+def cpu_stat() -> dict[int, tuple[float, float]]:
+    """Per vCPU: (busy seconds: user+nice+system+irq+softirq, steal seconds)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        m = re.match(r"cpu(\d+) (.*)", line)
+        if m:
+            f = [int(x) for x in m.group(2).split()]
+            out[int(m.group(1))] = ((f[0] + f[1] + f[2] + f[5] + f[6]) / tick, f[7] / tick)
+    return out
+
+
+def others_busy(seconds: float = 1.0) -> float:
+    before = cpu_stat()
+    time.sleep(seconds)
+    after = cpu_stat()
+    return sum(after[c][0] - before[c][0] for c in after) / seconds
+
+
+def wait_quiet(limit: float) -> float:
+    """Wait (at most `limit` s) until the machine uses under BUSY cores."""
+    deadline = time.monotonic() + limit
+    told = False
+    while True:
+        busy = others_busy()
+        if busy < BUSY or time.monotonic() >= deadline:
+            return busy
+        if not told:
+            print(f"  machine busy ({busy:.2f} cores used by others): waiting", flush=True)
+            told = True
+
+
+def set_affinity(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of `pid` (a forking server's children inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+# --- set-up ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 for both UDP and TCP."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((HOST, 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind((HOST, port))
+                except OSError:
+                    continue
+        return int(port)
+    raise SystemExit("bench/tftp: no free port on 127.0.0.1")
+
+
+def write_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("wb") as f:
+        for _ in range(SIZE // (1 << 20)):
+            chunk = os.urandom(1 << 20)
+            digest.update(chunk)
+            f.write(chunk)
+    path.chmod(0o644)
+    return digest.hexdigest()
+
+
+def write_inventory(tmp: Path, root: Path, tftp_port: int) -> Path:
+    raw: dict[str, Any] = {
+        "cluster": {"name": "bench", "base_domain": "example.com", "ignition_dir": "ignition"},
+        "network": {"address": HOST, "subnet": "127.0.0.0/24"},
+        "load_balancer": {"address": "127.0.0.54"},
+        "boot": {"tftp_root": str(root), "images_dir": str(root)},
+        "nodes": [
+            {"name": "master-0", "role": "master", "mac": "52:54:00:00:00:50", "ip": "127.0.0.50"}
+        ],
+        "listen": {key: None for key in LISTENERS},
+        "state_dir": str(tmp / "state"),
+    }
+    raw["listen"]["tftp"] = f"{HOST}:{tftp_port}"
+    raw["listen"]["admin"] = f"{HOST}:{free_port()}"
+    path = tmp / "inventory.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def rrq_probe(port: int) -> bool:
+    """True when something answers a read request for a missing file (an ERROR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.2)
+        sock.sendto(b"\0\1no-such-file\0octet\0", (HOST, port))
+        with contextlib.suppress(TimeoutError, ConnectionRefusedError):
+            return sock.recv(600)[:2] == b"\0\5"
+    return False
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < READY_TIMEOUT:
+        if proc.poll() is not None:
+            raise SystemExit(f"bench/tftp: {proc.args[0]} exited:\n{log.read_text()}")
+        if rrq_probe(port):
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise SystemExit(f"bench/tftp: nothing answers on {HOST}:{port}:\n{log.read_text()}")
+
+
+# --- one download ---------------------------------------------------------------------
+
+
+def download(client: str, port: int, cpus: set[int] | None, forker: int | None = None) -> Result:
+    """One timed download of the file; client is curl, lockstep or window.
+
+    With `forker` (in.tftpd's PID), its children are watched while the download runs
+    and their CPU summed (last reading of each, every POLL s): in.tftpd ignores SIGCHLD,
+    so a finished child's CPU never reaches the parent's counters.
+    """
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+    if client == "curl":
+        argv = ["curl", "-sS", "--tftp-blksize", str(BLKSIZE), "-o", "/dev/null"]
+        argv += ["-w", "%{time_total} %{size_download}", f"tftp://{HOST}:{port}/{NAME}"]
+    else:
+        argv = [sys.executable, str(HERE / "client.py"), HOST, str(port), NAME, "--json"]
+        argv += ["--blksize", str(BLKSIZE), "--expect", str(SIZE)]
+        argv += ["--windowsize", str(WINDOW if client == "window" else 1)]
+    c0 = children_cpu()
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pin
+    )
+    kids: dict[int, float] = {}
+    deadline = time.monotonic() + 60
+    while forker is not None and proc.poll() is None and time.monotonic() < deadline:
+        for kid in child_pids(forker):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                kids[kid] = int(Path(f"/proc/{kid}/schedstat").read_text().split()[0]) / 1e9
+        time.sleep(POLL)
+    try:
+        stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise SystemExit(f"bench/tftp: {' '.join(argv)} took over 60 s") from None
+    for kid in child_pids(forker) if forker is not None else []:  # one last reading
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            kids[kid] = int(Path(f"/proc/{kid}/schedstat").read_text().split()[0]) / 1e9
+    rusage_cpu = children_cpu() - c0
+    if proc.returncode != 0:
+        raise SystemExit(f"bench/tftp: {' '.join(argv)} failed: {stdout}{stderr}")
+    if client == "curl":
+        seconds, size = stdout.split()
+        res: Result = {"seconds": float(seconds), "bytes": int(size), "client_cpu": rusage_cpu}
+        res["window"] = 1
+    else:
+        out = json.loads(stdout.strip().splitlines()[-1])
+        if "error" in out:
+            raise SystemExit(f"bench/tftp: client.py: {out['error']}")
+        res = {
+            "seconds": out["seconds"],
+            "bytes": out["bytes"],
+            "client_cpu": out["client_cpu"],
+            "window": out["window"],
+            "acks": out["acks"],
+        }
+    if res["bytes"] != SIZE:
+        raise SystemExit(f"bench/tftp: {client} got {res['bytes']} bytes, not {SIZE}")
+    res["client_cpu_total"] = rusage_cpu  # with the client's start-up
+    res["forked_cpu"] = sum(kids.values()) if forker is not None else None
+    res["mbps"] = SIZE / res["seconds"] / 1e6
+    return res
+
+
+def proc_ticks(pid: int) -> tuple[int, int]:
+    """(user, system) clock ticks of a process, all its threads."""
+    f = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(f[11]), int(f[12])
+
+
+def measured(
+    client: str, server: str, port: int, pid: int, placement: str, cpu: int, other: int
+) -> Result:
+    """download() with the CPU everyone used around it."""
+    client_cpus = {"one": {cpu}, "two": {other}, "free": set(range(os.cpu_count() or 1))}
+    client_cpus = client_cpus[placement]
+    forks = server == "hpa"
+    before_stat, before_pid, ticks0 = cpu_stat(), proc_cpu(pid), proc_ticks(pid)
+    t0 = time.monotonic()
+    res = download(client, port, client_cpus, pid if forks else None)
+    wall = time.monotonic() - t0  # includes the client's start-up
+    after_stat, after_pid, ticks1 = cpu_stat(), proc_cpu(pid), proc_ticks(pid)
+    busy = {c: after_stat[c][0] - before_stat[c][0] for c in after_stat}
+    steal = sum(after_stat[c][1] - before_stat[c][1] for c in after_stat)
+    res["server"], res["placement"], res["client"] = server, placement, client
+    # The server's CPU: every thread of the appliance (schedstat, ns); for in.tftpd the
+    # child that did the transfer (plus the listening parent, which barely moves).
+    res["server_cpu"] = (after_pid - before_pid) + (res["forked_cpu"] or 0.0)
+    res["server_ticks"] = (ticks1[0] - ticks0[0], ticks1[1] - ticks0[1])
+    if placement == "one":
+        # Everything ran on `cpu`: its busy time less the client's (with its start-up)
+        # is the server's, as a cross-check; the other vCPU is someone else (and this
+        # script's light polling of in.tftpd's children).
+        res["server_cpu_est"] = max(0.0, busy[cpu] - res["client_cpu_total"])
+        res["others_cores"] = sum(v for c, v in busy.items() if c != cpu) / wall
+    else:
+        res["server_cpu_est"] = busy[cpu] if placement == "two" else None
+        known = res["client_cpu_total"] + res["server_cpu"]
+        res["others_cores"] = max(0.0, sum(busy.values()) - known) / wall
+    res["steal_cores"] = steal / wall
+    return res
+
+
+def summarize(runs: list[Result]) -> Result:
+    def med(key: str) -> float | None:
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    mbps = [r["mbps"] for r in runs]
+    server = med("server_cpu")
+    user, system = (sum(r["server_ticks"][i] for r in runs) for i in (0, 1))
+    est = med("server_cpu_est")
+    others = [r["others_cores"] for r in runs if r.get("others_cores") is not None]
+    return {
+        "n": len(runs),
+        "mbps": statistics.median(mbps),
+        "mbps_min": min(mbps),
+        "mbps_max": max(mbps),
+        "mbps_all": [round(x, 1) for x in mbps],
+        "seconds": statistics.median(r["seconds"] for r in runs),
+        "us_per_block": 1e6 * statistics.median(r["seconds"] for r in runs) / BLOCKS,
+        "server_us_per_block": None if server is None else 1e6 * server / BLOCKS,
+        "server_est_us_per_block": None if est is None else 1e6 * est / BLOCKS,
+        "client_us_per_block": 1e6 * (med("client_cpu") or 0.0) / BLOCKS,
+        "server_user_share": user / (user + system) if user + system else None,
+        "window": runs[0]["window"],
+        "others_max": max(others) if others else None,
+        "steal_max": max(r["steal_cores"] for r in runs),
+    }
+
+
+# --- pingpong -------------------------------------------------------------------------
+
+
+def pingpong(placement: str, cpu: int, other: int, count: int, tmp: Path) -> Result:
+    port = free_port()
+    server_cpus = {cpu} if placement != "free" else set(range(os.cpu_count() or 1))
+    client_cpus = {"one": {cpu}, "two": {other}, "free": None}[placement]
+    log = tmp / f"pingpong-{placement}.log"
+    srv = _start(
+        "pingpong",
+        [sys.executable, str(HERE / "pingpong.py"), "serve", str(port)],
+        log,
+        preexec_fn=lambda: os.sched_setaffinity(0, server_cpus),
+    )
+    try:
+        time.sleep(0.3)
+        pin = None if client_cpus is None else (lambda: os.sched_setaffinity(0, client_cpus))
+        argv = [sys.executable, str(HERE / "pingpong.py"), "ping", str(port), str(count)]
+        c0 = proc_cpu(srv.pid)
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60, preexec_fn=pin)
+        server_cpu = proc_cpu(srv.pid) - c0
+        out = json.loads(p.stdout)
+    finally:
+        _stop(srv)
+    return {
+        "placement": placement,
+        "us_per_round_trip": out["us_per_round_trip"],
+        "client_us": 1e6 * out["client_cpu_s"] / count,
+        "server_us": 1e6 * server_cpu / (count + 200),
+    }
+
+
+# --- profile ---------------------------------------------------------------------------
+
+
+def core_cost() -> Result:
+    """ReadTransfer per block in-process, no sockets: lock-step and windowsize 16."""
+    sys.path.insert(0, str(APP_SRC))
+    from services.tftp.files import Source
+    from services.tftp.transfer import ReadTransfer, negotiate
+
+    path = WORK / "data" / NAME
+    out: Result = {}
+    for window in (1, WINDOW):
+        best = float("inf")
+        for _ in range(3):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                src = Source(SIZE, fd=fd)
+                opts = {"blksize": str(BLKSIZE), "tsize": "0"}
+                if window > 1:
+                    opts["windowsize"] = str(window)
+                xfer = ReadTransfer(src.read, SIZE, negotiate(opts, SIZE), 0.0)
+                acks = [b"\0\4" + (n & 0xFFFF).to_bytes(2, "big") for n in range(BLOCKS + 1)]
+                xfer.start(0.0)
+                mono = time.monotonic
+                t0 = time.perf_counter()
+                xfer.on_packet(acks[0], mono())
+                block = window
+                while not xfer.done:
+                    xfer.on_packet(acks[min(block, BLOCKS)], mono())
+                    block += window
+                best = min(best, time.perf_counter() - t0)
+            finally:
+                os.close(fd)
+        out[f"window{window}_us_per_block"] = 1e6 * best / BLOCKS
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        for i in range(BLOCKS - 1):
+            b"\0\3" + (i & 0xFFFF).to_bytes(2, "big") + os.pread(fd, BLKSIZE, i * BLKSIZE)
+        out["pread_pack_us_per_block"] = 1e6 * (time.perf_counter() - t0) / (BLOCKS - 1)
+    finally:
+        os.close(fd)
+    return out
+
+
+def strace_counts(pid: int, port: int, cpu: int, tmp: Path, label: str) -> Result:
+    """Syscalls per block of one lock-step download (client.py), from strace -f -c."""
+    if shutil.which("strace") is None:
+        return {}
+    out = tmp / f"strace-{label}.txt"
+    tracer = _start(
+        f"strace-{label}", ["strace", "-f", "-c", "-o", str(out), "-p", str(pid)], tmp / "x.log"
+    )
+    time.sleep(0.5)
+    try:
+        download("lockstep", port, {cpu})
+    finally:
+        time.sleep(0.3)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(tracer.pid, signal.SIGINT)
+        try:
+            tracer.wait(10)
+        finally:
+            _stop(tracer)
+    counts: Result = {}
+    for line in out.read_text().splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[-1].isidentifier() and f[-1] != "syscall" and f[3].isdigit():
+            counts[f[-1]] = round(int(f[3]) / BLOCKS, 2)
+    total = counts.pop("total", None)
+    top = {k: v for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+    return {"in all": total, **top}
+
+
+def cprofile_run(tmp: Path, root: Path, cpu: int) -> Result:
+    pdir = tmp / "cprofile"
+    pdir.mkdir()
+    port = free_port()
+    inventory = write_inventory(pdir, root, port)
+    pfile = pdir / "appliance-tftp.pstats"
+    log = pdir / "appliance.log"
+    profiled = [sys.executable, "-m", "cProfile", "-o", str(pfile), "-m", "appliance"]
+    app = _start(
+        "appliance-cprofile",
+        [*profiled, "--log-level", "warning", "run", "--config", str(inventory)],
+        log,
+        cwd=APP_SRC,
+        env=app_env(),
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+    )
+    wait_ready(port, app, log)
+    runs = [download("lockstep", port, {cpu}) for _ in range(2)]
+    _stop(app)
+    if not pfile.exists():
+        return {"error": f"cProfile wrote nothing:\n{log.read_text()[-2000:]}"}
+    stats = pstats.Stats(str(pfile)).stats  # type: ignore[attr-defined]
+    blocks = 2 * BLOCKS
+    rows = []
+    for (file, line, func), (_, ncalls, tottime, _cum, _) in stats.items():
+        where = f"{func} ({file.replace(str(ROOT) + '/', '')}:{line})" if line else func
+        rows.append((where, ncalls, tottime))
+    rows.sort(key=lambda r: -r[2])
+    # Per-block work only (start-up and reload code runs once), and the event loop: its
+    # C code (epoll, recvmsg, callback dispatch) is charged to the coroutine that runs it.
+    rows = [
+        (("event loop: " + w) if w.startswith("run (appliance/supervisor") else w, n, t)
+        for w, n, t in rows
+        if n >= blocks / 2 or w.startswith("run (appliance/supervisor")
+    ]
+    return {
+        "mbps_under_cprofile": statistics.median(r["mbps"] for r in runs),
+        "top": [
+            {
+                "function": w,
+                "calls_per_block": round(n / blocks, 2),
+                "us_per_block": 1e6 * t / blocks,
+            }
+            for w, n, t in rows[:14]
+        ],
+    }
+
+
+def profile(
+    tmp: Path, root: Path, servers: dict[str, tuple[int, int]], cpu: int, other: int
+) -> Result:
+    found: Result = {}
+    port = free_port()
+    log = tmp / "floor.log"
+    floor = _start(
+        "floor",
+        [sys.executable, str(HERE / "floor.py"), str(port), str(root)],
+        log,
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+    )
+    time.sleep(0.5)
+    for client in ("lockstep", "window"):
+        runs = [measured(client, "floor", port, floor.pid, "one", cpu, other) for _ in range(5)]
+        found[f"floor_{client}"] = summarize(runs)
+    _stop(floor)
+    with contextlib.suppress(Exception):  # services/ may change under this benchmark
+        found["core"] = core_cost()
+    print("  cProfile run ...", flush=True)
+    found["cprofile"] = cprofile_run(tmp, root, cpu)
+    print("  strace -c runs ...", flush=True)
+    for server in ("appliance", "hpa"):
+        found[f"syscalls_{server}"] = strace_counts(
+            servers[server][1], servers[server][0], cpu, tmp, server
+        )
+    return found
+
+
+# --- report ---------------------------------------------------------------------------
+
+
+def machine() -> Result:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    curl = subprocess.run(["curl", "--version"], capture_output=True, text=True).stdout
+    hpa = subprocess.run(["dpkg-query", "-W", "tftpd-hpa"], capture_output=True, text=True)
+    idle = "?"
+    with contextlib.suppress(OSError):
+        idle = Path("/sys/devices/system/cpu/cpuidle/current_driver").read_text().strip()
+    poll = ""
+    with contextlib.suppress(OSError):
+        poll = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns").read_text().strip()
+    try:
+        import uvloop
+
+        loop = f"uvloop {uvloop.__version__}"
+    except ImportError:
+        loop = "asyncio (uvloop not installed)"
+    hypervisor = "KVM guest" if "hypervisor" in Path("/proc/cpuinfo").read_text() else "bare metal"
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "hypervisor": hypervisor,
+        "cpuidle": idle + (f", guest_halt_poll_ns={poll}" if poll else ""),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loop": loop,
+        "curl": curl.split("\n")[0].split(" (")[0],
+        "tftpd_hpa": "tftpd-hpa " + (hpa.stdout.split()[-1] if hpa.stdout.strip() else "?"),
+        "source": SOURCE,
+    }
+
+
+CLIENTS = {
+    "curl": "curl, lock-step",
+    "lockstep": "client.py, lock-step",
+    "window": f"client.py, windowsize {WINDOW}",
+}
+PLACEMENTS = {
+    "one": "one vCPU",
+    "two": "two vCPUs",
+    "free": "unpinned",
+}
+
+
+def _f(v: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def table(results: Result) -> list[str]:
+    rows = [
+        "| placement | client | appliance MB/s | tftpd-hpa MB/s | ratio | server CPU µs/block "
+        "app / hpa | client CPU µs/block app / hpa | others' cores |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for key, pair in results["runs"].items():
+        placement, client = key.split("/")
+        a, h = pair["appliance"], pair["hpa"]
+        ratio = a["mbps"] / h["mbps"]
+        others = [x for x in (a["others_max"], h["others_max"]) if x is not None]
+        noisy = max(others) if others else None
+        flag = " (!)" if noisy is not None and noisy > BUSY else ""
+        label = CLIENTS[client]
+        if client == "window":
+            label += f" (tftpd-hpa: window {h['window']})"
+        rows.append(
+            f"| {PLACEMENTS[placement]} | {label} | {a['mbps']:,.1f} "
+            f"({a['mbps_min']:,.0f}-{a['mbps_max']:,.0f}) | {h['mbps']:,.1f} "
+            f"({h['mbps_min']:,.0f}-{h['mbps_max']:,.0f}) | **{ratio:.2f}** | "
+            f"{_f(a['server_us_per_block'], '{:.2f}')} / "
+            f"{_f(h['server_us_per_block'], '{:.2f}')} | "
+            f"{a['client_us_per_block']:.2f} / {h['client_us_per_block']:.2f} | "
+            f"{_f(noisy, '{:.2f}')}{flag} |"
+        )
+    return rows
+
+
+def verdict(results: Result) -> Result:
+    main = results["runs"]["one/curl"]
+    ratio = main["appliance"]["mbps"] / main["hpa"]["mbps"]
+    win = results["runs"]["one/window"]
+    win_two = results["runs"].get("two/window")
+    return {
+        "ratio": ratio,
+        "met": ratio >= GOAL_RATIO,
+        "window_ratio": win["appliance"]["mbps"] / win["hpa"]["mbps"],
+        "window_ratio_two": (
+            win_two["appliance"]["mbps"] / win_two["hpa"]["mbps"] if win_two else None
+        ),
+    }
+
+
+def section(results: Result, command: str) -> str:
+    m = results["machine"]
+    v = results["verdict"]
+    pp = {p["placement"]: p for p in results["pingpong"]}
+    runs = results["runs"]
+    reps = results["reps"]
+    lines = [
+        BEGIN,
+        "## TFTP",
+        "",
+        f"One 64 MiB file of random bytes ({SIZE:,} bytes, {BLOCKS:,} blocks of {BLKSIZE}) "
+        "from the appliance's `tftp` service and from tftpd-hpa (our own `in.tftpd "
+        "--foreground --listen --address 127.0.0.1:PORT --secure DIR`, which forks one child "
+        "per transfer; the system's tftpd-hpa service is not used), same directory, in one "
+        "run: `bench/tftp/run.sh` (installs tftpd-hpa, curl and strace when missing; the "
+        "work is in `bench/tftp/run.py`). Clients: curl `--tftp-blksize 1468 -o /dev/null` "
+        "(lock-step: curl has no windowsize) and `bench/tftp/client.py` (raw UDP; RRQ with "
+        f"blksize {BLKSIZE}, tsize, and windowsize {WINDOW} when asked: it ACKs the last "
+        "block of each window, or every block when the OACK has no windowsize, as from "
+        "tftpd-hpa, which ignores the option). Each cell is the median of "
+        f"{reps['one']} downloads on one vCPU, {reps['two']} on two and {reps['free']} "
+        "unpinned (range in brackets), the servers alternating and who goes first "
+        "alternating; one untimed download from each first (sha256 checked against the "
+        "file; the file is in the page cache for every timed run). MB = 10^6 bytes.",
+        "",
+        "Placements: **one vCPU**: server and client pinned to the same vCPU: every block "
+        "is a context switch to the server and back, wall time is the CPU both spend, so "
+        "the comparison measures the servers' own cost per block. **Two vCPUs**: server on "
+        "one, client on the other: every block is two wake-ups across vCPUs. **Unpinned**: "
+        "the scheduler's choice, which changes from one download to the next.",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {m['cores']} vCPUs, {m['cpu']}, {m['hypervisor']} (cpuidle {m['cpuidle']}), "
+        f"Linux {m['kernel']}, Python {m['python']} ({m['loop']})  ",
+        f"Versions: {m['tftpd_hpa']}; {m['curl']}  ",
+        f"Appliance: {m['source']}  ",
+        f"Date: {m['date']}",
+        "",
+        *table(results),
+        "",
+        "MB/s: median (min-max). Server CPU per block, median: every thread of the "
+        "appliance (/proc/PID/task/*/schedstat, ns); for tftpd-hpa the forked child that "
+        f"did the transfer, read every {POLL * 1000:.0f} ms while it runs (in.tftpd ignores "
+        "SIGCHLD, so its children's CPU never reaches its own counters; the last few ms "
+        "are missed). It includes the kernel's loopback work done in the server's context. "
+        "Client CPU per block: client.py's own count during the transfer, curl's "
+        "rusage (with its start-up). Others' cores: CPU used by anything else meanwhile "
+        "(max over the downloads; (!) above 0.2; a download during which others used more "
+        "is repeated once, when the machine is quiet again, and the quieter one kept).",
+        "",
+    ]
+    goal = "met" if v["met"] else "missed"
+    one = runs["one/curl"]
+    lines += [
+        f"- **Goal (curl, blksize 1468, appliance ≥ {GOAL_RATIO:.1f}{X} tftpd-hpa): {goal}**: "
+        f"{v['ratio']:.2f}{X} on one vCPU ({one['appliance']['mbps']:,.0f} vs "
+        f"{one['hpa']['mbps']:,.0f} MB/s); "
+        + ", ".join(
+            f"{runs[k]['appliance']['mbps'] / runs[k]['hpa']['mbps']:.2f}{X} "
+            f"{PLACEMENTS[k.split('/')[0]]}"
+            for k in ("two/curl", "free/curl")
+            if k in runs
+        )
+        + ".",
+        f"- **Windowsize {WINDOW}** (client.py): the appliance sends {WINDOW} blocks per ACK, "
+        f"tftpd-hpa answers the same request in lock-step: {v['window_ratio']:.2f}{X} on one vCPU"
+        + (
+            f", {v['window_ratio_two']:.1f}{X} on two vCPUs"
+            if v["window_ratio_two"] is not None
+            else ""
+        )
+        + ".",
+    ]
+    if pp:
+        parts = [
+            f"{PLACEMENTS[k]} {p['us_per_round_trip']:.1f} µs per round trip" for k, p in pp.items()
+        ]
+        lines.append(
+            "- **What makes curl fast or slow here is placement, not curl.** Two plain "
+            "Python processes exchanging a 1472-byte datagram and a 4-byte answer "
+            "(`bench/tftp/pingpong.py`, the floor under any lock-step transfer): "
+            + "; ".join(parts)
+            + f". A lock-step 64 MiB transfer is {BLOCKS:,} such round trips, so "
+            f"{BLOCKS * pp.get('two', pp.get('one'))['us_per_round_trip'] / 1e6:.1f} s "
+            "of waking alone when client and server sit on different vCPUs, against "
+            f"{BLOCKS * pp['one']['us_per_round_trip'] / 1e6:.2f} s on one. This is a KVM "
+            f"guest with cpuidle `{m['cpuidle']}`: an idle vCPU halts at once, and waking it "
+            "goes through the host; each side then also spends "
+            f"{pp.get('two', pp['one'])['client_us']:.0f}-"
+            f"{pp.get('two', pp['one'])['server_us']:.0f} µs of CPU per round trip instead "
+            f"of {pp['one']['client_us']:.0f}. curl does the same work per block either way "
+            "(six system calls: two polls, recvfrom, sendto and three rt_sigaction); "
+            "whether the scheduler puts it on the server's vCPU decides 0.3-0.5 s or 3-5 s "
+            "for the file (the 0.57 s and 3.1 s seen earlier), per download, and load from "
+            "other processes, which moves tasks between vCPUs, shifts the mix (the 54 MB/s "
+            "measured earlier fits a mix of the two). Hence the pinned placements; the "
+            "unpinned row shows what it gave this time.",
+        )
+    prof = results.get("profile")
+    if prof:
+        lines += ["", *profile_lines(prof, results)]
+    lines += ["", END]
+    return "\n".join(lines) + "\n"
+
+
+def profile_lines(prof: Result, results: Result) -> list[str]:
+    one = results["runs"]["one/lockstep"]
+    out = ["Where the appliance's time goes (`--profile`, lock-step, one vCPU, client.py):", ""]
+    a, h = one["appliance"], one["hpa"]
+    fl = prof.get("floor_lockstep")
+    share = a.get("server_user_share")
+    out.append(
+        f"- Per block the appliance spends {_f(a['server_us_per_block'], '{:.2f}')} µs of CPU"
+        + (f" ({share:.0%} of it in user space: the interpreter and uvloop)" if share else "")
+        + f", tftpd-hpa {_f(h['server_us_per_block'], '{:.2f}')} µs (cross-check from the "
+        f"vCPU's busy time less the client's: {_f(a['server_est_us_per_block'], '{:.2f}')} and "
+        f"{_f(h['server_est_us_per_block'], '{:.2f}')} µs)."
+    )
+    if fl:
+        out.append(
+            f"- `bench/tftp/floor.py` (uvloop, one connected socket per transfer, per ACK one "
+            f"`os.pread` and one `transport.sendto`, no timers, checks, events or counters: "
+            f"the least a Python asyncio sender does): {fl['mbps']:,.0f} MB/s, "
+            f"{_f(fl['server_us_per_block'], '{:.2f}')} µs of CPU per block; the same floor "
+            f"with windowsize {WINDOW}: {prof['floor_window']['mbps']:,.0f} MB/s."
+        )
+    core = prof.get("core")
+    if core:
+        out.append(
+            f"- `ReadTransfer` in-process without sockets (`on_packet` for each ACK, "
+            f"`os.pread` and packing included): {core['window1_us_per_block']:.2f} µs per "
+            f"block lock-step, {core[f'window{WINDOW}_us_per_block']:.2f} µs with windowsize "
+            f"{WINDOW}; the `pread` and the header alone: {core['pread_pack_us_per_block']:.2f} µs."
+        )
+    for server in ("appliance", "hpa"):
+        sc = prof.get(f"syscalls_{server}")
+        if sc:
+            out.append(
+                f"- System calls per block, {LABEL[server]} (`strace -f -c`, one download): "
+                + ", ".join(f"{k} {v}" for k, v in sc.items())
+                + "."
+            )
+    cp = prof.get("cprofile")
+    if cp and "top" in cp:
+        out.append(
+            f"- cProfile of the appliance ({cp['mbps_under_cprofile']:,.0f} MB/s under it; "
+            "self time per block, inflated by cProfile; uvloop's C code is charged to its "
+            "Python callers):"
+        )
+        for row in cp["top"][:10]:
+            out.append(
+                f"  - {row['us_per_block']:.2f} µs, {row['calls_per_block']} calls/block: "
+                f"`{row['function']}`"
+            )
+    win_a = results["runs"]["one/window"]["appliance"]
+    if fl and core and a["server_us_per_block"] and h["server_us_per_block"]:
+        python_core = core["window1_us_per_block"] - core["pread_pack_us_per_block"]
+        out += [
+            "",
+            f"Reading it: the floor alone needs {fl['server_us_per_block']:.1f} µs of CPU per "
+            f"block against tftpd-hpa's {h['server_us_per_block']:.1f}, and it reaches "
+            f"{fl['mbps'] / h['mbps']:.2f}{X} tftpd-hpa's rate on one vCPU: a sender that runs "
+            "Python on asyncio for every block cannot match tftpd-hpa in lock-step when the "
+            "two share a CPU. The appliance spends "
+            f"{a['server_us_per_block'] - fl['server_us_per_block']:.1f} µs per block more "
+            f"than the floor, about `ReadTransfer`'s own Python ({python_core:.1f} µs in-process "
+            "beyond the read and the header: `on_packet`, `_window` building a list, `_data`, "
+            "`_arm` with `min` and `2**retries`) plus the shell's `time.monotonic` and timer "
+            "bookkeeping. tftpd-hpa makes nine system calls per block to the appliance's "
+            "three, and the appliance's kernel time alone "
+            f"({a['server_us_per_block'] * (1 - (share or 0)):.1f} µs) is below tftpd-hpa's "
+            "whole cost: what it loses is user space (uvloop's receive callback with a new "
+            "bytes object and address tuple per datagram, the Python calls, the send). With "
+            f"windowsize {WINDOW} its cost per block falls to "
+            f"{_f(win_a['server_us_per_block'], '{:.1f}')} µs and it is well ahead; across "
+            "vCPUs (or over a real network) the round trip, not the server, sets the "
+            "lock-step rate.",
+        ]
+    return out
+
+
+def write_doc(text: str) -> None:
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if BEGIN in doc and END in doc:
+        head, rest = doc.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        doc = head + text + ("\n" + tail if tail else "")
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + text
+    tmp = DOC.with_suffix(".md.tmp-tftp")
+    tmp.write_text(doc)
+    os.replace(tmp, DOC)
+
+
+def print_results(results: Result) -> None:
+    print()
+    for line in table(results):
+        print(line)
+    v = results["verdict"]
+    print(
+        f"\ngoal (curl lock-step on one vCPU, appliance >= {GOAL_RATIO}x tftpd-hpa): "
+        f"{v['ratio']:.2f}x: {'met' if v['met'] else 'MISSED'}"
+    )
+    print(f"windowsize {WINDOW}: {v['window_ratio']:.2f}x on one vCPU", end="")
+    if v["window_ratio_two"] is not None:
+        print(f", {v['window_ratio_two']:.2f}x on two vCPUs")
+    else:
+        print()
+    for p in results["pingpong"]:
+        print(
+            f"pingpong {PLACEMENTS[p['placement']]}: {p['us_per_round_trip']:.1f} us/round trip "
+            f"(client {p['client_us']:.1f} us CPU, server {p['server_us']:.1f} us CPU)"
+        )
+    if results.get("profile"):
+        print()
+        for line in profile_lines(results["profile"], results):
+            print(line)
+
+
+# --- main -----------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument(
+        "--reps", type=int, default=5, help="downloads per server and client, one vCPU (5)"
+    )
+    p.add_argument("--reps-other", type=int, default=3, help="the same, two vCPUs and unpinned (3)")
+    p.add_argument(
+        "--cpu", type=int, default=0, help="the servers' vCPU (0); clients: it or the other"
+    )
+    p.add_argument("--pingpong", type=int, default=20000, help="round trips per pingpong run")
+    p.add_argument("--wait-quiet", type=float, default=30.0, metavar="S")
+    p.add_argument("--profile", action="store_true", help="add floor, core, cProfile, strace")
+    p.add_argument("--rev", help="run the appliance from a `git archive` of this commit")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    p.add_argument("--keep", action="store_true")
+    args = p.parse_args()
+    ncpu = os.cpu_count() or 1
+    if ncpu < 2 or not 0 <= args.cpu < ncpu:
+        p.error("needs two vCPUs and --cpu among them")
+    if not 1 <= args.reps <= 9 or not 1 <= args.reps_other <= 5:
+        p.error("--reps 1-9, --reps-other 1-5 (the run must stay under five minutes)")
+    for tool in ("curl", "in.tftpd"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"bench/tftp: {tool} not found (run bench/tftp/run.sh)")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):
+        signal.signal(sig, _on_signal)
+    signal.alarm(285)
+    try:
+        return _run(args, ncpu)
+    finally:
+        _stop_children()
+        if args.keep:
+            print(f"kept {WORK}")
+        elif not os.environ.get("BTF_WORK"):
+            shutil.rmtree(WORK, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, ncpu: int) -> int:
+    t_start = time.monotonic()
+    cpu = args.cpu
+    other = next(c for c in range(ncpu) if c != cpu)
+    # This script (which polls in.tftpd's children during downloads) stays off the
+    # servers' vCPU; every process it starts is pinned explicitly.
+    os.sched_setaffinity(0, {other})
+    global SOURCE
+    SOURCE = source_description(use_rev(args.rev) if args.rev else None)
+    WORK.mkdir(parents=True, exist_ok=True)
+    WORK.chmod(0o755)  # in.tftpd drops to nobody: the file must be reachable
+    root = WORK / "data"
+    root.mkdir(exist_ok=True)
+    root.chmod(0o755)
+    print(f"writing {SIZE >> 20} MiB of random bytes ...", flush=True)
+    digest = write_file(root / NAME)
+
+    app_port, hpa_port = free_port(), free_port()
+    while hpa_port == app_port:
+        hpa_port = free_port()
+    inventory = write_inventory(WORK, root, app_port)
+    app_log, hpa_log = WORK / "appliance.log", WORK / "in.tftpd.log"
+    app = _start(
+        "appliance",
+        [*APPLIANCE, "--log-level", "warning", "run", "--config", str(inventory)],
+        app_log,
+        cwd=APP_SRC,
+        env=app_env(),
+    )
+    tftpd = shutil.which("in.tftpd") or "in.tftpd"
+    hpa = _start(
+        "in.tftpd",
+        [
+            tftpd,
+            "--foreground",
+            "--listen",
+            "--address",
+            f"{HOST}:{hpa_port}",
+            "--secure",
+            str(root),
+        ],
+        hpa_log,
+    )
+    t_app, t_hpa = wait_ready(app_port, app, app_log), wait_ready(hpa_port, hpa, hpa_log)
+    print(f"appliance pid {app.pid} on {HOST}:{app_port} (ready in {t_app:.1f} s)")
+    print(f"in.tftpd  pid {hpa.pid} on {HOST}:{hpa_port} (ready in {t_hpa:.1f} s)")
+    servers = {"appliance": (app_port, app.pid), "hpa": (hpa_port, hpa.pid)}
+
+    # Same bytes from both (and the file in the page cache before any timed run).
+    for name, (port, _) in servers.items():
+        out = WORK / f"check-{name}.bin"
+        subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--tftp-blksize",
+                str(BLKSIZE),
+                "-o",
+                str(out),
+                f"tftp://{HOST}:{port}/{NAME}",
+            ],
+            check=True,
+            timeout=60,
+        )
+        got = hashlib.sha256(out.read_bytes()).hexdigest()
+        out.unlink()
+        if got != digest:
+            raise SystemExit(f"bench/tftp: {LABEL[name]} sent different bytes")
+    print("both servers send the file intact (sha256)")
+
+    results: Result = {"machine": machine(), "runs": {}, "pingpong": []}
+    results["reps"] = {"one": args.reps, "two": args.reps_other, "free": args.reps_other}
+    quiet = wait_quiet(args.wait_quiet)
+    results["machine"]["busy_before"] = round(quiet, 2)
+    plan = [
+        ("one", "curl", args.reps),
+        ("one", "lockstep", args.reps),
+        ("one", "window", args.reps),
+        ("two", "curl", args.reps_other),
+        ("two", "window", args.reps_other),
+        ("free", "curl", args.reps_other),
+    ]
+    for placement, client, reps in plan:
+        cpus = {cpu} if placement != "free" else set(range(ncpu))
+        for _, pid in servers.values():
+            set_affinity(pid, cpus)
+        print(f"{PLACEMENTS[placement]}, {CLIENTS[client]}: {reps} x each ...", flush=True)
+        runs: dict[str, list[Result]] = {"appliance": [], "hpa": []}
+        for i in range(reps):
+            order = ["appliance", "hpa"] if i % 2 == 0 else ["hpa", "appliance"]
+            for server in order:
+                port, pid = servers[server]
+                res = measured(client, server, port, pid, placement, cpu, other)
+                if res["others_cores"] > BUSY and time.monotonic() - t_start < RETRY_UNTIL:
+                    # Someone else was busy: once more after the machine quietens.
+                    wait_quiet(10)
+                    again = measured(client, server, port, pid, placement, cpu, other)
+                    again["retried"] = True
+                    res = min(res, again, key=lambda r: r["others_cores"])
+                runs[server].append(res)
+        results["runs"][f"{placement}/{client}"] = {s: summarize(r) for s, r in runs.items()}
+        a, h = (results["runs"][f"{placement}/{client}"][s]["mbps"] for s in ("appliance", "hpa"))
+        print(f"  appliance {a:,.1f} MB/s, tftpd-hpa {h:,.1f} MB/s: {a / h:.2f}x", flush=True)
+    for placement in ("one", "two"):
+        results["pingpong"].append(pingpong(placement, cpu, other, args.pingpong, WORK))
+    for _, pid in servers.values():
+        set_affinity(pid, set(range(ncpu)))
+    for proc, log in ((app, app_log), (hpa, hpa_log)):
+        if proc.poll() is not None:
+            raise SystemExit(f"bench/tftp: {proc.args[0]} died during the run:\n{log.read_text()}")
+    results["verdict"] = verdict(results)
+    if args.profile:
+        print("profile ...", flush=True)
+        for _, pid in servers.values():
+            set_affinity(pid, {cpu})
+        results["profile"] = profile(WORK, root, servers, cpu, other)
+    results["seconds"] = round(time.monotonic() - t_start, 1)
+    print_results(results)
+    print(f"\nwhole run: {results['seconds']:.0f} s")
+    command = "bench/tftp/run.sh" + "".join(f" {a}" for a in sys.argv[1:])
+    if not args.no_doc:
+        write_doc(section(results, command))
+        print(f"written: {DOC.relative_to(ROOT)} (TFTP section)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
