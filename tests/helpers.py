@@ -84,6 +84,7 @@ class Daemon:
     def __init__(
         self, config: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None
     ) -> None:
+        self.config = config
         self.log_path = log_path
         self.log = self.log_path.open("w")
         self.proc = subprocess.Popen(

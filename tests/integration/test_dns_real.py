@@ -19,7 +19,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -44,7 +43,8 @@ import yaml
 import services.dns
 from appliance.inventory import Listen
 from appliance.supervisor import Supervisor, load_plan
-from tests.helpers import CONFIG, ROOT, free_port, need_tool, write_inventory
+from tests import helpers
+from tests.helpers import CONFIG, free_port, need_tool, write_inventory
 
 D = "dgxpod.nvidia.com"
 LB = "10.33.3.54"
@@ -86,41 +86,19 @@ def dgxpod_inventory(state_dir: Path, dns_port: int, **network: Any) -> dict[str
     return raw
 
 
-class Daemon:
-    """`python -m appliance run` in a subprocess, stopped by PID."""
+class Daemon(helpers.Daemon):
+    """`python -m appliance run` in a subprocess, stopped by PID, with its DNS port."""
 
     def __init__(self, config: Path, raw: dict[str, Any], log_path: Path) -> None:
-        self.config = config
+        super().__init__(config, log_path, env={"PYTHONUNBUFFERED": "1"})
         self.raw = raw
         self.port = int(raw["listen"]["dns"].rsplit(":", 1)[1])
         self.admin = f"http://{raw['listen']['admin']}"
-        self.log_path = log_path
-        self.log = log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "run", "--config", str(config)],
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
         try:
             self.wait_for("serving ")
         except BaseException:
             self.stop()
             raise
-
-    def output(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_for(self, text: str, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.output():
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"{text!r} not seen in:\n{self.output()}")
 
     def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.admin}/api/v1/status", timeout=5) as resp:
@@ -129,17 +107,6 @@ class Daemon:
 
     def counters(self) -> Counter[str]:
         return Counter(self.status()["services"]["dns"]["counters"])
-
-    def stop(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-            self.proc.wait(timeout=10)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self.log.close()
 
 
 def start_daemon(tmp: Path, raw: dict[str, Any]) -> Daemon:

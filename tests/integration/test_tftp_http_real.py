@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -36,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, free_port, loopback_inventory, need_tool, write_inventory
+from tests.helpers import ROOT, Daemon, free_port, loopback_inventory, need_tool, write_inventory
 
 MASTER, WORKER, BOOTSTRAP = "127.0.0.50", "127.0.0.44", "127.0.0.53"
 MASTER_MAC = "52:54:00:00:00:50"
@@ -48,42 +47,6 @@ TRANSFER_LIMIT = 120.0  # a whole transfer, upper bound for every loop below
 
 
 # --- the daemon -----------------------------------------------------------------------------
-
-
-class Daemon:
-    def __init__(self, config: Path, log_path: Path) -> None:
-        self.log_path = log_path
-        self.log = log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "run", "--config", str(config)],
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_for(self, text: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.output():
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} not seen in:\n{self.output()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self.log.close()
 
 
 @dataclass
