@@ -96,7 +96,6 @@ class HttpService:
         chunk = BIG_CHUNK if busy < MANY_DOWNLOADS else SMALL_CHUNK
         return web.FileResponse(path, chunk_size=chunk)
 
-
     async def images(self, request: web.Request) -> web.FileResponse:
         rel = request.match_info["path"]
         response = self._file(self.plan.boot.images_dir, rel)
