@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import socket
 import time
 from typing import Any
 
 from aiohttp import web
 
 from appliance.plan import Plan
-from appliance.service import ServiceContext, ServiceSpec, bind_socket
+from appliance.service import ServiceContext, ServiceSpec, start_web
 
 
 class AdminService:
@@ -31,12 +30,9 @@ class AdminService:
 
     async def start(self, plan: Plan) -> None:
         endpoint = plan.listen["admin"]
-        sock = bind_socket(self.name, endpoint, socket.SOCK_STREAM)
         self.plan = plan
         self.loopback_only = ipaddress.ip_address(endpoint.host).is_loopback
-        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
-        await self.runner.setup()
-        await web.SockSite(self.runner, sock).start()
+        self.runner = await start_web(self.name, endpoint, self.app())
 
     async def reload(self, plan: Plan) -> None:
         self.plan = plan

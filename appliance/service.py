@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from aiohttp import web
+
 from appliance.inventory import Endpoint
 from appliance.plan import Plan
 
@@ -149,3 +151,12 @@ async def start_tcp_server(
     """asyncio.start_server on a socket we bound ourselves, so bind errors read cleanly."""
     sock = bind_socket(service, endpoint, socket.SOCK_STREAM)
     return await asyncio.start_server(handler, sock=sock, **kwargs)
+
+
+async def start_web(service: str, endpoint: Endpoint, app: web.Application) -> web.AppRunner:
+    """Serve an aiohttp application on a socket we bound (bind errors read cleanly)."""
+    sock = bind_socket(service, endpoint, socket.SOCK_STREAM)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    return runner

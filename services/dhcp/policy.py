@@ -119,6 +119,18 @@ class DhcpCore:
         if plan.router is not None:
             reserved.add(plan.router)
         table.set_pool(plan.pool, reserved)
+        # The options every client may get, encoded once per plan, not per packet.
+        self.config_options: dict[int, bytes] = {
+            codec.OPT_SUBNET_MASK: plan.subnet.netmask.packed,
+            codec.OPT_DNS: codec.ips(*plan.dns_servers),
+            codec.OPT_DOMAIN: plan.domain.encode(),
+            codec.OPT_BROADCAST: plan.subnet.broadcast_address.packed,
+            codec.OPT_DOMAIN_SEARCH: codec.domain_search(plan.domain),
+        }
+        if plan.router is not None:
+            self.config_options[codec.OPT_ROUTER] = plan.router.packed
+        if plan.ntp_servers:
+            self.config_options[codec.OPT_NTP] = codec.ips(*plan.ntp_servers)
 
     # --- entry point ------------------------------------------------------------------
 
@@ -245,7 +257,7 @@ class DhcpCore:
     def _inform(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
         node = self.plan.by_mac.get(msg.mac)
         reply = self._base(msg, ACK)
-        self._add_config(reply, msg, node, lease=False)
+        self._add_config(reply, msg, node)
         dest = msg.ciaddr if msg.ciaddr != ZERO else IPv4Address(src[0])
         host, port = self._dest(msg, src, unicast=dest)
         return Outcome(replies=[Outgoing(self._encode(reply, msg), host, port)])
@@ -318,29 +330,18 @@ class DhcpCore:
         reply.options[codec.OPT_LEASE_TIME] = codec.u32(lease)
         reply.options[codec.OPT_T1] = codec.u32(lease // 2)
         reply.options[codec.OPT_T2] = codec.u32(lease * 7 // 8)
-        self._add_config(reply, msg, node, lease=True)
+        self._add_config(reply, msg, node)
         boot = self.boot_choice(msg, node)
         if boot is not None:
             self._add_boot(reply, msg, boot)
         return reply, boot
 
     def _add_config(
-        self, reply: DhcpMessage, msg: DhcpMessage, node: DhcpReservation | None, lease: bool
+        self, reply: DhcpMessage, msg: DhcpMessage, node: DhcpReservation | None
     ) -> None:
-        p = self.plan
-        available: dict[int, bytes] = {
-            codec.OPT_SUBNET_MASK: p.subnet.netmask.packed,
-            codec.OPT_DNS: codec.ips(*p.dns_servers),
-            codec.OPT_DOMAIN: p.domain.encode(),
-            codec.OPT_BROADCAST: p.subnet.broadcast_address.packed,
-            codec.OPT_DOMAIN_SEARCH: codec.domain_search(p.domain),
-        }
-        if p.router is not None:
-            available[codec.OPT_ROUTER] = p.router.packed
-        if p.ntp_servers:
-            available[codec.OPT_NTP] = codec.ips(*p.ntp_servers)
+        available = self.config_options
         if node is not None:
-            available[codec.OPT_HOSTNAME] = node.hostname.encode()
+            available = {**available, codec.OPT_HOSTNAME: node.hostname.encode()}
         requested = list(msg.options.get(codec.OPT_PARAMS, b""))
         # The client's order first (RFC 2132 9.8), then what every client gets.
         for code in [*requested, *ALWAYS]:

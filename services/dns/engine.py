@@ -140,7 +140,7 @@ class DnsEngine:
     def handle(self, data: bytes, client: str, *, tcp: bool = False) -> Decision:
         """Decide what to do with one query from `client` (an address string)."""
         self.counters["queries"] += 1
-        ra = self.forwarding and self.may_forward(client)
+        ra = self._ra(client)
         if not tcp:
             # The same query bytes (but the ID) get the same reply bytes: skip parsing.
             hit = self._seen[ra].get(data[2:])

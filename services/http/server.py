@@ -10,7 +10,6 @@ network boot boots from disk (boot once).
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from appliance.plan import Plan
-from appliance.service import ServiceContext, bind_socket
+from appliance.service import ServiceContext, start_web
 from services import bootconfig
 from services.bootconfig import client_ipv4
 from services.tftp.files import Refused, jailed
@@ -42,10 +41,7 @@ class HttpService:
 
     async def start(self, plan: Plan) -> None:
         self.plan = plan
-        sock = bind_socket(self.name, plan.listen["http"], socket.SOCK_STREAM)
-        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
-        await self.runner.setup()
-        await web.SockSite(self.runner, sock).start()
+        self.runner = await start_web(self.name, plan.listen["http"], self.app())
 
     async def reload(self, plan: Plan) -> None:
         self.plan = plan
