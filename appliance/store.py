@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from appliance.events import STAGES, Event, EventBus
 
@@ -74,6 +75,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             arch TEXT NOT NULL DEFAULT '',
             user_class TEXT NOT NULL DEFAULT '',
             hostname TEXT NOT NULL DEFAULT '')""",
+    ),
+    # 3: the cluster loop: CSR decisions and its resumable state (GPU bring-up, bootstrap)
+    (
+        """CREATE TABLE csr_decisions (
+            id INTEGER PRIMARY KEY,
+            time REAL NOT NULL,
+            csr TEXT NOT NULL,
+            uid TEXT NOT NULL DEFAULT '',
+            kind TEXT NOT NULL,
+            node TEXT NOT NULL DEFAULT '',
+            requestor TEXT NOT NULL DEFAULT '',
+            decision TEXT NOT NULL CHECK (decision IN ('approve', 'pending', 'deny')),
+            reason TEXT NOT NULL)""",
+        "CREATE INDEX csr_decisions_csr ON csr_decisions (csr, id)",
+        """CREATE TABLE cluster_state (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated REAL NOT NULL)""",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -421,3 +440,44 @@ class Store:
             node: {"installed_at": installed, "reinstall_requested": requested}
             for node, installed, requested in rows
         }
+
+    # --- the cluster loop ---------------------------------------------------------------
+
+    def record_csr_decision(
+        self, *, time: float, csr: str, kind: str, decision: str, reason: str,
+        uid: str = "", node: str = "", requestor: str = "",
+    ) -> int:  # fmt: skip
+        """Store one review of a CSR (kind "client", "serving" or "other"); returns its id."""
+        with self._transaction() as cur:
+            cur.execute(
+                """INSERT INTO csr_decisions
+                    (time, csr, uid, kind, node, requestor, decision, reason)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (time, csr, uid, kind, node, requestor, decision, reason),
+            )
+            return int(cur.lastrowid or 0)
+
+    def csr_decisions(self, limit: int = 500) -> list[dict[str, object]]:
+        """The newest `limit` decisions, newest first."""
+        cur = self._conn.execute(
+            """SELECT id, time, csr, uid, kind, node, requestor, decision, reason
+            FROM csr_decisions ORDER BY id DESC LIMIT ?""",
+            (limit,),
+        )
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur]
+
+    def set_cluster_state(self, key: str, value: object, time: float) -> None:
+        """Keep a JSON-serialisable value under `key` (e.g. "gpu", "bootstrap")."""
+        with self._transaction() as cur:
+            cur.execute(
+                """INSERT INTO cluster_state (key, value, updated) VALUES (?, ?, ?)
+                ON CONFLICT (key) DO UPDATE SET
+                    value = excluded.value, updated = excluded.updated""",
+                (key, json.dumps(value, sort_keys=True), time),
+            )
+
+    def cluster_state(self, key: str) -> Any:
+        """The value kept under `key`, or None."""
+        row = self._conn.execute("SELECT value FROM cluster_state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])

@@ -217,3 +217,21 @@ async def test_persist_from_bus(store: Store) -> None:
     assert store.events(limit=100)[-1].stage == "node-ready"
     assert bus.subscribers == 0
     assert store.progress()["n0"]["node-ready"] == (99.0, 99.0, "")
+
+
+def test_csr_decisions_and_cluster_state_survive_reopen(tmp_path: Path) -> None:
+    with Store.open(tmp_path) as store:
+        first = store.record_csr_decision(
+            time=1.0, csr="csr-a", kind="client", decision="approve", reason="ok", node="m0"
+        )
+        store.record_csr_decision(
+            time=2.0, csr="csr-b", kind="other", decision="pending", reason="unknown signer"
+        )
+        store.set_cluster_state("gpu", {"step": "nfd", "since": 1.5}, 2.0)
+        store.set_cluster_state("gpu", {"step": "gpu-operator", "since": 3.0}, 3.0)
+    with Store.open(tmp_path) as store:
+        rows = store.csr_decisions()
+        assert [r["csr"] for r in rows] == ["csr-b", "csr-a"]
+        assert rows[1]["id"] == first and rows[1]["decision"] == "approve"
+        assert store.cluster_state("gpu") == {"step": "gpu-operator", "since": 3.0}
+        assert store.cluster_state("missing") is None
