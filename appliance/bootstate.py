@@ -19,6 +19,9 @@ class BootState:
         self._installed = {
             node for node, state in store.install_state().items() if state["installed_at"]
         }
+        # Bootstrap complete (the cluster loop): bootstrap.ign is served no more.
+        retired = store.cluster_state("bootstrap")
+        self.bootstrap_retired = bool(isinstance(retired, dict) and retired.get("complete"))
 
     def installed(self, node: str) -> bool:
         return node in self._installed

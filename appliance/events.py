@@ -29,6 +29,7 @@ STAGES: tuple[str, ...] = (
     "csr-client",
     "csr-serving",
     "node-ready",
+    "bootstrap-complete",  # the bootstrap node: retired from the LB and ignition
     "gpu-discovered",
     "gpu-operator-ready",
     "gpu-validated",
@@ -52,8 +53,11 @@ class Event:
     time: float
     source: str = ""  # the publishing service, e.g. "dhcp"
     id: int = 0  # assigned by the store; 0 while not stored
+    # False: the stage was attempted and refused (a CSR left pending or denied). Such an
+    # event is recorded and streamed, but the node has not reached the stage.
+    ok: bool = True
 
-    def to_dict(self) -> dict[str, str | float | int]:
+    def to_dict(self) -> dict[str, str | float | int | bool]:
         return {
             "id": self.id,
             "node": self.node,
@@ -61,6 +65,7 @@ class Event:
             "detail": self.detail,
             "time": self.time,
             "source": self.source,
+            "ok": self.ok,
         }
 
 
@@ -161,9 +166,10 @@ class EventBus:
         *,
         source: str = "",
         time: float | None = None,
+        ok: bool = True,
     ) -> Event:
         stage_index(stage)  # an unknown stage is a bug in the caller: fail loudly
-        event = Event(node, stage, detail, _wallclock() if time is None else time, source)
+        event = Event(node, stage, detail, _wallclock() if time is None else time, source, ok=ok)
         self.published += 1
         for sub in self._subscriptions:
             if sub._offer(event):

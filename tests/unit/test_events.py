@@ -12,8 +12,8 @@ from appliance.events import STAGES, Event, EventBus, stage_index
 def test_stages_in_install_order() -> None:
     assert STAGES[0] == "dhcp-offer"
     assert STAGES[-1] == "gpu-validated"
-    assert len(set(STAGES)) == len(STAGES) == 13
-    assert [stage_index(s) for s in STAGES] == list(range(13))
+    assert len(set(STAGES)) == len(STAGES) == 14
+    assert [stage_index(s) for s in STAGES] == list(range(14))
     assert stage_index("ignition") < stage_index("machine-config") < stage_index("csr-client")
 
 
@@ -37,6 +37,7 @@ def test_publish_without_subscribers_returns_the_event() -> None:
         "detail": "vmlinuz",
         "time": 12.5,
         "source": "tftp",
+        "ok": True,
     }
     assert bus.published == 1
     assert bus.dropped == 0

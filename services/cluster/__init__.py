@@ -1,0 +1,12 @@
+"""cluster: the CSR approver, bootstrap retirement, node-ready events and GPU bring-up.
+
+No listener of its own: it talks to the cluster's API with the installer's
+kubeconfig, and is on whenever the daemon runs (it waits quietly for a cluster).
+"""
+
+from appliance.service import ServiceSpec
+from services.cluster.service import ClusterService, Timing
+
+SPEC = ServiceSpec("cluster", ClusterService, enabled=lambda plan: True)
+
+__all__ = ["SPEC", "ClusterService", "Timing"]

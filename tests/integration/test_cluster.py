@@ -1,0 +1,721 @@
+"""The cluster loop (services/cluster) in-process against a fake kube-apiserver.
+
+No kube-apiserver can run here: tests/fakekube.py stands in for it (HTTPS on
+127.0.0.1, token auth from a generated kubeconfig, resourceVersions, list+watch,
+410 Expired, 409 conflicts, the CSR approval subresource, OLM objects with phases,
+pods with phases and logs). The cluster loop talks to it through kubernetes-asyncio
+exactly as it would to a cluster; the tests play the cluster's controllers (kubelet,
+OLM, NFD, the GPU operator). The proxy and http services are the real ones, started
+by the real Supervisor.
+
+Checked:
+- approve legitimate client and serving CSRs, leave forged ones pending with the
+  reason stored; a 410 on the watch relists without missing or double-approving;
+  a CSR approved by someone else is left alone; node-ready events;
+- bootstrap ConfigMap complete (+ etcd EtcdBootstrapMemberRemoved) -> the bootstrap
+  backend is drained from the live api and machine_config pools, bootstrap.ign
+  answers 410, bootstrap-complete is published; after a restart (API down) the
+  drain is applied again at once;
+- GPU bring-up from an empty cluster to gpu-validated, stopped in the middle and
+  resumed by a new supervisor on the same store without redoing finished steps;
+- an API outage (the server stops listening) survived: reconnect and approve;
+- no kubeconfig: start is immediate, the wait is logged once, and the loop
+  connects when the kubeconfig (default <ignition_dir>/auth/kubeconfig) appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from appliance.events import Event, Subscription
+from appliance.service import ServiceSpec
+from appliance.supervisor import Supervisor, load_plan
+from services.cluster import ClusterService, Timing
+from services.cluster.gpu import Timeouts
+from services.cluster.review import BOOTSTRAPPER, CLIENT_SIGNER, SERVING_SIGNER
+from services.http import SPEC as HTTP
+from services.proxy import SPEC as PROXY
+from tests.fakekube import FakeKube, kubelet_csr, tampered
+from tests.helpers import free_port, loopback_inventory, write_inventory
+from tests.unit.test_gpu import A100_LOG, V100_LOG
+
+D = "demo.example.com"
+BOOTSTRAPPER_GROUPS = [
+    "system:serviceaccounts",
+    "system:serviceaccounts:openshift-machine-config-operator",
+    "system:authenticated",
+]
+NODE_GROUPS = ["system:nodes", "system:authenticated"]
+CLIENT = ["digital signature", "client auth"]
+SERVING = ["digital signature", "server auth"]
+FAST = Timing(
+    backoff_first=0.05,
+    backoff_max=0.3,
+    resync=0.3,
+    watch_timeout=30.0,
+    request_timeout=5.0,
+    gpu_poll=0.05,
+    gpu=Timeouts(retry=0.5),
+)
+WAIT = 15.0  # seconds any one condition may take on a loaded 2-CPU machine
+
+
+def cluster_spec(timing: Timing = FAST) -> ServiceSpec:
+    return ServiceSpec("cluster", lambda ctx: ClusterService(ctx, timing), enabled=lambda p: True)
+
+
+async def until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not reached within {timeout} s: {what}")
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[FakeKube]:
+    kube = FakeKube(tmp_path / "fakekube")
+    await kube.start()
+    yield kube
+    await kube.stop()
+
+
+def inventory(
+    tmp_path: Path, kubeconfig: Path | None, k8s: dict[str, Any] | None = None, **listen: str
+) -> Path:
+    raw = loopback_inventory(tmp_path)
+    raw["nodes"].append(
+        {"name": "worker-1", "role": "worker", "mac": "52:54:00:00:00:46", "ip": "127.0.0.46"}
+    )
+    for node in raw["nodes"]:
+        if node["name"].startswith("worker"):
+            node["gpu"] = True
+    raw["listen"]["admin"] = None
+    raw["listen"].update(listen)
+    raw["kubernetes"] = {"kubeconfig": str(kubeconfig) if kubeconfig else None, **(k8s or {})}
+    ignition = tmp_path / "ignition"
+    ignition.mkdir(exist_ok=True)
+    for role in ("bootstrap", "master", "worker"):
+        (ignition / f"{role}.ign").write_text('{"ignition": {"version": "3.2.0"}}')
+    return write_inventory(tmp_path / "inventory.yaml", raw)
+
+
+async def started(config: Path, *specs: ServiceSpec) -> Supervisor:
+    sup = Supervisor(config, specs=list(specs) or [cluster_spec()])
+    await sup.start(load_plan(config))
+    return sup
+
+
+def cluster(sup: Supervisor) -> ClusterService:
+    svc = sup.running["cluster"]
+    assert isinstance(svc, ClusterService)
+    return svc
+
+
+def seen(sub: Subscription, into: list[Event]) -> list[Event]:
+    into.extend(sub.drain())
+    return into
+
+
+def conditions(fake: FakeKube, name: str) -> list[str]:
+    obj = fake.get("certificatesigningrequests", name)
+    assert obj is not None
+    return [c["type"] for c in (obj.get("status") or {}).get("conditions") or []]
+
+
+# --- the approver ----------------------------------------------------------------------------
+
+
+async def test_approver_approves_legit_leaves_forged_and_survives_410(
+    tmp_path: Path, fake: FakeKube
+) -> None:
+    config = inventory(tmp_path, fake.kubeconfig(tmp_path / "kubeconfig"))
+    sup = Supervisor(config, specs=[cluster_spec()])
+    sub = sup.bus.subscribe()
+    events: list[Event] = []
+    await sup.start(load_plan(config))
+    try:
+        svc = cluster(sup)
+        await until(lambda: svc.connection["state"] == "connected", "connected")
+        fake.add_node("worker-0", ready=True)  # exists: its bootstrapper CSRs are forgeries
+        boot = {"signer": CLIENT_SIGNER, "usages": CLIENT, "username": BOOTSTRAPPER}
+        fake.create_csr(
+            "csr-master-0", kubelet_csr("system:node:master-0"), **boot, groups=BOOTSTRAPPER_GROUPS
+        )
+        fake.create_csr(
+            "csr-intruder", kubelet_csr("system:node:intruder"), **boot, groups=BOOTSTRAPPER_GROUPS
+        )
+        fake.create_csr(
+            "csr-tampered",
+            tampered(kubelet_csr("system:node:master-0")),
+            **boot,
+            groups=BOOTSTRAPPER_GROUPS,
+        )
+        fake.create_csr(
+            "csr-worker-0-again",
+            kubelet_csr("system:node:worker-0"),
+            **boot,
+            groups=BOOTSTRAPPER_GROUPS,
+        )
+        fake.create_csr(
+            "csr-serving-worker-0",
+            kubelet_csr(
+                "system:node:worker-0", dns=["worker-0", f"worker-0.{D}"], ips=["127.0.0.44"]
+            ),
+            signer=SERVING_SIGNER,
+            usages=SERVING,
+            username="system:node:worker-0",
+            groups=NODE_GROUPS,
+        )
+        fake.create_csr(
+            "csr-serving-extra-san",
+            kubelet_csr("system:node:worker-0", dns=["worker-0", "api.evil.example"]),
+            signer=SERVING_SIGNER,
+            usages=SERVING,
+            username="system:node:worker-0",
+            groups=NODE_GROUPS,
+        )
+        await until(
+            lambda: fake.approved["csr-master-0"] and fake.approved["csr-serving-worker-0"],
+            "legit CSRs approved",
+        )
+        reasons = await until(
+            lambda: (
+                {
+                    d["csr"]: d["reason"]
+                    for d in sup.store.csr_decisions()
+                    if d["decision"] == "pending"  # type: ignore[union-attr]
+                }
+                if len(sup.store.csr_decisions()) >= 6  # type: ignore[union-attr]
+                else None
+            ),
+            "six decisions stored",
+        )
+        assert "'intruder' is not an inventory node" in reasons["csr-intruder"]
+        assert "signature does not verify" in reasons["csr-tampered"]
+        assert "node worker-0 already exists" in reasons["csr-worker-0-again"]
+        assert "DNS SAN api.evil.example" in reasons["csr-serving-extra-san"]
+        for name in ("csr-intruder", "csr-tampered", "csr-worker-0-again", "csr-serving-extra-san"):
+            assert conditions(fake, name) == [], name
+        approved = fake.get("certificatesigningrequests", "csr-master-0")
+        assert approved is not None
+        (cond,) = approved["status"]["conditions"]
+        assert cond["type"] == "Approved" and cond["reason"] == "ApplianceApproved"
+        assert "inventory node master-0" in cond["message"]
+
+        # Someone else approves a CSR first: the approver must not touch it.
+        other = fake.create_csr(
+            "csr-preapproved",
+            kubelet_csr("system:node:worker-1"),
+            **boot,
+            groups=BOOTSTRAPPER_GROUPS,
+        )
+        other["status"] = {
+            "conditions": [{"type": "Approved", "status": "True", "reason": "Admin"}]
+        }
+        fake.put("certificatesigningrequests", other)
+
+        # The watch is dropped with 410 and the history compacted; CSRs created right
+        # then must be approved exactly once after the relist.
+        lists_before = svc.approver.informer.lists if svc.approver.informer else 0
+        fake.expire_watches()
+        fake.create_csr(
+            "csr-during-410",
+            kubelet_csr("system:node:worker-1"),
+            **boot,
+            groups=BOOTSTRAPPER_GROUPS,
+        )
+        await until(lambda: fake.approved["csr-during-410"], "CSR created during the 410 approved")
+        informer = svc.approver.informer
+        assert informer is not None and informer.gone >= 1 and informer.lists > lists_before
+        fake.create_csr(
+            "csr-after-410",
+            kubelet_csr("system:node:master-0"),
+            username="system:node:master-0",
+            groups=NODE_GROUPS,
+            signer=CLIENT_SIGNER,
+            usages=CLIENT,
+        )
+        await until(lambda: fake.approved["csr-after-410"], "renewal after the relist approved")
+        await asyncio.sleep(3 * FAST.resync)  # a few more review rounds: nothing changes
+        assert fake.approval_puts["csr-preapproved"] == 0
+        for name in ("csr-master-0", "csr-serving-worker-0", "csr-during-410", "csr-after-410"):
+            assert fake.approval_puts[name] == 1 and fake.approved[name] == 1, name
+        assert sum(fake.approval_puts.values()) == 4
+        # Each forgery is stored once, not once per review round.
+        rows = sup.store.csr_decisions()  # type: ignore[union-attr]
+        assert sum(1 for r in rows if r["csr"] == "csr-intruder") == 1
+
+        stages = {(e.node, e.stage) for e in seen(sub, events) if e.ok}
+        assert ("master-0", "csr-client") in stages and ("worker-0", "csr-serving") in stages
+        assert ("worker-1", "csr-client") in stages
+        # Refusals about inventory nodes are published too, once each, marked not ok
+        # (a CSR whose signature fails names no node it could be trusted for).
+        refused = [e for e in seen(sub, events) if not e.ok]
+        assert sorted(e.detail.split(" ")[0] for e in refused) == [
+            "csr-serving-extra-san",
+            "csr-worker-0-again",
+        ]
+        assert all(e.source == "cluster" and "left pending" in e.detail for e in refused)
+        assert "csr-serving" not in sup.store.progress().get("worker-1", {})  # type: ignore[union-attr]
+        status = svc.status()
+        assert status["csr"]["approved"] == 4 and status["csr"]["watch_410"] >= 1
+        assert status["csr"]["decisions"]["pending"] >= 4
+        assert status["connection"]["state"] == "connected"
+
+        # Node readiness: one event when Ready turns true.
+        fake.add_node("master-0", ready=False)
+        await asyncio.sleep(0.2)
+        assert ("master-0", "node-ready") not in {(e.node, e.stage) for e in seen(sub, events)}
+        fake.set_node_ready("master-0", True)
+        await until(
+            lambda: ("master-0", "node-ready") in {(e.node, e.stage) for e in seen(sub, events)},
+            "node-ready for master-0",
+        )
+        assert ("worker-0", "node-ready") in {(e.node, e.stage) for e in events}
+    finally:
+        sub.close()
+        await sup.stop()
+
+
+async def test_api_outage_is_survived(tmp_path: Path, fake: FakeKube) -> None:
+    """Also: Nodes are known before the first review, and deny_unmatched denies."""
+    config = inventory(
+        tmp_path, fake.kubeconfig(tmp_path / "kubeconfig"), k8s={"deny_unmatched": True}
+    )
+    # Before the loop starts: worker-1 exists, and a bootstrapper asks for its certificate.
+    fake.add_node("worker-1", ready=True)
+    fake.create_csr(
+        "csr-worker-1-again",
+        kubelet_csr("system:node:worker-1"),
+        signer=CLIENT_SIGNER,
+        usages=CLIENT,
+        username=BOOTSTRAPPER,
+        groups=BOOTSTRAPPER_GROUPS,
+    )
+    fake.list_delay["nodes"] = 0.5  # the Node list arrives well after the CSR list
+    sup = await started(config)
+    try:
+        svc = cluster(sup)
+        await until(lambda: svc.connection["state"] == "connected", "connected")
+        await until(lambda: conditions(fake, "csr-worker-1-again"), "a decision on the forgery")
+        fake.list_delay.clear()
+        assert conditions(fake, "csr-worker-1-again") == ["Denied"]
+        assert fake.approved["csr-worker-1-again"] == 0
+        await fake.stop()  # the API goes away, open watches are cut
+        await until(lambda: svc.connection["state"] == "unreachable", "outage noticed")
+        fake.create_csr(
+            "csr-while-down",
+            kubelet_csr("system:node:master-0"),
+            signer=CLIENT_SIGNER,
+            usages=CLIENT,
+            username=BOOTSTRAPPER,
+            groups=BOOTSTRAPPER_GROUPS,
+        )
+        await asyncio.sleep(0.5)  # several failed reconnects, backed off
+        assert svc.connection["state"] == "unreachable"
+        await fake.resume()
+        await until(lambda: fake.approved["csr-while-down"], "approved after the outage")
+        assert svc.connects >= 2 and svc.connection["state"] == "connected"
+    finally:
+        await sup.stop()
+
+
+async def test_breaker_and_rate_limit(tmp_path: Path, fake: FakeKube) -> None:
+    """A flood of pending CSRs stops all approvals until it is gone; approvals are paced."""
+    config = inventory(
+        tmp_path,
+        fake.kubeconfig(tmp_path / "kubeconfig"),
+        k8s={"approvals_per_minute": 300, "approval_burst": 1},  # one per 0.2 s
+    )
+    junk = kubelet_csr("system:node:nobody")
+    for i in range(4 + 100 + 1):  # inventory nodes + MARGIN + 1
+        fake.create_csr(
+            f"junk-{i}",
+            junk,
+            signer="example.com/spam",
+            usages=CLIENT,
+            username="mallory",
+            groups=["system:authenticated"],
+        )
+    boot = {"signer": CLIENT_SIGNER, "usages": CLIENT, "username": BOOTSTRAPPER}
+    for node in ("master-0", "worker-0", "worker-1"):
+        fake.create_csr(
+            f"csr-{node}", kubelet_csr(f"system:node:{node}"), **boot, groups=BOOTSTRAPPER_GROUPS
+        )
+    sup = await started(config)
+    try:
+        svc = cluster(sup)
+        await until(lambda: svc.status()["csr"]["breaker_open"], "breaker open")
+        await asyncio.sleep(3 * FAST.resync)
+        assert sum(fake.approval_puts.values()) == 0
+        reason = next(
+            d["reason"]
+            for d in sup.store.csr_decisions()  # type: ignore[union-attr]
+            if d["csr"] == "csr-master-0"
+        )
+        assert str(reason).startswith("circuit breaker open: 108 pending CSRs exceed 4 nodes + 100")
+        for i in range(105):
+            fake.remove("certificatesigningrequests", f"junk-{i}")
+        t0 = time.monotonic()
+        await until(
+            lambda: all(fake.approved[f"csr-{n}"] for n in ("master-0", "worker-0", "worker-1")),
+            "approved once the flood is gone",
+        )
+        assert time.monotonic() - t0 >= 0.35  # the 2nd and 3rd waited for tokens
+        assert not svc.status()["csr"]["breaker_open"]
+        limited = [
+            d
+            for d in sup.store.csr_decisions()
+            if d["reason"] == "rate limited"  # type: ignore[union-attr]
+        ]
+        assert limited, "the rate limit held some back"
+    finally:
+        await sup.stop()
+
+
+# --- bootstrap retirement ----------------------------------------------------------------------
+
+
+def backend_admin(sup: Supervisor, frontend: str, node: str) -> str:
+    status = sup.running["proxy"].status()
+    for backend in status["frontends"][frontend]["backends"]:
+        if backend["name"] == node:
+            return str(backend["admin"])
+    raise KeyError(node)
+
+
+async def fetch_bootstrap_ign(http_port: int) -> int:
+    # From the bootstrap node's address, as the node itself would ask.
+    connector = aiohttp.TCPConnector(local_addr=("127.0.0.53", 0), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        url = f"http://127.0.0.1:{http_port}/ignition/bootstrap.ign"
+        async with session.get(url) as resp:
+            await resp.read()
+            return resp.status
+
+
+async def test_bootstrap_complete_drains_the_bootstrap_backend(
+    tmp_path: Path, fake: FakeKube
+) -> None:
+    http_port = free_port()
+    config = inventory(
+        tmp_path,
+        fake.kubeconfig(tmp_path / "kubeconfig"),
+        http=f"127.0.0.1:{http_port}",
+        api=f"127.0.0.54:{free_port(host='127.0.0.54')}",
+        machine_config=f"127.0.0.54:{free_port(host='127.0.0.54')}",
+    )
+    sup = Supervisor(config, specs=[HTTP, PROXY, cluster_spec()])
+    sub = sup.bus.subscribe()
+    await sup.start(load_plan(config))
+    try:
+        svc = cluster(sup)
+        await until(lambda: svc.connection["state"] == "connected", "connected")
+        assert await fetch_bootstrap_ign(http_port) == 200
+        fake.set_configmap("kube-system", "bootstrap", {"status": "progressing"})
+        # The cluster has the etcd operator; its bootstrap member is not removed yet.
+        fake.serve_kind("etcds")
+        etcd = {"metadata": {"name": "cluster"}, "status": {"conditions": []}}
+        etcd["status"]["conditions"] = [
+            {"type": "EtcdBootstrapMemberRemoved", "status": "False", "message": "waiting"}
+        ]
+        fake.put("etcds", etcd)
+        await asyncio.sleep(3 * FAST.resync)
+        fake.set_configmap("kube-system", "bootstrap", {"status": "complete"})
+        await until(
+            lambda: (
+                "EtcdBootstrapMemberRemoved is False"
+                in (svc.status()["bootstrap"]["waiting_for"] or "")
+            ),
+            "waiting for the etcd condition",
+        )
+        assert backend_admin(sup, "api", "bootstrap") == "enabled"
+        etcd["status"]["conditions"][0]["status"] = "True"
+        fake.put("etcds", etcd)
+        await until(lambda: svc.status()["bootstrap"]["complete"], "bootstrap complete")
+        for frontend in ("api", "machine_config"):
+            assert backend_admin(sup, frontend, "bootstrap") == "drain"
+            assert backend_admin(sup, frontend, "master-0") == "enabled"
+        assert await fetch_bootstrap_ign(http_port) == 410
+        stored = sup.store.cluster_state("bootstrap")  # type: ignore[union-attr]
+        assert stored["complete"] and sorted(stored["drained"]) == [
+            "api/bootstrap",
+            "machine_config/bootstrap",
+        ]
+        (event,) = [e for e in sub.drain() if e.stage == "bootstrap-complete"]
+        assert event.node == "bootstrap" and "etcd bootstrap member removed" in event.detail
+    finally:
+        sub.close()
+        await sup.stop()
+
+    # A restart with the API down: the proxy starts with the backend enabled, and the
+    # cluster loop drains it again from the store at once.
+    await fake.stop()
+    sup = await started(config, HTTP, PROXY, cluster_spec())
+    try:
+        assert backend_admin(sup, "api", "bootstrap") == "drain"
+        assert backend_admin(sup, "machine_config", "bootstrap") == "drain"
+        assert await fetch_bootstrap_ign(http_port) == 410
+    finally:
+        await sup.stop()
+
+
+# --- GPU bring-up ------------------------------------------------------------------------------
+
+
+NFD_EXAMPLE = {
+    "apiVersion": "nfd.openshift.io/v1",
+    "kind": "NodeFeatureDiscovery",
+    "metadata": {"name": "nfd-instance", "namespace": "openshift-nfd"},
+    "spec": {"operand": {"image": "registry.redhat.io/openshift4/ose-node-feature-discovery"}},
+}
+POLICY_EXAMPLE = {
+    "apiVersion": "nvidia.com/v1",
+    "kind": "ClusterPolicy",
+    "metadata": {"name": "gpu-cluster-policy"},
+    "spec": {"driver": {"enabled": True}, "toolkit": {"enabled": True}},
+}
+GPU_LABEL = {"feature.node.kubernetes.io/pci-10de.present": "true"}
+CREATES = (
+    "/api/v1/namespaces",
+    "/operatorgroups",
+    "/subscriptions",
+    "/nodefeaturediscoveries",
+    "/clusterpolicies",
+)
+
+
+def gpu_status(sup: Supervisor) -> dict[str, Any]:
+    return cluster(sup).status()["gpu"]
+
+
+async def test_gpu_bring_up_resumes_after_a_restart(tmp_path: Path, fake: FakeKube) -> None:
+    config = inventory(tmp_path, fake.kubeconfig(tmp_path / "kubeconfig"))
+    sup = Supervisor(config, specs=[cluster_spec()])
+    sub = sup.bus.subscribe()
+    events: list[Event] = []
+    await sup.start(load_plan(config))
+    try:
+        await until(lambda: fake.get("subscriptions", "nfd", "openshift-nfd"), "NFD Subscription")
+        assert fake.get("namespaces", "openshift-nfd") is not None
+        og = fake.get("operatorgroups", "openshift-nfd", "openshift-nfd")
+        assert og is not None and og["spec"]["targetNamespaces"] == ["openshift-nfd"]
+        nfd_sub = fake.get("subscriptions", "nfd", "openshift-nfd")
+        assert nfd_sub is not None
+        assert nfd_sub["spec"]["source"] == "redhat-operators" and nfd_sub["spec"]["name"] == "nfd"
+        await until(
+            lambda: "OLM to resolve Subscription nfd" in gpu_status(sup)["status"], "OLM wait"
+        )
+        fake.olm_resolve(
+            "openshift-nfd",
+            "nfd",
+            "nfd.4.14.0",
+            alm_examples=[NFD_EXAMPLE],
+            crds=["nodefeaturediscoveries"],
+        )
+        await until(
+            lambda: gpu_status(sup)["status"].startswith("waiting for CSV nfd: Installing for "),
+            "status text of the CSV wait",
+        )
+        fake.set_csv_phase("openshift-nfd", "nfd.4.14.0", "Succeeded")
+        nfd = await until(
+            lambda: fake.get("nodefeaturediscoveries", "nfd-instance", "openshift-nfd"),
+            "NodeFeatureDiscovery created",
+        )
+        assert nfd["spec"] == NFD_EXAMPLE["spec"]  # from the CSV's own example
+        # The workers join (worker-0 under its FQDN); NFD labels them one after another.
+        fake.add_node(f"worker-0.{D}", ready=True)
+        fake.add_node("worker-1", ready=True)
+        await until(
+            lambda: "NFD label pci-10de on worker-0, worker-1" in gpu_status(sup)["status"],
+            "label wait",
+        )
+        fake.label_node(f"worker-0.{D}", GPU_LABEL)
+        await until(lambda: gpu_status(sup)["discovered"] == ["worker-0"], "worker-0 discovered")
+        fake.label_node("worker-1", {"feature.node.kubernetes.io/pci-0302_10de.present": "true"})
+        await until(
+            lambda: fake.get("subscriptions", "gpu-operator-certified", "nvidia-gpu-operator"),
+            "GPU operator Subscription",
+        )
+        await until(lambda: gpu_status(sup)["step"] == "gpu-csv", "at gpu-csv")
+        finished_before = gpu_status(sup)["finished"]
+    finally:
+        await sup.stop()  # stopped in the middle of the bring-up
+    stages = [(e.node, e.stage) for e in seen(sub, events)]
+    assert stages.count(("worker-0", "gpu-discovered")) == 1
+    assert stages.count(("worker-1", "gpu-discovered")) == 1
+    sub.close()
+    creates_before = {path: fake.count("POST", path) for path in CREATES}
+    assert creates_before["/nodefeaturediscoveries"] == 1
+
+    # A new supervisor on the same store continues at gpu-csv.
+    sup = Supervisor(config, specs=[cluster_spec()])
+    sub = sup.bus.subscribe()
+    events = []
+    await sup.start(load_plan(config))
+    try:
+        assert gpu_status(sup)["step"] == "gpu-csv"
+        fake.olm_resolve(
+            "nvidia-gpu-operator",
+            "gpu-operator-certified",
+            "gpu-operator-certified.v24.3.0",
+            alm_examples=[POLICY_EXAMPLE],
+            crds=["clusterpolicies"],
+        )
+        await until(
+            lambda: gpu_status(sup)["status"].startswith(
+                "waiting for CSV gpu-operator-certified: Installing for "
+            ),
+            "status text of the GPU CSV wait",
+        )
+        fake.set_csv_phase("nvidia-gpu-operator", "gpu-operator-certified.v24.3.0", "Succeeded")
+        policy = await until(
+            lambda: fake.get("clusterpolicies", "gpu-cluster-policy"), "ClusterPolicy created"
+        )
+        assert policy["spec"] == POLICY_EXAMPLE["spec"]
+        fake.set_policy_state("gpu-cluster-policy", "notReady")
+        await until(
+            lambda: "ClusterPolicy gpu-cluster-policy: notReady" in gpu_status(sup)["status"],
+            "policy wait",
+        )
+        fake.set_policy_state("gpu-cluster-policy", "ready")
+        pods = await until(
+            lambda: (
+                len(fake.items("pods", "nvidia-gpu-operator")) == 2
+                and fake.items("pods", "nvidia-gpu-operator")
+            ),
+            "two nvidia-smi pods",
+        )
+        selectors = sorted(p["spec"]["nodeSelector"]["kubernetes.io/hostname"] for p in pods)
+        assert selectors == [f"worker-0.{D}", "worker-1"]
+        for pod in pods:
+            (container,) = pod["spec"]["containers"]
+            assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
+            assert pod["spec"]["restartPolicy"] == "Never"
+        fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-0", "Running")
+        await until(
+            lambda: "pod nvidia-smi-worker-0: Running" in gpu_status(sup)["status"], "pod wait"
+        )
+        fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-0", "Succeeded", V100_LOG)
+        fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-1", "Succeeded", A100_LOG)
+        await until(lambda: gpu_status(sup)["step"] == "done", "bring-up done")
+        assert fake.items("pods", "nvidia-gpu-operator") == []  # the pods are deleted
+        stored = sup.store.cluster_state("gpu")  # type: ignore[union-attr]
+        assert stored["step"] == "done"
+        w0, w1 = stored["validated"]["worker-0"], stored["validated"]["worker-1"]
+        assert (w0["count"], w0["driver"], w0["cuda"]) == (2, "418.40.04", "10.1")
+        assert w0["models"] == {"Tesla V100-SXM2...": 2}
+        assert (w1["count"], w1["models"]) == (1, {"NVIDIA A100-SXM4-80GB": 1})
+        # Nothing done before the restart was created again.
+        assert creates_before["/api/v1/namespaces"] == 2  # openshift-nfd, nvidia-gpu-operator
+        assert creates_before["/subscriptions"] == 2
+        for path in CREATES[:-1]:
+            assert fake.count("POST", path) == creates_before[path], path
+        assert fake.count("POST", "/clusterpolicies") == 1
+        assert list(finished_before) == [
+            "nfd-operator",
+            "nfd-csv",
+            "nfd-instance",
+            "gpu-labels",
+            "gpu-operator",
+        ]
+        for step, when in finished_before.items():
+            assert stored["finished"][step] == when, step  # not done again
+        stages = [(e.node, e.stage) for e in seen(sub, events)]
+        for node in ("worker-0", "worker-1"):
+            assert stages.count((node, "gpu-operator-ready")) == 1
+            assert stages.count((node, "gpu-validated")) == 1
+            assert (node, "gpu-discovered") not in stages  # published before the restart
+        detail = next(
+            e.detail for e in events if e.stage == "gpu-validated" and e.node == "worker-0"
+        )
+        assert detail == "2x Tesla V100-SXM2..., driver 418.40.04, CUDA 10.1"
+    finally:
+        sub.close()
+        await sup.stop()
+
+
+async def test_failed_validation_is_recorded_and_retried(tmp_path: Path, fake: FakeKube) -> None:
+    """A pod whose nvidia-smi found no driver fails the step; the retry validates it."""
+    config = inventory(tmp_path, fake.kubeconfig(tmp_path / "kubeconfig"))
+    # Start at validate: the steps before it are covered by the test above.
+    sup0 = Supervisor(config, specs=[])
+    await sup0.start(load_plan(config))
+    assert sup0.store is not None
+    sup0.store.set_cluster_state(
+        "gpu",
+        {"step": "validate", "since": time.time(), "discovered": ["worker-0", "worker-1"]},
+        time.time(),
+    )
+    await sup0.stop()
+    fake.add_node("worker-0", ready=True, labels=GPU_LABEL)
+    fake.add_node("worker-1", ready=True, labels=GPU_LABEL)
+    fake.put("namespaces", {"metadata": {"name": "nvidia-gpu-operator"}})
+    sup = await started(config)
+    try:
+        await until(lambda: len(fake.items("pods", "nvidia-gpu-operator")) == 2, "pods")
+        fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-0", "Succeeded", V100_LOG)
+        fake.set_pod_phase(
+            "nvidia-gpu-operator",
+            "nvidia-smi-worker-1",
+            "Failed",
+            "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.",
+        )
+        status = await until(
+            lambda: gpu_status(sup) if gpu_status(sup)["failed"] else None, "validate failed"
+        )
+        assert "worker-1: pod Failed: NVIDIA-SMI has failed" in status["failed"]
+        assert status["validated"]["worker-0"]["ok"] is True
+        # The retry (0.5 s here) runs only worker-1 again.
+        await until(
+            lambda: fake.get("pods", "nvidia-smi-worker-1", "nvidia-gpu-operator"), "retry pod"
+        )
+        assert fake.get("pods", "nvidia-smi-worker-0", "nvidia-gpu-operator") is None
+        fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-1", "Succeeded", A100_LOG)
+        await until(lambda: gpu_status(sup)["step"] == "done", "done after the retry")
+        validated = gpu_status(sup)["validated"]
+        assert validated["worker-1"]["ok"] and validated["worker-1"]["count"] == 1
+    finally:
+        await sup.stop()
+
+
+# --- no kubeconfig -----------------------------------------------------------------------------
+
+
+async def test_without_kubeconfig_it_waits_quietly_then_connects(
+    tmp_path: Path, fake: FakeKube, caplog: pytest.LogCaptureFixture
+) -> None:
+    http_port = free_port()
+    config = inventory(tmp_path, None, http=f"127.0.0.1:{http_port}")  # the default path
+    caplog.set_level(logging.INFO, logger="cluster")
+    t0 = time.monotonic()
+    sup = await started(config, HTTP, cluster_spec())
+    try:
+        assert time.monotonic() - t0 < 2.0  # start (and READY) does not wait for a cluster
+        svc = cluster(sup)
+        await until(
+            lambda: svc.connection["state"] == "waiting-for-kubeconfig", "waiting for kubeconfig"
+        )
+        await asyncio.sleep(1.0)  # several back-off rounds
+        said = [r for r in caplog.records if "waiting for the kubeconfig" in r.getMessage()]
+        assert len(said) == 1
+        assert svc.connection["detail"] == str(tmp_path / "ignition" / "auth" / "kubeconfig")
+        # The other services serve meanwhile.
+        url = f"http://127.0.0.1:{http_port}/healthz"
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            assert resp.status == 200
+        fake.kubeconfig(tmp_path / "ignition" / "auth" / "kubeconfig")
+        await until(lambda: svc.connection["state"] == "connected", "connected once it appears")
+    finally:
+        await sup.stop()
