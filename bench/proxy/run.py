@@ -674,50 +674,46 @@ def profile_notes(profiles: Result) -> list[str]:
     return out
 
 
-# Found by hand on this machine (2026-11-28, commit 6b363f2b20b6 + working tree), with the
-# appliance behind wrk as above: `strace -c -f`, `perf record`, `py-spy dump/record --native`.
+# Found by hand on this machine (2026-11-28), with the appliance behind wrk as above:
+# `strace -c -f -p`, `perf record -g -p`, `py-spy record`, and the CPU per connection from
+# /proc/PID/task/*/schedstat over a wrk run (steady under other load, unlike the rates).
 ANALYSIS = [
-    "Where the appliance's time goes on short connections (by hand, same setup, 2026-11-28:"
-    " `strace -c -f -p`, `perf record -p`, `py-spy record --native`). The appliance is"
-    " CPU-bound (one core) at about 140 us per proxied connection against HAProxy's ~35 us:",
+    "Where the appliance's time goes on short connections (by hand, same setup: `strace -c"
+    " -f -p`, `perf record -g -p`, `py-spy record`, CPU per connection from"
+    " /proc/PID/task/*/schedstat over 5 s wrk runs):",
     "",
-    "- Syscalls: 56 per connection against HAProxy's 18 (strace -c over ~4,800 and ~9,000"
-    " connections): 18 `epoll_ctl`, half of them DELs that fail with ENOENT. Each"
-    " `add_reader` on a new descriptor makes a uvloop UVPoll whose `uv_poll_init` probes the"
-    " fd with an epoll ADD + DEL (`uv__io_check_fd`), each `remove_reader` (pump.py's"
-    " `_stop_read`/`_stop_write` after every read or flush) stops the poll with a DEL plus"
-    " `uv__platform_invalidate_fd`'s second DEL (the ENOENT). Further: 6 `splice`, 6"
-    " `close`, 2 `pipe2` + 2 `fcntl(F_SETPIPE_SZ, 1 MiB)` (a pipe pair per connection even"
-    " for a 200-byte exchange), 5 `ioctl(FIONBIO)`, 3 `getpid` (CPython 3.11's"
-    " `asyncio.get_running_loop()` checks the PID, ~6% of samples), 2 `shutdown`, 4"
-    " `futex`. HAProxy: 3 `epoll_ctl`, `recvfrom`/`sendto`, no pipes.",
-    "- uvloop's `sock_connect()` resolves the backend's numeric address with `getaddrinfo()`"
-    " in libuv's thread pool on every connect (it passes no socket type, so its numeric fast"
-    " path does not apply): a `uv__work_submit` + `pthread_cond_signal` hand-off to a"
-    " libuv-worker thread and an eventfd wake-up back, ~10% of the main thread's samples plus"
-    " the 4 worker threads' CPU (the 4 futex calls per connection).",
-    "- perf: 52% kernel (loopback TCP, splice, context switches), 36% CPython interpreter"
-    " (`_PyEval_EvalFrameDefault`, allocation; `gc_collect_main` alone ~3-6%: a Task,"
-    " `wait_for` timeout, two `Direction`s, closures and a socket object per connection keep"
-    " the young generation collecting), 6% libc, 5% uvloop.",
-    "- Not the cause: splice vs recv/send (the recv/send pump is as fast or faster on short"
-    " connections), health checks (check_interval 3600 s), logging (none per connection).",
+    "- Before (commit 8d6c745, uvloop `add_reader`/`remove_reader` per socket and"
+    " direction): 100-110 us of CPU per proxied connection, the proxy CPU-bound at one"
+    " core, 43 system calls per connection against HAProxy's 18: 18 `epoll_ctl` (each"
+    " `add_reader` made a libuv poll handle: an epoll ADD+DEL probe and an"
+    " `ioctl(FIONBIO)`; each `remove_reader` a DEL and a second DEL failing with ENOENT),"
+    " 5 `ioctl`, 3 `getpid` (`asyncio.get_running_loop()`), a `getsockopt(SO_ERROR)` per"
+    " connect. Its last conn-only run, the same day: 8,698/s against HAProxy's 22,845/s"
+    " (0.38x) at 0.97 cores, about 111 us per connection against HAProxy's 35.",
+    "- Now: every proxied socket sits in one edge-triggered epoll set of the proxy's own"
+    " (services/proxy/poller.py), registered once with EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET"
+    " and taken out by its close(); uvloop watches only that set's descriptor. Handlers"
+    " read and write until EAGAIN (a short read means the queue is empty), so interest"
+    " never changes. The client's first bytes go to the backend right after the"
+    " non-blocking connect() (on loopback the kernel has finished the handshake; EAGAIN"
+    " waits for the write edge; an error there is a failed connect and the held bytes go"
+    " to the next backend). One timer per frontend checks connect deadlines (no"
+    " TimerHandle per connection); upstream sockets are made with SOCK_NONBLOCK; the last"
+    " FIN goes with close() instead of shutdown() + close().",
+    "- System calls per connection now 18, HAProxy's count: accept4, getsockname (Python's"
+    " socket object checks the descriptor), ioctl(FIONBIO), 2 setsockopt(TCP_NODELAY),"
+    " socket, connect, 2 epoll_ctl, 4 recvfrom, 2 sendto, 1 shutdown, 2 close.",
+    "- perf now: 63% kernel (loopback TCP, the same work HAProxy's ~35 us consist of), 30%"
+    " CPython interpreter, 5% libc, under 1% uvloop. What is left over HAProxy is the"
+    " interpreter: the accept loop, a Connection and two Direction objects, 4-5 edge"
+    " callbacks per connection (about 15-20 us).",
     "",
-    "Bulk varies run to run (one 10 s iperf3 stream each): the previous full run the same"
-    " day gave HAProxy (no splice) 17.20, splice-auto 13.18, appliance splice 16.23 (0.94x)"
-    " and recv/send 10.08 Gbit/s (0.59x); new connections were steady (24,391 vs 6,822 and"
-    " 7,673/s: 0.28x and 0.31x).",
+    "Bulk varies run to run (one 10 s iperf3 stream each) and with the load others put on"
+    " this 2-core machine; the CPU per connection is the steadier figure.",
     "",
     "The task's reference figures (one HAProxy thread without splice: 10.9 Gbit/s bulk"
     " against 29.7 direct, 9,600 new connections/s against 18,500) came from another setup;"
     " the ratios above are from this run only, all targets measured back to back.",
-    "",
-    "Ideas, not done here (services/ untouched): a plain non-blocking `connect_ex` +"
-    " `add_writer` instead of `loop.sock_connect` (no thread-pool hop, no Task/`wait_for`;"
-    " a `call_later` for the connect timeout), readers that stay registered instead of"
-    " toggling per read, pipes only once a connection has moved more than one buffer"
-    " (HAProxy's splice-auto idea) and without the per-connection F_SETPIPE_SZ, `gc.freeze()`"
-    " after start-up or a higher gen0 threshold.",
 ]
 
 

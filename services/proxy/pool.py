@@ -38,10 +38,15 @@ class BackendState:
     bytes_out: int = 0  # backend -> client
     history: deque[tuple[float, bool, str]] = field(default_factory=lambda: deque(maxlen=HISTORY))
     changed_at: float = 0.0
+    # connect()'s argument, made once: a backend keeps its address (pool.update matches on it)
+    sockaddr: tuple[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sockaddr = (str(self.spec.address), self.spec.port)
 
     @property
     def key(self) -> tuple[str, int]:
-        return str(self.spec.address), self.spec.port
+        return self.sockaddr
 
     @property
     def eligible(self) -> bool:

@@ -1,21 +1,24 @@
-"""Moving bytes between two TCP sockets: splice() through a pipe, or recv/send.
+"""Moving bytes one way between two TCP sockets: recv/send, then splice() once bulk.
 
-One `Direction` per way. It reads only while its pipe (or buffer) is empty, so a
-slow receiver stops the sender (back-pressure, no unbounded buffers). An EOF is
-passed on as shutdown(SHUT_WR) once everything before it is written (half-close).
-On Linux the bytes never enter Python: splice() moves them socket -> pipe ->
-socket inside the kernel; elsewhere a fixed buffer is used, and so it is for a
-connection that cannot get a pipe (out of descriptors).
+A `Direction` is driven by readiness edges (poller.py): `readable` says the source may
+hold bytes, and `pump()` moves what it can until a call would block. It holds at most
+one chunk (or one pipe's worth) and reads again only when that is written, so a slow
+receiver stops the sender (back-pressure, no unbounded buffers). An EOF is reported
+once everything before it is written; the connection passes it on (half-close).
+
+Short exchanges (a TLS handshake, one HTTP request) go through a buffer: a pipe pair
+costs more system calls than the bytes do. Past SPLICE_AFTER bytes the direction
+switches to splice() socket -> pipe -> socket, between two reads with nothing held,
+and the bytes stay in the kernel. Without splice (other systems, out of descriptors,
+APPLIANCE_NO_SPLICE) the buffer path goes on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import os
 import socket
-from collections.abc import Callable
 
 CHUNK = 1 << 16  # recv/send buffer
 PIPE_SIZE = 1 << 20  # bytes a pipe may hold in flight per direction (splice moves pages)
@@ -26,115 +29,124 @@ _SPLICE_FLAGS = (
     getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0) if HAVE_SPLICE else 0
 )
 
+# What pump() ran into; the connection decides what follows.
+WAIT = 0  # nothing more to do until the next edge
+EOF = 1  # the source ended and everything before it is written
+SRC_ERROR = 2  # reading failed (self.error says why)
+DST_ERROR = 3  # writing failed
+
 
 class Direction:
-    """src -> dst. Calls `on_bytes(n)` as bytes are written and `on_done(error)` at the end."""
+    """src -> dst, edge-driven. `moved` counts bytes written to dst."""
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        src: socket.socket,
-        dst: socket.socket,
-        on_bytes: Callable[[int], None],
-        on_done: Callable[[Direction, str | None], None],
-        splice: bool = HAVE_SPLICE,
-    ) -> None:
-        self.loop = loop
+    __slots__ = (
+        "buf",
+        "done",
+        "dst",
+        "eof",
+        "error",
+        "moved",
+        "peer_shut",
+        "pending",
+        "pipe",
+        "readable",
+        "splice_wanted",
+        "src",
+    )
+
+    def __init__(self, src: socket.socket, dst: socket.socket, splice: bool) -> None:
         self.src, self.dst = src, dst
-        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
-        self.on_bytes = on_bytes
-        self.on_done = on_done
-        self.pending = 0  # bytes read but not yet written
-        self.eof = False
-        self.finished = False
-        self.reading = False
-        self.writing = False
+        self.buf = b""  # read, not yet written (buffer path)
+        self.pending = 0  # bytes in the pipe, not yet written (splice path)
         self.pipe: tuple[int, int] | None = None
-        self.buf = memoryview(b"")
-        # Short exchanges (a TLS handshake, one HTTP request) go through a buffer: a pipe
-        # pair costs more system calls than the bytes do. Past SPLICE_AFTER bytes the
-        # direction switches to splice(), between two reads, with nothing held.
-        self.splice_wanted = splice
+        self.readable = False  # an edge said src may hold bytes we have not read
+        self.peer_shut = False  # src's peer sent FIN: read on to the EOF past short reads
+        self.eof = False
+        self.done = False  # EOF passed on, or failed: never pumps again
         self.moved = 0
+        self.splice_wanted = splice
+        self.error: OSError | None = None
 
-    def start(self) -> None:
-        self._want_read()
+    @property
+    def holding(self) -> bool:
+        """Bytes read and not yet written: the destination must become writable."""
+        return bool(self.buf) or self.pending > 0
 
-    # --- readiness -------------------------------------------------------------------
+    @property
+    def wants_read(self) -> bool:
+        return not (self.done or self.eof or self.buf or self.pending)
 
-    def _want_read(self) -> None:
-        if not self.reading and not self.finished:
-            self.loop.add_reader(self.src_fd, self._on_readable)
-            self.reading = True
-
-    def _stop_read(self) -> None:
-        if self.reading:
-            self.loop.remove_reader(self.src_fd)
-            self.reading = False
-
-    def _want_write(self) -> None:
-        if not self.writing and not self.finished:
-            self.loop.add_writer(self.dst_fd, self._on_writable)
-            self.writing = True
-
-    def _stop_write(self) -> None:
-        if self.writing:
-            self.loop.remove_writer(self.dst_fd)
-            self.writing = False
-
-    # --- moving bytes ------------------------------------------------------------------
-
-    def _on_readable(self) -> None:
-        try:
-            if self.pipe is not None:
-                n = os.splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
-            else:
-                data = self.src.recv(CHUNK)
-                n = len(data)
-                self.buf = memoryview(data)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._finish(exc.strerror or str(exc))
-            return
-        if n == 0:
-            self.eof = True
-            self._stop_read()
-        else:
-            self.pending += n
-        self._flush()
-
-    def _on_writable(self) -> None:
-        self._flush()
-
-    def _flush(self) -> None:
-        while self.pending:
+    def pump(self) -> int:
+        if self.done:
+            return WAIT
+        if self.pipe is not None:
+            return self._splice()
+        while True:
+            buf = self.buf
+            if buf:
+                try:
+                    m = self.dst.send(buf)
+                except (BlockingIOError, InterruptedError):
+                    return WAIT  # the receiver is slow: the next write edge resumes
+                except OSError as exc:
+                    return self._fail(DST_ERROR, exc)
+                self.moved += m
+                if m < len(buf):
+                    self.buf = buf[m:]
+                    return WAIT  # its send buffer is full: wait for the write edge
+                self.buf = b""
+                if self.splice_wanted and self.moved >= SPLICE_AFTER:
+                    self._open_pipe()
+                    if self.pipe is not None:
+                        return self._splice()
+            if self.eof:
+                return EOF
+            if not self.readable:
+                return WAIT
             try:
-                if self.pipe is not None:
-                    m = os.splice(self.pipe[0], self.dst_fd, self.pending, flags=_SPLICE_FLAGS)
-                else:
-                    m = self.dst.send(self.buf)
-                    self.buf = self.buf[m:]
+                data = self.src.recv(CHUNK)
             except (BlockingIOError, InterruptedError):
-                # The receiver is slow: stop reading until it takes what we hold.
-                self._stop_read()
-                self._want_write()
-                return
+                self.readable = False
+                return WAIT
             except OSError as exc:
-                self._finish(exc.strerror or str(exc))
-                return
-            self.pending -= m
-            self.moved += m
-            self.on_bytes(m)
-        self._stop_write()
-        if self.splice_wanted and self.pipe is None and self.moved >= SPLICE_AFTER:
-            self._open_pipe()
-        if self.eof:
-            with contextlib.suppress(OSError):
-                self.dst.shutdown(socket.SHUT_WR)  # pass the half-close on
-            self._finish(None)
-        else:
-            self._want_read()
+                return self._fail(SRC_ERROR, exc)
+            if not data:
+                self.eof = True
+                continue
+            # A short read emptied the receive queue: new bytes bring a new edge. A FIN
+            # seen with the edge is read now (it brings no edge of its own later).
+            if len(data) < CHUNK and not self.peer_shut:
+                self.readable = False
+            self.buf = data
+
+    def _splice(self) -> int:
+        assert self.pipe is not None
+        r, w = self.pipe
+        while True:
+            while self.pending:
+                try:
+                    m = os.splice(r, self.dst.fileno(), self.pending, flags=_SPLICE_FLAGS)
+                except (BlockingIOError, InterruptedError):
+                    return WAIT
+                except OSError as exc:
+                    return self._fail(DST_ERROR, exc)
+                self.pending -= m
+                self.moved += m
+            if self.eof:
+                return EOF
+            if not self.readable:
+                return WAIT
+            try:
+                n = os.splice(self.src.fileno(), w, PIPE_SIZE, flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                # The pipe is empty here, so the socket is: wait for its next edge.
+                self.readable = False
+                return WAIT
+            except OSError as exc:
+                return self._fail(SRC_ERROR, exc)
+            if n == 0:
+                self.eof = True
+            self.pending = n
 
     def _open_pipe(self) -> None:
         self.splice_wanted = False
@@ -146,19 +158,14 @@ class Direction:
             fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
         self.pipe = (r, w)
 
-    def _finish(self, error: str | None) -> None:
-        if self.finished:
-            return
-        self._stop_read()
-        self._stop_write()
-        self.finished = True
-        self.on_done(self, error)
+    def _fail(self, what: int, exc: OSError) -> int:
+        self.error = exc
+        self.done = True
+        return what
 
     def close(self) -> None:
-        """Release the pipe and the loop's watchers (the sockets belong to the caller)."""
-        self._stop_read()
-        self._stop_write()
-        self.finished = True
+        """Release the pipe (the sockets belong to the connection)."""
+        self.done = True
         if self.pipe is not None:
             for fd in self.pipe:
                 with contextlib.suppress(OSError):

@@ -1,8 +1,9 @@
 """The proxy service: the TCP load balancer of the api, machine_config and ingress frontends.
 
 Per frontend: a listening socket, a pool (pool.py decides), active health checks
-(checks.py probes), and connections pumped by pump.py. A connect that fails is
-retried on the next eligible backend, and that backend leaves the pool at once.
+(checks.py probes), and connections (relay.py) whose sockets sit in one edge-triggered
+epoll set (poller.py) and whose bytes pump.py moves. A connect that fails is retried
+on the next eligible backend, and that backend leaves the pool at once.
 Reload keeps every established connection: listeners that move are re-bound,
 backends gone from the plan drain.
 
@@ -27,177 +28,17 @@ from appliance.inventory import Endpoint
 from appliance.plan import LB_FRONTENDS, Frontend, Plan
 from appliance.service import BindError, ServiceContext, ServiceError, bind_socket
 from services.proxy.checks import probe
+from services.proxy.poller import Poller, make_poller
 from services.proxy.pool import BackendState, Pool
-from services.proxy.pump import HAVE_SPLICE, Direction
+from services.proxy.pump import HAVE_SPLICE
+from services.proxy.relay import LOCAL_ERRNOS, Connection
 
 ACCEPT_BATCH = 64  # connections accepted per wakeup
 SWEEP_EVERY = 1.0  # seconds between idle-timeout sweeps
 EVENT_EVERY = 30.0  # at most one machine-config event per node this often
 ACCEPT_PAUSE = 0.1  # seconds a listener rests after accept() ran out of descriptors
-# Errors of this host, not of the backend: no passive mark-down for these.
-LOCAL_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
-)
+CONNECT_TICK = 0.1  # at most this late a connect timeout is noticed
 FDS_PER_CONNECTION = 6  # two sockets, and two pipes (two descriptors each) with splice
-
-
-class Connection:
-    def __init__(self, fe: FrontendRunner, client: socket.socket, peer: str) -> None:
-        self.fe = fe
-        self.client = client
-        self.peer = peer
-        self.backend: BackendState | None = None
-        self.upstream: socket.socket | None = None
-        self.ways: list[Direction] = []
-        self.last = time.monotonic()
-        self.closed = False
-        self.service: ProxyService | None = None
-        self.tried: set[int] = set()
-        # The connect in progress: its socket, backend, writer fd and timeout.
-        self.pending: tuple[socket.socket, BackendState, int, asyncio.TimerHandle] | None = None
-
-    def start(self, service: ProxyService) -> None:
-        # Callbacks, not a task: a new connection costs no Task, no wait_for, and no
-        # getaddrinfo round trip to a thread (uvloop's sock_connect does one per call).
-        self.service = service
-        self._next_backend()
-
-    def _next_backend(self) -> None:
-        fe = self.fe
-        loop = asyncio.get_running_loop()
-        while not self.closed:
-            backend = fe.pool.choose(self.peer, self.tried)
-            if backend is None:
-                fe.counters["no_backend"] += 1
-                self.close()
-                return
-            self.tried.add(id(backend))
-            try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            except OSError as exc:
-                self._local_error(exc)
-                return
-            sock.setblocking(False)
-            err = sock.connect_ex((str(backend.spec.address), backend.spec.port))
-            if err == 0:
-                self._connected(sock, backend)
-                return
-            if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
-                fd = sock.fileno()
-                timer = loop.call_later(fe.frontend.connect_timeout, self._timed_out)
-                self.pending = (sock, backend, fd, timer)
-                loop.add_writer(fd, self._writable)
-                return
-            sock.close()
-            if err in LOCAL_ERRNOS:
-                self._local_error(OSError(err, os.strerror(err)))
-                return
-            self._failed(backend, os.strerror(err))
-
-    def _finish_pending(self) -> tuple[socket.socket, BackendState] | None:
-        if self.pending is None:
-            return None
-        sock, backend, fd, timer = self.pending
-        self.pending = None
-        timer.cancel()
-        asyncio.get_running_loop().remove_writer(fd)
-        return sock, backend
-
-    def _writable(self) -> None:
-        done = self._finish_pending()
-        if done is None:
-            return
-        sock, backend = done
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            sock.close()
-            if err in LOCAL_ERRNOS:
-                self._local_error(OSError(err, os.strerror(err)))
-                return
-            self._failed(backend, os.strerror(err))
-            self._next_backend()
-            return
-        self._connected(sock, backend)
-
-    def _timed_out(self) -> None:
-        done = self._finish_pending()
-        if done is None:
-            return
-        sock, backend = done
-        sock.close()
-        self._failed(backend, "timed out")
-        self._next_backend()
-
-    def _failed(self, backend: BackendState, why: str) -> None:
-        fe = self.fe
-        fe.counters["retries"] += 1
-        if backend.connect_failed(time.time(), why) == "down" and self.service is not None:
-            self.service.ctx.log.warning(
-                "%s: backend %s down: connect failed (%s)", fe.name, backend.spec.name, why
-            )
-
-    def _local_error(self, exc: OSError) -> None:
-        # Out of descriptors or ports here: the backend is not to blame.
-        self.fe.counters["local_errors"] += 1
-        if self.service is not None:
-            self.service.ctx.log.warning("%s: connection from %s: %s", self.fe.name, self.peer, exc)
-        self.close()
-
-    def _connected(self, sock: socket.socket, backend: BackendState) -> None:
-        if self.closed:
-            sock.close()
-            return
-        if backend.admin == "disabled":
-            sock.close()  # disabled while we connected: it takes no connection at all
-            self._next_backend()
-            return
-        with contextlib.suppress(OSError):  # the backend already reset: the pump sees it
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.upstream, self.backend = sock, backend
-        backend.active += 1
-        backend.total += 1
-        self._pump(asyncio.get_running_loop())
-
-    def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
-        assert self.upstream is not None and self.backend is not None
-        backend = self.backend
-
-        def sent(n: int) -> None:
-            backend.bytes_in += n
-            self.last = time.monotonic()
-
-        def received(n: int) -> None:
-            backend.bytes_out += n
-            self.last = time.monotonic()
-
-        splice = self.fe.service.splice
-        self.ways = [
-            Direction(loop, self.client, self.upstream, sent, self._way_done, splice),
-            Direction(loop, self.upstream, self.client, received, self._way_done, splice),
-        ]
-        for way in self.ways:
-            way.start()
-
-    def _way_done(self, way: Direction, error: str | None) -> None:
-        if error is not None or all(w.finished for w in self.ways):
-            self.close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        for way in self.ways:
-            way.close()
-        for sock in (self.client, self.upstream):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
-        if self.backend is not None:
-            self.backend.active -= 1
-        pending = self._finish_pending()
-        if pending is not None:
-            pending[0].close()
-        self.fe.connections.discard(self)
 
 
 class FrontendRunner:
@@ -214,6 +55,9 @@ class FrontendRunner:
         self.last_event: dict[str, float] = {}
         self.paused: asyncio.TimerHandle | None = None
         self.last_accept_warning = 0.0
+        # Connects in progress and their deadlines, checked by one timer (not one each).
+        self.connecting: dict[Connection, float] = {}
+        self.connect_timer: asyncio.TimerHandle | None = None
 
     # --- listening ----------------------------------------------------------------
 
@@ -228,6 +72,10 @@ class FrontendRunner:
             self.listener.close()
         self.listener, self.endpoint = sock, endpoint
         loop.add_reader(sock.fileno(), self._accept)
+        # The connections' epoll set exists before the first accept (which may already
+        # be out of descriptors); if it cannot be made now, _accept tries again.
+        with contextlib.suppress(OSError):
+            self.service.get_poller()
 
     def close_listener(self) -> None:
         self._unpause()
@@ -235,6 +83,7 @@ class FrontendRunner:
             asyncio.get_running_loop().remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
+        self.service.release_poller_if_idle()
 
     def _unpause(self) -> None:
         if self.paused is not None:
@@ -247,37 +96,81 @@ class FrontendRunner:
             asyncio.get_running_loop().add_reader(self.listener.fileno(), self._accept)
 
     def _accept(self) -> None:
-        assert self.listener is not None
+        listener = self.listener
+        assert listener is not None
+        family = listener.family
+        try:
+            poller = self.service.get_poller()
+        except OSError as exc:  # no descriptor for the epoll set either
+            self._accept_failed(exc)
+            return
+        # The connections' clock (idle times, connect deadlines): read once per batch.
+        poller.now = time.monotonic()
         for _ in range(ACCEPT_BATCH):
             try:
-                client, addr = self.listener.accept()
+                # The descriptor alone: socket.accept() would build the same object.
+                fd, addr = listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: keep the listener alive
-                self.counters["accept_errors"] += 1
-                now = time.monotonic()
-                if now - self.last_accept_warning >= 10.0:  # not a line per wakeup
-                    self.last_accept_warning = now
-                    self.service.ctx.log.warning("%s: accept failed: %s", self.name, exc)
-                if exc.errno in LOCAL_ERRNOS and self.paused is None:
-                    # The connection stays in the backlog and the listener stays readable:
-                    # without a pause this would spin. Rest until descriptors free up.
-                    loop = asyncio.get_running_loop()
-                    loop.remove_reader(self.listener.fileno())
-                    self.paused = loop.call_later(ACCEPT_PAUSE, self._resume)
+                self._accept_failed(exc)
                 return
             self.counters["accepted"] += 1
+            try:
+                client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            except OSError:
+                os.close(fd)
+                continue
             if len(self.connections) >= self.frontend.max_connections:
                 self.counters["over_limit"] += 1
                 client.close()
                 continue
             client.setblocking(False)
-            with contextlib.suppress(OSError):  # the client may be gone (reset) already
+            try:  # noqa: SIM105 (per connection: suppress() would cost an object)
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # the client may be gone (reset) already: its first read says so
             conn = Connection(self, client, addr[0])
             self.connections.add(conn)
-            conn.start(self.service)
+            conn.start()
             self._event(addr[0])
+
+    def _accept_failed(self, exc: OSError) -> None:
+        assert self.listener is not None
+        self.counters["accept_errors"] += 1
+        now = time.monotonic()
+        if now - self.last_accept_warning >= 10.0:  # not a line per wakeup
+            self.last_accept_warning = now
+            self.service.ctx.log.warning("%s: accept failed: %s", self.name, exc)
+        if exc.errno in LOCAL_ERRNOS and self.paused is None:
+            # The connection stays in the backlog and the listener stays readable:
+            # without a pause this would spin. Rest until descriptors free up.
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.listener.fileno())
+            self.paused = loop.call_later(ACCEPT_PAUSE, self._resume)
+
+    # --- connect timeouts ------------------------------------------------------------
+
+    def connect_started(self, conn: Connection) -> None:
+        self.connecting[conn] = conn.poller.now + self.frontend.connect_timeout
+        if self.connect_timer is None:
+            tick = min(CONNECT_TICK, self.frontend.connect_timeout)
+            self.connect_timer = self.service.loop.call_later(tick, self._check_connects)
+
+    def _check_connects(self) -> None:
+        self.connect_timer = None
+        if not self.connecting:
+            return
+        now = time.monotonic()
+        if self.service.poller is not None:
+            self.service.poller.now = now
+        late = [conn for conn, deadline in self.connecting.items() if deadline <= now]
+        for conn in late:
+            self.connecting.pop(conn, None)
+            conn.timed_out()
+        if self.connecting and self.connect_timer is None:
+            tick = min(CONNECT_TICK, self.frontend.connect_timeout)
+            self.connect_timer = self.service.loop.call_later(tick, self._check_connects)
 
     def _event(self, client: str) -> None:
         if self.name != "machine_config":
@@ -346,7 +239,9 @@ class FrontendRunner:
             "backends": [b.stats() for b in self.pool.backends],
         }
 
-    async def stop(self) -> None:
+    async def stop(self, drain: float = 0.0) -> int:
+        """Close the listener, let open connections finish for up to `drain` seconds,
+        then cut the rest; returns how many were cut."""
         self.close_listener()
         for task in self.checks.values():
             task.cancel()
@@ -354,8 +249,11 @@ class FrontendRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.checks.clear()
-        for conn in list(self.connections):
+        await _wait_drained(self, drain)
+        cut = list(self.connections)
+        for conn in cut:
             conn.close()
+        return len(cut)
 
 
 class ProxyService:
@@ -367,10 +265,14 @@ class ProxyService:
         self.frontends: dict[str, FrontendRunner] = {}
         self.sweeper: asyncio.Task[None] | None = None
         self.splice = HAVE_SPLICE and os.environ.get("APPLIANCE_NO_SPLICE", "") in ("", "0")
+        self.loop: asyncio.AbstractEventLoop  # the running loop, from start()
+        # The proxied sockets' epoll set: open while anything listens or is connected.
+        self.poller: Poller | None = None
         # Frontends switched off by a reload: no listener, their connections finish.
         self.retired: list[FrontendRunner] = []
 
     async def start(self, plan: Plan) -> None:
+        self.loop = asyncio.get_running_loop()
         self.plan = plan
         await self._apply(plan)
         self._raise_nofile(plan)
@@ -481,12 +383,17 @@ class ProxyService:
                 self.ctx.log.error("%s: cannot listen on %s again: %s", runner.name, endpoint, exc)
 
     async def stop(self) -> None:
+        # Graceful: every listener closes first (new connections are refused), then the
+        # open ones drain together for up to load_balancer.stop_timeout; idle timeouts
+        # still apply meanwhile (the sweeper runs until the end).
+        runners = [*self.frontends.values(), *self.retired]
+        for runner in runners:
+            runner.close_listener()
+        await _drain_all(self, runners)
         if self.sweeper is not None:
             self.sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.sweeper
-        for runner in [*self.frontends.values(), *self.retired]:
-            await runner.stop()
         self.frontends.clear()
         self.retired.clear()
 
@@ -497,6 +404,30 @@ class ProxyService:
             for runner in [*self.frontends.values(), *self.retired]:
                 runner.sweep(now)
             self.retired = [r for r in self.retired if r.connections]
+
+    # --- the poller ----------------------------------------------------------------------
+
+    def get_poller(self) -> Poller:
+        if self.poller is None:
+            self.poller = make_poller(self.loop, self._poller_error)
+        return self.poller
+
+    def release_poller_if_idle(self) -> None:
+        """Close the epoll set once nothing listens and no connection is left (stop)."""
+        poller = self.poller
+        if (
+            poller is None
+            or len(poller)
+            or any(r.listener is not None for r in self.frontends.values())
+        ):
+            return
+        if any(r.connections for r in [*self.frontends.values(), *self.retired]):
+            return
+        poller.close()
+        self.poller = None
+
+    def _poller_error(self, exc: BaseException) -> None:
+        self.ctx.log.error("proxy: a connection failed unexpectedly: %r", exc, exc_info=exc)
 
     # --- operations (admin API, cluster loop) -----------------------------------------
 
@@ -527,6 +458,38 @@ class ProxyService:
 
 def proxy_enabled(plan: Plan) -> bool:
     return any(fe.listen is not None for fe in plan.frontends)
+
+
+# --- graceful stop -------------------------------------------------------------------
+
+DRAIN_POLL = 0.05  # seconds between looks at the open connections while draining
+
+
+async def _wait_drained(runner: FrontendRunner, timeout: float) -> None:
+    """Until the frontend has no connection left, or `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while runner.connections and time.monotonic() < deadline:
+        await asyncio.sleep(min(DRAIN_POLL, max(0.0, deadline - time.monotonic())))
+
+
+async def _drain_all(service: ProxyService, runners: list[FrontendRunner]) -> None:
+    log = service.ctx.log
+    timeout = max((r.frontend.stop_timeout for r in runners), default=0.0)
+    open_before = sum(len(r.connections) for r in runners)
+    if open_before:
+        log.info("draining %s (up to %.1f s)", _connections(open_before), timeout)
+    t0 = time.monotonic()
+    cut = sum(await asyncio.gather(*(r.stop(r.frontend.stop_timeout) for r in runners)))
+    if open_before:
+        took = time.monotonic() - t0
+        if cut:
+            log.warning("%s still open after %.1f s: cut", _connections(cut), took)
+        else:
+            log.info("all connections finished in %.2f s", took)
+
+
+def _connections(n: int) -> str:
+    return f"{n} connection" if n == 1 else f"{n} connections"
 
 
 __all__ = ["LB_FRONTENDS", "ProxyService", "proxy_enabled"]
