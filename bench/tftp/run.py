@@ -20,18 +20,21 @@ missing). Steps:
        two vCPUs  server on --cpu, client on the other one: every block is two
                   cross-vCPU wake-ups;
        free       no pinning: the scheduler's choice, which changes from run to run;
-  4. per download: MB/s (10^6 bytes/s), the client's CPU, the server's CPU (the
-     appliance: exact, from /proc/PID/task/*/schedstat; both servers: estimated as the
-     busy time of the server's vCPU less the client's CPU when they share it), and
-     what the rest of the machine used meanwhile (flagged above 0.2 cores);
+  4. per download: MB/s (10^6 bytes/s), the client's CPU, the server's CPU (read every
+     2 ms from /proc/PID/task/*/schedstat: the appliance's threads, the transfer's own
+     one included, and in.tftpd's forked children; both also estimated as the busy
+     time of the server's vCPU less the client's CPU when they share it), and what
+     the rest of the machine used meanwhile (flagged above 0.2 cores);
   5. pingpong.py on the same placements: two processes exchanging a 1472-byte datagram
      and a 4-byte answer, the floor under any lock-step transfer here;
   6. a table, optional JSON, and the "TFTP" section of docs/benchmarks.md (between
      <!-- tftp:begin --> and <!-- tftp:end -->; the rest of the file is left alone).
---profile adds where the appliance's time goes: floor.py (the least a Python asyncio
-sender can do per block) on the one-vCPU placement, ReadTransfer timed in-process
-without sockets, a cProfile run of the appliance, and syscalls per block of both
-servers (`strace -f -c`, counts only: strace itself slows the transfer ten times).
+--profile adds where the appliance's time goes: floor.py in each of its shells (the
+least a Python sender can do per block with a worker thread, with add_reader, with a
+DatagramProtocol) on the one-vCPU placement, ReadTransfer timed in-process without
+sockets (fast path, general path, windows), and syscalls per block of both servers
+(`strace -f -c`, counts only: strace itself slows the transfer ten times). No
+cProfile: it follows only the main thread, and the transfers run in their own.
 Traffic goes to 127.0.0.1 only; every run is bounded (the script arms an alarm).
 """
 
@@ -45,7 +48,6 @@ import hashlib
 import json
 import os
 import platform
-import pstats
 import re
 import resource
 import shutil
@@ -196,12 +198,17 @@ def source_description(rev_sha: str | None) -> str:
 
 
 def proc_cpu(pid: int) -> float:
-    """CPU seconds of every thread of `pid` (ns resolution, from schedstat)."""
-    total = 0
+    """CPU seconds of every live thread of `pid` (ns resolution, from schedstat)."""
+    return sum(thread_cpu(pid).values())
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each live thread of `pid` (a thread that has ended is gone)."""
+    found = {}
     for f in glob.glob(f"/proc/{pid}/task/*/schedstat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            total += int(Path(f).read_text().split()[0])
-    return total / 1e9
+            found[int(f.split("/")[4])] = int(Path(f).read_text().split()[0]) / 1e9
+    return found
 
 
 def cpu_stat() -> dict[int, tuple[float, float]]:
@@ -320,12 +327,14 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path) -> float:
 # --- one download ---------------------------------------------------------------------
 
 
-def download(client: str, port: int, cpus: set[int] | None, forker: int | None = None) -> Result:
+def download(client: str, port: int, cpus: set[int] | None, server: int | None = None) -> Result:
     """One timed download of the file; client is curl, lockstep or window.
 
-    With `forker` (in.tftpd's PID), its children are watched while the download runs
-    and their CPU summed (last reading of each, every POLL s): in.tftpd ignores SIGCHLD,
-    so a finished child's CPU never reaches the parent's counters.
+    With `server` (its PID), the server's CPU during the download is summed from
+    readings every POLL s (the last reading of each): of its threads (the appliance
+    serves each transfer from a thread that ends with it, taking its counters along)
+    and of its children (in.tftpd forks one per transfer and ignores SIGCHLD, so a
+    finished child's CPU never reaches the parent's counters).
     """
     pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     if client == "curl":
@@ -335,16 +344,25 @@ def download(client: str, port: int, cpus: set[int] | None, forker: int | None =
         argv = [sys.executable, str(HERE / "client.py"), HOST, str(port), NAME, "--json"]
         argv += ["--blksize", str(BLKSIZE), "--expect", str(SIZE)]
         argv += ["--windowsize", str(WINDOW if client == "window" else 1)]
+    threads0 = thread_cpu(server) if server is not None else {}
+    threads = dict(threads0)
+    kids: dict[int, float] = {}
+
+    def reading() -> None:
+        if server is None:
+            return
+        threads.update(thread_cpu(server))
+        for kid in child_pids(server):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                kids[kid] = int(Path(f"/proc/{kid}/schedstat").read_text().split()[0]) / 1e9
+
     c0 = children_cpu()
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pin
     )
-    kids: dict[int, float] = {}
     deadline = time.monotonic() + 60
-    while forker is not None and proc.poll() is None and time.monotonic() < deadline:
-        for kid in child_pids(forker):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                kids[kid] = int(Path(f"/proc/{kid}/schedstat").read_text().split()[0]) / 1e9
+    while server is not None and proc.poll() is None and time.monotonic() < deadline:
+        reading()
         time.sleep(POLL)
     try:
         stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
@@ -352,9 +370,7 @@ def download(client: str, port: int, cpus: set[int] | None, forker: int | None =
         proc.kill()
         proc.communicate()
         raise SystemExit(f"bench/tftp: {' '.join(argv)} took over 60 s") from None
-    for kid in child_pids(forker) if forker is not None else []:  # one last reading
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            kids[kid] = int(Path(f"/proc/{kid}/schedstat").read_text().split()[0]) / 1e9
+    reading()  # one last reading
     rusage_cpu = children_cpu() - c0
     if proc.returncode != 0:
         raise SystemExit(f"bench/tftp: {' '.join(argv)} failed: {stdout}{stderr}")
@@ -376,7 +392,11 @@ def download(client: str, port: int, cpus: set[int] | None, forker: int | None =
     if res["bytes"] != SIZE:
         raise SystemExit(f"bench/tftp: {client} got {res['bytes']} bytes, not {SIZE}")
     res["client_cpu_total"] = rusage_cpu  # with the client's start-up
-    res["forked_cpu"] = sum(kids.values()) if forker is not None else None
+    res["polled_cpu"] = (
+        sum(threads.values()) - sum(threads0.values()) + sum(kids.values())
+        if server is not None
+        else None
+    )
     res["mbps"] = SIZE / res["seconds"] / 1e6
     return res
 
@@ -393,18 +413,17 @@ def measured(
     """download() with the CPU everyone used around it."""
     client_cpus = {"one": {cpu}, "two": {other}, "free": set(range(os.cpu_count() or 1))}
     client_cpus = client_cpus[placement]
-    forks = server == "hpa"
-    before_stat, before_pid, ticks0 = cpu_stat(), proc_cpu(pid), proc_ticks(pid)
+    before_stat, ticks0 = cpu_stat(), proc_ticks(pid)
     t0 = time.monotonic()
-    res = download(client, port, client_cpus, pid if forks else None)
+    res = download(client, port, client_cpus, pid)
     wall = time.monotonic() - t0  # includes the client's start-up
-    after_stat, after_pid, ticks1 = cpu_stat(), proc_cpu(pid), proc_ticks(pid)
+    after_stat, ticks1 = cpu_stat(), proc_ticks(pid)
     busy = {c: after_stat[c][0] - before_stat[c][0] for c in after_stat}
     steal = sum(after_stat[c][1] - before_stat[c][1] for c in after_stat)
     res["server"], res["placement"], res["client"] = server, placement, client
-    # The server's CPU: every thread of the appliance (schedstat, ns); for in.tftpd the
-    # child that did the transfer (plus the listening parent, which barely moves).
-    res["server_cpu"] = (after_pid - before_pid) + (res["forked_cpu"] or 0.0)
+    # The server's CPU: every thread of the appliance (schedstat, ns, the transfer's own
+    # thread included); for in.tftpd the listening parent and the child that did it.
+    res["server_cpu"] = res["polled_cpu"]
     res["server_ticks"] = (ticks1[0] - ticks0[0], ticks1[1] - ticks0[1])
     if placement == "one":
         # Everything ran on `cpu`: its busy time less the client's (with its start-up)
@@ -484,14 +503,16 @@ def pingpong(placement: str, cpu: int, other: int, count: int, tmp: Path) -> Res
 
 
 def core_cost() -> Result:
-    """ReadTransfer per block in-process, no sockets: lock-step and windowsize 16."""
+    """ReadTransfer per block in-process, no sockets: the lock-step fast path (as the
+    session calls it), the general path alone, and windowsize 16."""
     sys.path.insert(0, str(APP_SRC))
     from services.tftp.files import Source
     from services.tftp.transfer import ReadTransfer, negotiate
 
     path = WORK / "data" / NAME
+    acks = [b"\0\4" + (n & 0xFFFF).to_bytes(2, "big") for n in range(BLOCKS + 1)]
     out: Result = {}
-    for window in (1, WINDOW):
+    for label, window in (("fast", 1), ("window1", 1), (f"window{WINDOW}", WINDOW)):
         best = float("inf")
         for _ in range(3):
             fd = os.open(path, os.O_RDONLY)
@@ -500,26 +521,39 @@ def core_cost() -> Result:
                 opts = {"blksize": str(BLKSIZE), "tsize": "0"}
                 if window > 1:
                     opts["windowsize"] = str(window)
-                xfer = ReadTransfer(src.read, SIZE, negotiate(opts, SIZE), 0.0)
-                acks = [b"\0\4" + (n & 0xFFFF).to_bytes(2, "big") for n in range(BLOCKS + 1)]
+                neg = negotiate(opts, SIZE)
+                xfer = ReadTransfer(src.read, SIZE, neg, 0.0, src.readinto)
                 xfer.start(0.0)
-                mono = time.monotonic
+                mono, fast, general = time.monotonic, xfer.on_ack_fast, xfer.on_packet
+                buf = bytearray(1024)
                 t0 = time.perf_counter()
-                xfer.on_packet(acks[0], mono())
+                general(acks[0], mono())
                 block = window
                 while not xfer.done:
-                    xfer.on_packet(acks[min(block, BLOCKS)], mono())
+                    ack = acks[min(block, BLOCKS)]
+                    if label == "fast":
+                        buf[:4] = ack
+                        if fast(buf, 4, mono()) is None:
+                            general(ack, mono())
+                    else:
+                        general(ack, mono())
                     block += window
                 best = min(best, time.perf_counter() - t0)
             finally:
                 os.close(fd)
-        out[f"window{window}_us_per_block"] = 1e6 * best / BLOCKS
+        out[f"{label}_us_per_block"] = 1e6 * best / BLOCKS
     fd = os.open(path, os.O_RDONLY)
     try:
         t0 = time.perf_counter()
         for i in range(BLOCKS - 1):
             b"\0\3" + (i & 0xFFFF).to_bytes(2, "big") + os.pread(fd, BLKSIZE, i * BLKSIZE)
         out["pread_pack_us_per_block"] = 1e6 * (time.perf_counter() - t0) / (BLOCKS - 1)
+        view = memoryview(bytearray(32 * (BLKSIZE + 4)))
+        slots = [view[i * (BLKSIZE + 4) + 4 : (i + 1) * (BLKSIZE + 4)] for i in range(32)]
+        t0 = time.perf_counter()
+        for i in range(0, BLOCKS - 32, 32):
+            os.preadv(fd, slots, i * BLKSIZE)
+        out["preadv32_us_per_block"] = 1e6 * (time.perf_counter() - t0) / (BLOCKS - 32)
     finally:
         os.close(fd)
     return out
@@ -536,6 +570,8 @@ def strace_counts(pid: int, port: int, cpu: int, tmp: Path, label: str) -> Resul
     time.sleep(0.5)
     try:
         download("lockstep", port, {cpu})
+    except SystemExit as exc:  # strace slows a transfer ten times: on a busy machine, more
+        return {"error": str(exc)}
     finally:
         time.sleep(0.3)
         with contextlib.suppress(ProcessLookupError):
@@ -554,75 +590,29 @@ def strace_counts(pid: int, port: int, cpu: int, tmp: Path, label: str) -> Resul
     return {"in all": total, **top}
 
 
-def cprofile_run(tmp: Path, root: Path, cpu: int) -> Result:
-    pdir = tmp / "cprofile"
-    pdir.mkdir()
-    port = free_port()
-    inventory = write_inventory(pdir, root, port)
-    pfile = pdir / "appliance-tftp.pstats"
-    log = pdir / "appliance.log"
-    profiled = [sys.executable, "-m", "cProfile", "-o", str(pfile), "-m", "appliance"]
-    app = _start(
-        "appliance-cprofile",
-        [*profiled, "--log-level", "warning", "run", "--config", str(inventory)],
-        log,
-        cwd=APP_SRC,
-        env=app_env(),
-        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
-    )
-    wait_ready(port, app, log)
-    runs = [download("lockstep", port, {cpu}) for _ in range(2)]
-    _stop(app)
-    if not pfile.exists():
-        return {"error": f"cProfile wrote nothing:\n{log.read_text()[-2000:]}"}
-    stats = pstats.Stats(str(pfile)).stats  # type: ignore[attr-defined]
-    blocks = 2 * BLOCKS
-    rows = []
-    for (file, line, func), (_, ncalls, tottime, _cum, _) in stats.items():
-        where = f"{func} ({file.replace(str(ROOT) + '/', '')}:{line})" if line else func
-        rows.append((where, ncalls, tottime))
-    rows.sort(key=lambda r: -r[2])
-    # Per-block work only (start-up and reload code runs once), and the event loop: its
-    # C code (epoll, recvmsg, callback dispatch) is charged to the coroutine that runs it.
-    rows = [
-        (("event loop: " + w) if w.startswith("run (appliance/supervisor") else w, n, t)
-        for w, n, t in rows
-        if n >= blocks / 2 or w.startswith("run (appliance/supervisor")
-    ]
-    return {
-        "mbps_under_cprofile": statistics.median(r["mbps"] for r in runs),
-        "top": [
-            {
-                "function": w,
-                "calls_per_block": round(n / blocks, 2),
-                "us_per_block": 1e6 * t / blocks,
-            }
-            for w, n, t in rows[:14]
-        ],
-    }
+FLOOR_SHELLS = ("thread", "reader", "protocol")
 
 
 def profile(
     tmp: Path, root: Path, servers: dict[str, tuple[int, int]], cpu: int, other: int
 ) -> Result:
     found: Result = {}
-    port = free_port()
-    log = tmp / "floor.log"
-    floor = _start(
-        "floor",
-        [sys.executable, str(HERE / "floor.py"), str(port), str(root)],
-        log,
-        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
-    )
-    time.sleep(0.5)
-    for client in ("lockstep", "window"):
-        runs = [measured(client, "floor", port, floor.pid, "one", cpu, other) for _ in range(5)]
-        found[f"floor_{client}"] = summarize(runs)
-    _stop(floor)
+    for shell in FLOOR_SHELLS:
+        port = free_port()
+        floor = _start(
+            f"floor-{shell}",
+            [sys.executable, str(HERE / "floor.py"), str(port), str(root), "--shell", shell],
+            tmp / f"floor-{shell}.log",
+            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+        )
+        time.sleep(0.5)
+        clients = ("lockstep", "window") if shell == "thread" else ("lockstep",)
+        for client in clients:
+            runs = [measured(client, "floor", port, floor.pid, "one", cpu, other) for _ in range(5)]
+            found[f"floor_{shell}_{client}"] = summarize(runs)
+        _stop(floor)
     with contextlib.suppress(Exception):  # services/ may change under this benchmark
         found["core"] = core_cost()
-    print("  cProfile run ...", flush=True)
-    found["cprofile"] = cprofile_run(tmp, root, cpu)
     print("  strace -c runs ...", flush=True)
     for server in ("appliance", "hpa"):
         found[f"syscalls_{server}"] = strace_counts(
@@ -770,11 +760,13 @@ def section(results: Result, command: str) -> str:
         "",
         *table(results),
         "",
-        "MB/s: median (min-max). Server CPU per block, median: every thread of the "
-        "appliance (/proc/PID/task/*/schedstat, ns); for tftpd-hpa the forked child that "
-        f"did the transfer, read every {POLL * 1000:.0f} ms while it runs (in.tftpd ignores "
-        "SIGCHLD, so its children's CPU never reaches its own counters; the last few ms "
-        "are missed). It includes the kernel's loopback work done in the server's context. "
+        "MB/s: median (min-max). Server CPU per block, median: read every "
+        f"{POLL * 1000:.0f} ms while the download runs, from /proc/PID/task/*/schedstat "
+        "(ns): every thread of the appliance, the transfer's own worker thread included, "
+        "and for tftpd-hpa the forked child that did the transfer (in.tftpd ignores "
+        "SIGCHLD, so its children's CPU never reaches its own counters); a thread or child "
+        "that ends takes its counters along, so the last few ms of each are missed. It "
+        "includes the kernel's loopback work done in the server's context. "
         "Client CPU per block: client.py's own count during the transfer, curl's "
         "rusage (with its start-up). Others' cores: CPU used by anything else meanwhile "
         "(max over the downloads; (!) above 0.2; a download during which others used more "
@@ -802,6 +794,16 @@ def section(results: Result, command: str) -> str:
             else ""
         )
         + ".",
+        "- **How the appliance sends** (services/tftp): each transfer runs in a worker "
+        "thread of its own, blocked in `recv` on the transfer's connected socket (no event "
+        "loop per block); the kernel's SO_RCVTIMEO is the retransmission timer, re-armed "
+        "with `setsockopt` only when the wait changes (after a resend or a duplicate), "
+        "never per block. `ReadTransfer.on_ack_fast` takes the in-order ACK in lock-step "
+        "with a few integer compares and returns the next DATA packet from a read-ahead "
+        "buffer (32 packet slots, their headers in place, filled by one `os.preadv`); "
+        "everything else (the OACK, duplicates, windows, the short last block, timer "
+        "resends) goes through `on_packet`/`on_timer` as before. Per block: `recv_into`, "
+        "`send` of a memoryview, and 1/32 of a `preadv`.",
     ]
     if pp:
         parts = [
@@ -835,78 +837,88 @@ def section(results: Result, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+SHELL_TEXT = {
+    "thread": "a worker thread per transfer blocked in `recv` on its connected socket, "
+    "`recv_into`, one `os.preadv` per 32 blocks into packet slots, `send` (the shape of "
+    "the appliance's tftp now)",
+    "reader": "`loop.add_reader` on the connected socket, `recv_into` a preallocated "
+    "buffer, `os.preadv` behind the DATA header already in place, `send`",
+    "protocol": "an asyncio `DatagramProtocol` per transfer, `os.pread` and "
+    "`transport.sendto` per block (the appliance's tftp before)",
+}
+
+
 def profile_lines(prof: Result, results: Result) -> list[str]:
     one = results["runs"]["one/lockstep"]
-    out = ["Where the appliance's time goes (`--profile`, lock-step, one vCPU, client.py):", ""]
+    out = ["Where the time goes (`--profile`, lock-step, one vCPU, client.py):", ""]
     a, h = one["appliance"], one["hpa"]
-    fl = prof.get("floor_lockstep")
     share = a.get("server_user_share")
     out.append(
         f"- Per block the appliance spends {_f(a['server_us_per_block'], '{:.2f}')} µs of CPU"
-        + (f" ({share:.0%} of it in user space: the interpreter and uvloop)" if share else "")
+        + (f" ({share:.0%} of it in user space)" if share else "")
         + f", tftpd-hpa {_f(h['server_us_per_block'], '{:.2f}')} µs (cross-check from the "
         f"vCPU's busy time less the client's: {_f(a['server_est_us_per_block'], '{:.2f}')} and "
         f"{_f(h['server_est_us_per_block'], '{:.2f}')} µs)."
     )
-    if fl:
+    floors = {
+        sh: prof[f"floor_{sh}_lockstep"] for sh in FLOOR_SHELLS if f"floor_{sh}_lockstep" in prof
+    }
+    if floors:
         out.append(
-            f"- `bench/tftp/floor.py` (uvloop, one connected socket per transfer, per ACK one "
-            f"`os.pread` and one `transport.sendto`, no timers, checks, events or counters: "
-            f"the least a Python asyncio sender does): {fl['mbps']:,.0f} MB/s, "
-            f"{_f(fl['server_us_per_block'], '{:.2f}')} µs of CPU per block; the same floor "
-            f"with windowsize {WINDOW}: {prof['floor_window']['mbps']:,.0f} MB/s."
+            "- `bench/tftp/floor.py`, the least a Python sender costs in each shell (uvloop; "
+            "per ACK the next block; no timers, checks, events or counters), 5 downloads each:"
         )
+        for sh, fl in floors.items():
+            out.append(
+                f"  - `--shell {sh}`: {_f(fl['server_us_per_block'], '{:.2f}')} µs of CPU per "
+                f"block, {fl['mbps']:,.0f} MB/s ({fl['mbps'] / h['mbps']:.2f}{X} tftpd-hpa): "
+                f"{SHELL_TEXT[sh]}."
+            )
+        if "floor_thread_window" in prof:
+            out.append(
+                f"  - `--shell thread` with windowsize {WINDOW}: "
+                f"{prof['floor_thread_window']['mbps']:,.0f} MB/s."
+            )
     core = prof.get("core")
     if core:
         out.append(
-            f"- `ReadTransfer` in-process without sockets (`on_packet` for each ACK, "
-            f"`os.pread` and packing included): {core['window1_us_per_block']:.2f} µs per "
-            f"block lock-step, {core[f'window{WINDOW}_us_per_block']:.2f} µs with windowsize "
-            f"{WINDOW}; the `pread` and the header alone: {core['pread_pack_us_per_block']:.2f} µs."
+            "- `ReadTransfer` in-process without sockets, reads included: "
+            f"{core['fast_us_per_block']:.2f} µs per block lock-step as the session calls it "
+            f"(`on_ack_fast`, `on_packet` only for what it declines), "
+            f"{core['window1_us_per_block']:.2f} µs with `on_packet` for every ACK, "
+            f"{core[f'window{WINDOW}_us_per_block']:.2f} µs with windowsize {WINDOW}; of "
+            f"which the read: `os.preadv` of 32 blocks {core['preadv32_us_per_block']:.2f} µs "
+            f"per block (`os.pread` and a new header per block: "
+            f"{core['pread_pack_us_per_block']:.2f} µs)."
         )
     for server in ("appliance", "hpa"):
         sc = prof.get(f"syscalls_{server}")
-        if sc:
+        if sc and "error" not in sc:
             out.append(
                 f"- System calls per block, {LABEL[server]} (`strace -f -c`, one download): "
                 + ", ".join(f"{k} {v}" for k, v in sc.items())
                 + "."
             )
-    cp = prof.get("cprofile")
-    if cp and "top" in cp:
-        out.append(
-            f"- cProfile of the appliance ({cp['mbps_under_cprofile']:,.0f} MB/s under it; "
-            "self time per block, inflated by cProfile; uvloop's C code is charged to its "
-            "Python callers):"
-        )
-        for row in cp["top"][:10]:
-            out.append(
-                f"  - {row['us_per_block']:.2f} µs, {row['calls_per_block']} calls/block: "
-                f"`{row['function']}`"
-            )
-    win_a = results["runs"]["one/window"]["appliance"]
-    if fl and core and a["server_us_per_block"] and h["server_us_per_block"]:
-        python_core = core["window1_us_per_block"] - core["pread_pack_us_per_block"]
+    thread = floors.get("thread")
+    if thread and core and a["server_us_per_block"] and h["server_us_per_block"]:
+        app_us, hpa_us = a["server_us_per_block"], h["server_us_per_block"]
         out += [
             "",
-            f"Reading it: the floor alone needs {fl['server_us_per_block']:.1f} µs of CPU per "
-            f"block against tftpd-hpa's {h['server_us_per_block']:.1f}, and it reaches "
-            f"{fl['mbps'] / h['mbps']:.2f}{X} tftpd-hpa's rate on one vCPU: a sender that runs "
-            "Python on asyncio for every block cannot match tftpd-hpa in lock-step when the "
-            "two share a CPU. The appliance spends "
-            f"{a['server_us_per_block'] - fl['server_us_per_block']:.1f} µs per block more "
-            f"than the floor, about `ReadTransfer`'s own Python ({python_core:.1f} µs in-process "
-            "beyond the read and the header: `on_packet`, `_window` building a list, `_data`, "
-            "`_arm` with `min` and `2**retries`) plus the shell's `time.monotonic` and timer "
-            "bookkeeping. tftpd-hpa makes nine system calls per block to the appliance's "
-            "three, and the appliance's kernel time alone "
-            f"({a['server_us_per_block'] * (1 - (share or 0)):.1f} µs) is below tftpd-hpa's "
-            "whole cost: what it loses is user space (uvloop's receive callback with a new "
-            "bytes object and address tuple per datagram, the Python calls, the send). With "
-            f"windowsize {WINDOW} its cost per block falls to "
-            f"{_f(win_a['server_us_per_block'], '{:.1f}')} µs and it is well ahead; across "
-            "vCPUs (or over a real network) the round trip, not the server, sets the "
-            "lock-step rate.",
+            f"Reading it: per block the appliance costs {app_us:.1f} µs of CPU to tftpd-hpa's "
+            f"{hpa_us:.1f}, {app_us - thread['server_us_per_block']:+.1f} µs from the bare "
+            "thread floor: what it adds is `on_ack_fast` (a call and its bookkeeping), a "
+            "clock read per block and the retransmission timer the floor does without "
+            "(SO_RCVTIMEO arms a kernel timer whenever the thread sleeps in `recv`). Of the "
+            "shells, a thread blocked in `recv` costs least: the ACK wakes it directly, the "
+            "kernel's SO_RCVTIMEO is the retransmission timer, and no event loop runs per "
+            "block (no epoll wake-up, callback, bytes object or address tuple per datagram); "
+            "`add_reader` with preallocated buffers saves part of the DatagramProtocol's "
+            "cost, not all. In lock-step on one vCPU the rate is the server's and the "
+            "client's CPU per block together, so the clients' own costs weigh as much as the "
+            f"servers'. With windowsize {WINDOW} the appliance needs "
+            f"{_f(results['runs']['one/window']['appliance']['server_us_per_block'], '{:.1f}')} "
+            "µs per block; across vCPUs (or over a real network) the round trip, not the "
+            "server, sets the lock-step rate.",
         ]
     return out
 
@@ -964,7 +976,7 @@ def main() -> int:
     )
     p.add_argument("--pingpong", type=int, default=20000, help="round trips per pingpong run")
     p.add_argument("--wait-quiet", type=float, default=30.0, metavar="S")
-    p.add_argument("--profile", action="store_true", help="add floor, core, cProfile, strace")
+    p.add_argument("--profile", action="store_true", help="add floors, core, strace")
     p.add_argument("--rev", help="run the appliance from a `git archive` of this commit")
     p.add_argument("--json", type=Path)
     p.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
@@ -974,13 +986,13 @@ def main() -> int:
     if ncpu < 2 or not 0 <= args.cpu < ncpu:
         p.error("needs two vCPUs and --cpu among them")
     if not 1 <= args.reps <= 9 or not 1 <= args.reps_other <= 5:
-        p.error("--reps 1-9, --reps-other 1-5 (the run must stay under five minutes)")
+        p.error("--reps 1-9, --reps-other 1-5 (a run must stay under 5 min, 7 with --profile)")
     for tool in ("curl", "in.tftpd"):
         if shutil.which(tool) is None:
             raise SystemExit(f"bench/tftp: {tool} not found (run bench/tftp/run.sh)")
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):
         signal.signal(sig, _on_signal)
-    signal.alarm(285)
+    signal.alarm(420 if args.profile else 285)  # the floors and strace add about two minutes
     try:
         return _run(args, ncpu)
     finally:

@@ -43,6 +43,11 @@ class Source:
         assert self.fd is not None
         return os.pread(self.fd, length, offset)
 
+    def readinto(self, buffers: list[memoryview], offset: int) -> int:
+        """Fill `buffers` in order from `offset` with one os.preadv: bytes read."""
+        assert self.fd is not None  # generated content has `read` only
+        return os.preadv(self.fd, buffers, offset)
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)

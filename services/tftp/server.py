@@ -1,12 +1,14 @@
 """The tftp service: requests on `listen.tftp`, one socket (a new TID) per transfer.
 
-The protocol lives in transfer.py and files.py; this only moves datagrams, runs
-each transfer's timer and publishes node events.
+The protocol lives in transfer.py and files.py; requests are read on the event loop
+here, each transfer then runs in a session.py worker thread, and node events are
+published from here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections import Counter
@@ -19,6 +21,7 @@ from appliance.plan import Plan
 from appliance.service import ServiceContext, bind_socket
 from services.bootconfig import IMAGES_PREFIX, client_ipv4
 from services.tftp.files import Refused, Source, open_source
+from services.tftp.session import Session
 from services.tftp.transfer import (
     ERR_ACCESS,
     ERR_ILLEGAL_OP,
@@ -28,7 +31,8 @@ from services.tftp.transfer import (
     negotiate,
 )
 
-MAX_TRANSFERS = 512  # concurrent transfers; a boot storm of hundreds of nodes fits
+MAX_TRANSFERS = 512  # concurrent transfers (threads); a boot storm of hundreds of nodes fits
+STOP_WAIT = 5.0  # s: how long stop() waits for the transfers' threads to end
 
 
 class _Listener(asyncio.DatagramProtocol):
@@ -51,63 +55,6 @@ class _Listener(asyncio.DatagramProtocol):
             self.transport.sendto(data, addr)
 
 
-class _Session(asyncio.DatagramProtocol):
-    """The server side of one transfer, on its own port (RFC 1350 TID)."""
-
-    def __init__(self, service: TftpService, xfer: ReadTransfer, source: Source, peer: Any) -> None:
-        self.service = service
-        self.xfer = xfer
-        self.source = source
-        self.peer = peer
-        self.transport: asyncio.DatagramTransport | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.started = time.monotonic()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self._send(self.xfer.start(time.monotonic()))
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        try:
-            self._send(self.xfer.on_packet(data, time.monotonic()))
-        except Exception:
-            self.service.counters["errors"] += 1
-            self.service.log.exception("tftp: error in a transfer to %s", self.peer[0])
-            self.xfer.done = True
-            self._send([])
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable: the client went away.
-        self.xfer.done = True
-        self.xfer.error = f"client unreachable: {exc}"
-        self._send([])
-
-    def _tick(self) -> None:
-        self.timer = None
-        self._send(self.xfer.on_timer(time.monotonic()))
-
-    def _send(self, packets: list[bytes]) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        for packet in packets:
-            transport.sendto(packet)
-        if self.xfer.done:
-            self.close()
-            return
-        if self.timer is None and self.xfer.deadline is not None:
-            delay = max(0.0, self.xfer.deadline - time.monotonic())
-            self.timer = asyncio.get_running_loop().call_later(delay, self._tick)
-
-    def close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-        self.service.finished(self)
-
-
 class TftpService:
     name = "tftp"
 
@@ -117,13 +64,14 @@ class TftpService:
         self.counters: Counter[str] = Counter()
         self.plan: Plan
         self.listener: asyncio.DatagramTransport | None = None
-        self.sessions: set[_Session] = set()
+        self.sessions: set[Session] = set()
         self.factory = TftpPacketFactory()
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self, plan: Plan) -> None:
         self.plan = plan
         sock = bind_socket(self.name, plan.listen["tftp"], socket.SOCK_DGRAM)
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         self.listener, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), sock=sock)
 
     async def reload(self, plan: Plan) -> None:
@@ -133,7 +81,11 @@ class TftpService:
         if self.listener is not None:
             self.listener.close()
         for session in list(self.sessions):
-            session.close()
+            session.stop()
+        # Each thread ends at once (its socket reads as shut down) and reports back here.
+        deadline = time.monotonic() + STOP_WAIT
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     def status(self) -> dict[str, Any]:
         return {"counters": dict(self.counters), "transfers": len(self.sessions)}
@@ -180,39 +132,53 @@ class TftpService:
             listener.reply(error_packet(exc.code, str(exc)), addr)
             return
         neg = negotiate(packet.options or {}, source.size)
-        xfer = ReadTransfer(source.read, source.size, neg, time.monotonic())
-        self._spawn(xfer, source, addr)
+        readinto = source.readinto if source.fd is not None else None  # files: os.preadv
+        xfer = ReadTransfer(source.read, source.size, neg, time.monotonic(), readinto)
+        if not self._spawn(xfer, source, addr):
+            listener.reply(error_packet(ERR_UNDEFINED, "server busy, try again"), addr)
+            return
         self._event(addr[0], source)
 
-    def _spawn(self, xfer: ReadTransfer, source: Source, addr: tuple[Any, ...]) -> None:
+    def _spawn(self, xfer: ReadTransfer, source: Source, addr: tuple[Any, ...]) -> bool:
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.bind((self.plan.listen["tftp"].host, 0))
-            sock.connect(addr[:2])
-            sock.setblocking(False)
+            sock.connect(addr[:2])  # blocking: the session's thread waits in recv
         except OSError:
             sock.close()
             source.close()
             raise
-        session = _Session(self, xfer, source, addr)
+        session = Session(sock, xfer, source, addr, self._thread_done, self.log)
         self.sessions.add(session)
         self.counters["transfers"] += 1
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(loop.create_datagram_endpoint(lambda: session, sock=sock))
-        task.add_done_callback(lambda t: self._started(t, session))
+        try:
+            session.start()
+        except RuntimeError:  # no more threads: this transfer cannot run
+            self.sessions.discard(session)
+            sock.close()
+            source.close()
+            self.counters["busy"] += 1
+            self.log.warning("tftp: no thread for a transfer to %s", addr[0])
+            return False
+        return True
 
-    def _started(self, task: asyncio.Task[Any], session: _Session) -> None:
-        if task.cancelled() or task.exception() is not None:
-            self.finished(session)
+    def _thread_done(self, session: Session) -> None:
+        """From a session's thread: the rest happens on the event loop."""
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already closed
+                self.loop.call_soon_threadsafe(self.finished, session)
 
-    def finished(self, session: _Session) -> None:
+    def finished(self, session: Session) -> None:
         if session not in self.sessions:
             return
         self.sessions.discard(session)
+        session.close()
         session.source.close()
         xfer = session.xfer
         self.counters["bytes"] += xfer.bytes_sent
+        if session.crashed:
+            self.counters["errors"] += 1
         if xfer.error and not xfer.error.startswith("client error"):
             self.counters["failed"] += 1
             self.log.info(

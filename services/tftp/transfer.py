@@ -8,6 +8,13 @@ Sorcerer's Apprentice (RFC 1123 4.2.3.1): only an ACK that moves the window send
 data; a duplicate ACK sends nothing, and lost packets are resent by the timer.
 Block numbers roll over from 65535 to 0 (as tftp-hpa does), so files of any size
 go through with small blocks.
+
+Two ways in for an ACK, one set of rules: `on_ack_fast` takes the common case (in
+lock-step, the ACK of the block just sent, a full block to follow) with a few integer
+compares and returns the next DATA packet from a read-ahead buffer (ReadAhead: no new
+objects per block, one read per 32 blocks); it declines everything else, changing
+nothing, and `on_packet` decides. The short last block and every resend are built
+by `_data` as before.
 """
 
 from __future__ import annotations
@@ -26,7 +33,16 @@ MAX_WINDOW = 64  # our cap on RFC 7440 windowsize: enough to fill a fast link
 DEFAULT_TIMEOUT = 1.0
 MAX_RETRIES = 6
 
+READAHEAD_BYTES = 64 * 1024  # per lock-step transfer: 512 of them hold 32 MiB at most
+READAHEAD_SLOTS = 32
+
 _DATA_HEAD = struct.Struct("!HH")
+
+ReadInto = Callable[[list[memoryview], int], int]  # (buffers, offset) -> bytes, like preadv
+
+
+class FileChanged(Exception):
+    """The file no longer holds a block it had when the transfer began."""
 
 
 def error_packet(code: int, message: str) -> bytes:
@@ -69,13 +85,78 @@ def _int(value: str | None) -> int | None:
     return int(value) if value is not None and value.isdigit() and len(value) < 10 else None
 
 
+class ReadAhead:
+    """Full DATA packets of consecutive blocks in preallocated slots.
+
+    A slot is one packet: the opcode written once, the block number when the slot is
+    read, the payload read straight behind it; one `readinto` fills every slot.
+    """
+
+    __slots__ = ("_payloads", "blksize", "count", "first", "loaded", "readinto", "slots")
+
+    def __init__(self, readinto: ReadInto, blksize: int) -> None:
+        self.readinto = readinto
+        self.blksize = blksize
+        slot = blksize + 4
+        self.count = max(1, min(READAHEAD_SLOTS, READAHEAD_BYTES // slot))
+        view = memoryview(bytearray(slot * self.count))
+        self.slots = [view[i * slot : (i + 1) * slot] for i in range(self.count)]
+        self._payloads = [s[4:] for s in self.slots]
+        for s in self.slots:
+            s[1] = OP_DATA
+        self.first = 0  # absolute number of the block in slot 0
+        self.loaded = 0  # full blocks in the slots now
+
+    def load(self, block: int) -> memoryview:
+        """Read `block` and the ones after it; the packet of `block`."""
+        got = self.readinto(self._payloads, (block - 1) * self.blksize)
+        self.first = block
+        self.loaded = loaded = min(got // self.blksize, self.count)
+        if loaded == 0:
+            raise FileChanged(f"block {block} is no longer in the file: it shrank")
+        for i, slot in enumerate(self.slots[:loaded]):
+            n = block + i
+            slot[2] = n >> 8 & 0xFF
+            slot[3] = n & 0xFF
+        return self.slots[0]
+
+
 class ReadTransfer:
-    """Sends one file. Feed it the client's packets and timer ticks; send what it returns."""
+    """Sends one file. Feed it the client's packets and timer ticks; send what it returns.
+
+    `read(offset, length)` gives the bytes of the file; `readinto(buffers, offset)`,
+    if given, fills buffers in one go (os.preadv) for the lock-step fast path.
+    """
+
+    # Slots: the fast path reads and writes a handful of attributes per block.
+    __slots__ = (
+        "_ahead",
+        "_bytes_resent",
+        "_fast_below",
+        "_readinto",
+        "acked",
+        "deadline",
+        "done",
+        "error",
+        "last_block",
+        "neg",
+        "oack_pending",
+        "read",
+        "retries",
+        "sent_upto",
+        "size",
+    )
 
     def __init__(
-        self, read: Callable[[int, int], bytes], size: int, neg: Negotiated, now: float
+        self,
+        read: Callable[[int, int], bytes],
+        size: int,
+        neg: Negotiated,
+        now: float,
+        readinto: ReadInto | None = None,
     ) -> None:
         self.read = read  # (offset, length) -> bytes
+        self._readinto = readinto or self._readinto_by_read
         self.size = size
         self.neg = neg
         self.last_block = size // neg.blksize + 1  # the last block is short (maybe empty)
@@ -86,8 +167,11 @@ class ReadTransfer:
         self.deadline: float | None = None
         self.done = False
         self.error: str | None = None  # why it ended early, if it did
-        self.bytes_sent = 0
-        self._now = now
+        self._bytes_resent = 0  # payload sent again (first sends follow from sent_upto)
+        # on_ack_fast applies while sent_upto is below this: lock-step, past the OACK,
+        # not done, and the next block a full one (the short last block goes the long way).
+        self._fast_below = 0
+        self._ahead: ReadAhead | None = None  # made when the fast path opens
 
     # --- events --------------------------------------------------------------------
 
@@ -95,7 +179,43 @@ class ReadTransfer:
         if self.oack_pending:
             self._arm(now)
             return [oack_packet(self.neg.accepted)]
+        self._open_fast_path()
         return self._window(now)
+
+    def on_ack_fast(self, packet: bytes | bytearray, length: int, now: float) -> memoryview | None:
+        """The common case of `on_packet`, cheaply; `packet[:length]` is the datagram.
+
+        In lock-step, a 4-byte ACK of the block just sent, with a full block next:
+        recorded exactly as `on_packet` would (acknowledged, retries reset, timer
+        re-armed) and the DATA packet of the next block is returned, valid until the
+        next call. Anything else returns None and changes nothing: pass it to
+        `on_packet`. Raises FileChanged if the file shrank meanwhile.
+        """
+        sent = self.sent_upto
+        if (
+            length != 4
+            or sent >= self._fast_below
+            or packet[1] != OP_ACK
+            or packet[0]
+            or (packet[2] << 8 | packet[3]) != sent & 0xFFFF
+        ):
+            return None
+        # Lock-step keeps sent_upto == acked + 1, so this ACK moves the window by one.
+        self.acked = sent
+        self.retries = 0
+        self.sent_upto = sent = sent + 1
+        self.deadline = now + self.neg.timeout  # _arm with no retries
+        ahead = self._ahead
+        assert ahead is not None  # made with _fast_below
+        i = sent - ahead.first
+        return ahead.slots[i] if 0 <= i < ahead.loaded else ahead.load(sent)
+
+    def abort(self, message: str) -> list[bytes]:
+        """End the transfer from our side (the file cannot be read): the ERROR to send."""
+        if self.done:
+            return []
+        self._finish(message)
+        return [error_packet(ERR_UNDEFINED, message)]
 
     def on_packet(self, data: bytes, now: float) -> list[bytes]:
         if self.done or len(data) < 4:
@@ -103,17 +223,16 @@ class ReadTransfer:
         opcode, number = _DATA_HEAD.unpack_from(data)
         if opcode == OP_ERROR:
             # A client may abort after learning tsize from the OACK: a normal end.
-            self.done = True
-            self.error = f"client error {number}: {data[4:-1].decode('ascii', 'replace')}"
+            self._finish(f"client error {number}: {data[4:-1].decode('ascii', 'replace')}")
             return []
         if opcode != OP_ACK:
-            self.done = True
-            self.error = f"unexpected opcode {opcode}"
+            self._finish(f"unexpected opcode {opcode}")
             return [error_packet(ERR_ILLEGAL_OP, "expected an ACK")]
         if self.oack_pending:
             if number != 0:
                 return []  # the OACK must be acknowledged with block 0
             self.oack_pending = False
+            self._open_fast_path()
             return self._window(now)
         # Map the 16-bit number into the window we have sent: (acked, sent_upto].
         block = self.acked + ((number - self.acked) & 0xFFFF)
@@ -122,8 +241,7 @@ class ReadTransfer:
         self.acked = block
         self.retries = 0
         if self.acked >= self.last_block:
-            self.done = True
-            self.deadline = None
+            self._finish(None)
             return []
         # A full window acknowledged: the next one. A partial one (RFC 7440: the client
         # missed a block): everything after the last block it has, again.
@@ -134,14 +252,42 @@ class ReadTransfer:
             return []
         self.retries += 1
         if self.retries > MAX_RETRIES:
-            self.done = True
-            self.error = "timed out"
-            self.deadline = None
+            self._finish("timed out")
             return []
         if self.oack_pending:
             self._arm(now)
             return [oack_packet(self.neg.accepted)]
         return self._window(now)  # resend everything not acknowledged
+
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes sent, resends included (blocks go out in order, so the first
+        sends are every byte up to the highest block sent)."""
+        return min(self.size, self.sent_upto * self.neg.blksize) + self._bytes_resent
+
+    # --- state ---------------------------------------------------------------------
+
+    def _open_fast_path(self) -> None:
+        # Files of one full block or less never reach it: no read-ahead buffer for them.
+        if self.neg.windowsize == 1 and self.last_block > 2:
+            self._fast_below = self.last_block - 1
+            self._ahead = ReadAhead(self._readinto, self.neg.blksize)
+
+    def _readinto_by_read(self, buffers: list[memoryview], offset: int) -> int:
+        done = 0
+        for buf in buffers:
+            chunk = self.read(offset + done, len(buf))
+            buf[: len(chunk)] = chunk
+            done += len(chunk)
+            if len(chunk) < len(buf):
+                break
+        return done
+
+    def _finish(self, error: str | None) -> None:
+        self.done = True
+        self.error = error
+        self.deadline = None
+        self._fast_below = 0
 
     # --- sending -------------------------------------------------------------------
 
@@ -156,7 +302,8 @@ class ReadTransfer:
     def _data(self, block: int) -> bytes:
         bs = self.neg.blksize
         payload = self.read((block - 1) * bs, bs) if (block - 1) * bs < self.size else b""
-        self.bytes_sent += len(payload)
+        if block <= self.sent_upto:
+            self._bytes_resent += len(payload)
         return _DATA_HEAD.pack(OP_DATA, block & 0xFFFF) + payload
 
     def _arm(self, now: float) -> None:

@@ -481,6 +481,58 @@ def test_partial_window_ack_restarts_at_the_gap(shared: Env) -> None:
         c.abort()
 
 
+def test_concurrent_transfers_each_get_their_own_thread(shared: Env) -> None:
+    """Eight lock-step transfers at once, interleaved block by block by one client
+    loop: each is served from its own port (a worker thread each), all intact."""
+    names = ["undionly.kpxe", "ipxe.efi", "small.bin", "exact.bin"] * 2
+    clients = [Client(shared.tftp) for _ in names]
+    try:
+        for c, name in zip(clients, names, strict=True):
+            c.send_request(rrq(name.encode(), blksize="1468"))
+            assert head(c.recv())[0] == OP_OACK
+            c.ack(0)
+        got = [bytearray() for _ in names]
+        open_ = set(range(len(names)))
+        deadline = time.monotonic() + TRANSFER_LIMIT
+        while open_ and time.monotonic() < deadline:
+            for i in sorted(open_):
+                op, num = head(packet := clients[i].recv())
+                assert op == OP_DATA
+                if len(got[i]) // 1468 + 1 != num:  # a resend (slow machine): ACK again
+                    clients[i].ack(num)
+                    continue
+                got[i] += packet[4:]
+                clients[i].ack(num)
+                if len(packet) - 4 < 1468:
+                    open_.discard(i)
+        assert len({c.peer for c in clients}) == len(names)  # a TID (port) each
+        for data, name in zip(got, names, strict=True):
+            assert sha(bytes(data)) == sha(shared.files[name]), name
+    finally:
+        for c in clients:
+            c.sock.close()
+
+
+def test_stop_during_transfers_is_prompt_and_clean(fresh: Env) -> None:
+    """SIGTERM while two transfers wait for ACKs (60 s timeout): the daemon ends at
+    once with status 0, the transfers' threads woken rather than waited out."""
+    clients = [Client(fresh.tftp) for _ in range(2)]
+    try:
+        for c in clients:
+            c.send_request(rrq(b"undionly.kpxe", blksize="1468", timeout="60"))
+            assert head(c.recv())[0] == OP_OACK
+            c.ack(0)
+            assert head(c.recv()) == (OP_DATA, 1)
+        assert fresh.daemon is not None
+        t0 = time.monotonic()
+        assert fresh.daemon.stop() == 0
+        assert time.monotonic() - t0 < 4.0  # under STOP_WAIT (5 s): woken, not waited out
+        assert "Traceback" not in fresh.daemon.output()
+    finally:
+        for c in clients:
+            c.sock.close()
+
+
 # --- TFTP: refusals ---------------------------------------------------------------------------
 
 

@@ -409,6 +409,241 @@ def test_rollover_with_windows() -> None:
     assert xfer.done and bytes(out) == content
 
 
+# --- the lock-step fast path (on_ack_fast) ----------------------------------------------
+
+
+def state(xfer: ReadTransfer) -> tuple[Any, ...]:
+    return (
+        xfer.acked,
+        xfer.sent_upto,
+        xfer.retries,
+        xfer.deadline,
+        xfer.done,
+        xfer.error,
+        xfer.bytes_sent,
+    )
+
+
+def fast_or_general(xfer: ReadTransfer, packet: bytes, now: float) -> list[bytes]:
+    """What the session shell does with a datagram: the fast path, else on_packet."""
+    buf = bytearray(packet) + bytearray(16)  # a receive buffer longer than the datagram
+    got = xfer.on_ack_fast(buf, len(packet), now)
+    return [bytes(got)] if got is not None else xfer.on_packet(packet, now)
+
+
+def make_fast(
+    content: bytes, options: dict[str, str] | None = None, reads: list[int] | None = None
+) -> tuple[ReadTransfer, list[bytes]]:
+    """A transfer whose fast path reads through `readinto` (each read's offset noted)."""
+
+    def readinto(buffers: list[memoryview], offset: int) -> int:
+        if reads is not None:
+            reads.append(offset)
+        done = 0
+        for buf in buffers:
+            chunk = content[offset + done : offset + done + len(buf)]
+            buf[: len(chunk)] = chunk
+            done += len(chunk)
+        return done
+
+    neg = negotiate(options or {}, len(content))
+    xfer = ReadTransfer(
+        lambda off, n: content[off : off + n], len(content), neg, T0, readinto=readinto
+    )
+    return xfer, xfer.start(T0)
+
+
+@pytest.mark.parametrize(
+    ("options", "size"),
+    [
+        ({}, 512 * 100 + 17),  # no OACK: the fast path opens at once
+        ({"blksize": "1468", "tsize": "0"}, 1468 * 200),  # ends with an empty block
+        ({"blksize": "8"}, 8 * 70_000 + 3),  # block numbers roll over under the fast path
+        ({"blksize": "65464"}, 65464 * 3 + 1),  # one read-ahead slot
+    ],
+)
+def test_fast_path_sends_and_records_exactly_what_on_packet_does(
+    options: dict[str, str], size: int
+) -> None:
+    """Two transfers of the same file, the same ACKs (with duplicates, a stale one, a
+    lost one and timer ticks): one through on_ack_fast + on_packet, the other through
+    on_packet only. Every packet and every piece of state must be the same."""
+    content = pattern(size)
+    reads: list[int] = []
+    fast, first_f = make_fast(content, options, reads)
+    slow, first_s = make(content, options)
+    assert first_f == first_s
+    packets, now = first_f, T0
+    if options:
+        packets = fast_or_general(fast, ack(0), now)
+        assert packets == slow.on_packet(ack(0), now)
+    out = bytearray()
+    fast_hits = 0
+    for step in range(size // int(options.get("blksize", 512)) + 10):
+        block, payload = data(packets[0])
+        out += payload
+        now += 0.001
+        if step % 997 == 5:  # the ACK is lost: the timer resends the same block
+            now = fast.deadline or now
+            again = fast.on_timer(now)
+            assert again == slow.on_timer(now) == packets
+        if step % 1009 == 7:  # duplicates and a stale ACK: nothing on either path
+            for extra in (ack(block - 1), ack(block - 1), ack(block + 5)):
+                assert fast_or_general(fast, extra, now) == []
+                assert slow.on_packet(extra, now) == []
+        buf = bytearray(ack(block))
+        hit = fast.on_ack_fast(buf, 4, now)
+        fast_hits += hit is not None
+        packets = [bytes(hit)] if hit is not None else fast.on_packet(ack(block), now)
+        assert packets == slow.on_packet(ack(block), now), f"block {block + 1}"
+        assert state(fast) == state(slow)
+        if fast.done:
+            break
+    assert fast.done and fast.error is None and bytes(out) == content
+    assert fast_hits >= size // int(options.get("blksize", 512)) - 10  # the common case
+    # One read per slot-full, at block boundaries, not one per block.
+    blksize = int(options.get("blksize", 512))
+    assert all(off % blksize == 0 for off in reads)
+    assert len(reads) <= fast_hits // tx.ReadAhead(lambda b, o: 0, blksize).count + 2
+
+
+def test_fast_path_declines_everything_but_the_in_order_ack() -> None:
+    """Each of these goes to on_packet, with the transfer untouched by on_ack_fast."""
+    content = pattern(512 * 10 + 1)
+    xfer, _ = make_fast(content, {"blksize": "512"})
+    before = state(xfer)
+    buf = bytearray(ack(0))
+    assert xfer.on_ack_fast(buf, 4, T0) is None  # ACK 0 of the OACK: on_packet
+    assert state(xfer) == before
+    assert blocks(xfer.on_packet(ack(0), T0)) == [1]
+    before = state(xfer)
+    declined = [
+        ack(0),  # duplicate of the OACK's ACK
+        ack(2),  # a block not sent yet
+        ack(1) + b"x",  # an ACK with trailing bytes: on_packet takes it, not the fast path
+        struct.pack("!HH", tx.OP_ERROR, 0) + b"bye\0",
+        struct.pack("!HH", tx.OP_DATA, 1),  # a 4-byte packet that is not an ACK
+        struct.pack("!HH", 0x0104, 1),  # opcode with a high byte set
+        b"\0\4\0",  # a runt
+    ]
+    for packet in declined:
+        buf = bytearray(packet) + bytearray(8)
+        assert xfer.on_ack_fast(buf, len(packet), T0) is None, packet
+        assert state(xfer) == before, packet
+
+
+def test_fast_path_stays_shut_for_windows_and_the_last_block() -> None:
+    content = pattern(512 * 8 + 5)  # blocks 1-8 full, 9 short
+    windowed, _ = make_fast(content, {"windowsize": "2"})
+    windowed.on_packet(ack(0), T0)
+    assert windowed.on_ack_fast(bytearray(ack(2)), 4, T0) is None
+    assert blocks(windowed.on_packet(ack(2), T0)) == [3, 4]
+    xfer, first = make_fast(content)
+    packets = first
+    for block in range(1, 8):  # ACKs 1-7 send full blocks 2-8 on the fast path
+        assert blocks(packets) == [block]
+        got = xfer.on_ack_fast(bytearray(ack(block)), 4, T0)
+        assert got is not None
+        packets = [bytes(got)]
+    assert xfer.on_ack_fast(bytearray(ack(8)), 4, T0) is None  # the short block 9: general
+    last = xfer.on_packet(ack(8), T0)
+    assert blocks(last) == [9] and data(last[0])[1] == content[8 * 512 :]
+    assert xfer.on_ack_fast(bytearray(ack(9)), 4, T0) is None
+    assert xfer.on_packet(ack(9), T0) == [] and xfer.done
+    assert xfer.bytes_sent == len(content)
+    assert xfer.on_ack_fast(bytearray(ack(9)), 4, T0) is None  # nothing after the end
+
+
+def test_fast_path_lost_ack_retransmits_and_times_out() -> None:
+    """After fast-path blocks, a lost ACK: the timer resends the same bytes with
+    backoff, an in-order ACK resumes the fast path, and silence ends it as timed out."""
+    content = pattern(512 * 50)
+    xfer, _ = make_fast(content, {"timeout": "2"})
+    xfer.on_packet(ack(0), T0)
+    sent = {}
+    for block in range(1, 10):
+        got = xfer.on_ack_fast(bytearray(ack(block)), 4, T0 + block)
+        assert got is not None
+        sent[block + 1] = bytes(got)
+    assert xfer.deadline == T0 + 9 + 2.0  # re-armed by the fast path
+    assert xfer.on_timer(T0 + 10.9) == []
+    assert xfer.on_timer(T0 + 11.0) == [sent[10]]  # the block whose ACK was lost
+    assert xfer.retries == 1 and xfer.deadline == T0 + 11.0 + 4.0
+    got = xfer.on_ack_fast(bytearray(ack(10)), 4, T0 + 12)
+    assert got is not None and data(bytes(got)) == (11, content[10 * 512 : 11 * 512])
+    assert xfer.retries == 0 and xfer.deadline == T0 + 14.0
+    now = T0 + 14.0
+    for _ in range(tx.MAX_RETRIES):
+        assert xfer.on_timer(now) == [bytes(got)]
+        assert xfer.deadline is not None
+        now = xfer.deadline
+    assert xfer.on_timer(now) == []
+    assert xfer.done and xfer.error == "timed out" and xfer.deadline is None
+    assert xfer.on_ack_fast(bytearray(ack(11)), 4, now) is None
+
+
+def test_fast_path_duplicate_ack_does_not_double_send() -> None:
+    content = pattern(512 * 20)
+    xfer, _ = make_fast(content)
+    got = xfer.on_ack_fast(bytearray(ack(1)), 4, T0)
+    assert got is not None and data(bytes(got))[0] == 2
+    deadline = xfer.deadline
+    for _ in range(5):
+        assert xfer.on_ack_fast(bytearray(ack(1)), 4, T0 + 0.5) is None
+        assert xfer.on_packet(ack(1), T0 + 0.5) == []
+    assert xfer.deadline == deadline and xfer.sent_upto == 2
+    got = xfer.on_ack_fast(bytearray(ack(2)), 4, T0 + 0.6)
+    assert got is not None and data(bytes(got))[0] == 3
+
+
+def test_read_ahead_slots_and_a_file_that_shrinks() -> None:
+    reads: list[tuple[int, int]] = []
+    content = bytearray(pattern(100 * 1468))
+
+    def readinto(buffers: list[memoryview], offset: int) -> int:
+        reads.append((offset, len(buffers)))
+        done = 0
+        for buf in buffers:
+            chunk = content[offset + done : offset + done + len(buf)]
+            buf[: len(chunk)] = chunk
+            done += len(chunk)
+        return done
+
+    ahead = tx.ReadAhead(readinto, 1468)
+    assert ahead.count == tx.READAHEAD_SLOTS  # 32 x 1472 bytes fit in 64 KiB
+    assert tx.ReadAhead(readinto, 65464).count == 1
+    first = ahead.load(1)
+    assert data(bytes(first)) == (1, bytes(content[:1468]))
+    assert reads == [(0, 32)] and ahead.loaded == 32
+    assert data(bytes(ahead.slots[31]))[0] == 32
+    del content[1468 * 90 :]  # the file shrinks to 90 blocks
+    assert ahead.load(80) is ahead.slots[0] and ahead.loaded == 11  # blocks 80-90
+    with pytest.raises(tx.FileChanged, match="shrank"):
+        ahead.load(91)
+    small = pattern(8 * 65_600)
+    tiny = tx.ReadAhead(lambda bufs, off: _fill(small, bufs, off), 8)
+    tiny.load(65_530)  # block numbers wrap inside one read: 65535, then 0, 1 ...
+    assert [data(bytes(p))[0] for p in tiny.slots[4:8]] == [65534, 65535, 0, 1]
+    assert data(bytes(tiny.slots[6]))[1] == small[65_535 * 8 : 65_536 * 8]
+
+
+def _fill(content: bytes, buffers: list[memoryview], offset: int) -> int:
+    done = 0
+    for buf in buffers:
+        chunk = content[offset + done : offset + done + len(buf)]
+        buf[: len(chunk)] = chunk
+        done += len(chunk)
+    return done
+
+
+def test_abort_ends_with_an_error_packet() -> None:
+    xfer, _ = make(pattern(5000))
+    packets = xfer.abort("the file shrank")
+    assert [error(p) for p in packets] == [(tx.ERR_UNDEFINED, "the file shrank")]
+    assert xfer.done and xfer.error == "the file shrank" and xfer.deadline is None
+    assert xfer.abort("again") == [] and xfer.error == "the file shrank"
+
+
 # --- files: the jail ---------------------------------------------------------------------
 
 

@@ -1,0 +1,154 @@
+"""One transfer on its own connected socket (RFC 1350 TID), driven by a worker thread.
+
+Why a thread and not the event loop: in lock-step every block is one ACK in and one
+DATA out, and per block the event loop costs more than the work itself (an epoll
+wake-up, a bytes object and an address tuple per datagram, callback dispatch, timer
+handles). A thread blocked in recv on a connected socket is woken by the ACK
+directly; the kernel's SO_RCVTIMEO is the retransmission timer, re-armed only when
+the wait changes; recv, one preadv per 32 blocks and send release the GIL, so the
+event loop runs meanwhile. In bench/tftp (one vCPU, lock-step) this costs about 4 µs
+of CPU per block, as tftpd-hpa does; the bare add_reader and DatagramProtocol shells
+cost about 6 (docs/benchmarks.md, TFTP). Threads are bounded by the service's limit
+on concurrent transfers.
+
+ReadTransfer decides everything: the fast path's in-order ACK (`on_ack_fast`, which
+returns the next DATA packet from its read-ahead buffer), every other packet and every
+timer tick (`on_packet`, `on_timer`, whose packets are sent as they come).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from services.tftp.files import Source
+from services.tftp.transfer import FileChanged, ReadTransfer
+
+RECV_BUFFER = 1024  # an ACK is 4 bytes, an ERROR a few dozen; longer is cut, harmlessly
+MIN_WAIT = 0.001  # SO_RCVTIMEO of 0 means "forever": never ask for less than this
+WAIT_SLACK = 0.01  # s: re-arming by less than this is not worth a setsockopt
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+
+
+class Session:
+    """The server side of one transfer: `start()` runs it in its own thread.
+
+    `on_done(session)` is called from that thread when the transfer has ended; the
+    owner then calls `close()`. `stop()` and `close()` belong to the owner's thread
+    (the event loop): a socket closed there cannot be shut down by mistake after its
+    number has gone to a new file.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        xfer: ReadTransfer,
+        source: Source,
+        peer: tuple[Any, ...],
+        on_done: Callable[[Session], None],
+        log: logging.Logger,
+    ) -> None:
+        self.sock = sock  # connected to the client, blocking
+        self.xfer = xfer
+        self.source = source
+        self.peer = peer
+        self.on_done = on_done
+        self.log = log
+        self.crashed = False  # an unexpected exception ended it (logged)
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name=f"tftp {peer[0]}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Wake the thread (a shut-down socket reads as empty) and let it end."""
+        self._stopping = True
+        with contextlib.suppress(OSError):  # the thread has ended, or never started
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """After `on_done`: release the socket."""
+        self.sock.close()
+
+    # --- the thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        xfer = self.xfer
+        try:
+            self._send(xfer.start(time.monotonic()))
+            self._loop()
+        except FileChanged as exc:
+            self._send_quietly(xfer.abort(str(exc)))
+        except OSError as exc:
+            # ECONNREFUSED: ICMP port unreachable, the client went away; or we stopped.
+            if not xfer.done:
+                xfer.abort(f"client unreachable: {exc}" if not self._stopping else "stopped")
+        except Exception:
+            self.crashed = True
+            self.log.exception("tftp: error in a transfer to %s", self.peer[0])
+            if not xfer.done:
+                xfer.abort("internal error")
+        finally:
+            self.on_done(self)
+
+    def _loop(self) -> None:
+        xfer, sock = self.xfer, self.sock
+        buf = bytearray(RECV_BUFFER)
+        recv_into, send, mono = sock.recv_into, sock.send, time.monotonic
+        fast = xfer.on_ack_fast
+        timeout = xfer.neg.timeout  # the wait after a block sent on an ACK
+        wait = self._rearm(0.0)  # the socket's SO_RCVTIMEO now
+        while True:
+            try:
+                n = recv_into(buf)
+            except BlockingIOError:  # SO_RCVTIMEO ran out: the timer
+                self._send(xfer.on_timer(mono()))
+                if xfer.done:
+                    return
+                wait = self._rearm(wait)
+                continue
+            now = mono()
+            data = fast(buf, n, now)
+            if data is not None:
+                if wait != timeout:
+                    wait = self._set_wait(timeout)
+                send(data)
+                continue
+            if self._stopping:  # the socket was shut down: it reads as empty
+                xfer.abort("stopped")
+                return
+            self._send(xfer.on_packet(bytes(buf[:n]), now))
+            if xfer.done:
+                return
+            wait = self._rearm(wait)
+
+    def _send(self, packets: list[bytes]) -> None:
+        for data in packets:
+            self.sock.send(data)
+
+    def _send_quietly(self, packets: list[bytes]) -> None:
+        with contextlib.suppress(OSError):  # the client is gone; nothing more to tell it
+            self._send(packets)
+
+    def _rearm(self, wait: float) -> float:
+        """Make the socket's receive timeout end at the transfer's deadline; the new one."""
+        deadline = self.xfer.deadline
+        if deadline is None:
+            return wait
+        left = max(MIN_WAIT, deadline - time.monotonic())
+        return self._set_wait(left) if abs(left - wait) >= WAIT_SLACK else wait
+
+    def _set_wait(self, seconds: float) -> float:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        return seconds
