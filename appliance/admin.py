@@ -1,20 +1,70 @@
-"""The admin endpoint (aiohttp): health, status, nodes and reload under /api/v1.
+"""The admin endpoint (aiohttp): JSON API under /api/v1, events stream, dashboard, /metrics.
 
 Reads are open on loopback and need the bearer token elsewhere; mutations always
-need it. The token lives in `<state_dir>/admin.token` (mode 0600).
+need it. The token lives in `<state_dir>/admin.token` (mode 0600). The browser's
+EventSource cannot send headers, so GET requests may carry it as `?access_token=`.
+Every error is a JSON body `{"error": "..."}`; a failing handler is logged and
+answered with 500, it never takes the service down.
+
+The OpenAPI document (appliance/openapi.py) describes every route added in `app()`;
+a test keeps the two in step.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
+import importlib.resources
 import ipaddress
+import json
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from appliance.plan import Plan
+from appliance import sse
+from appliance.events import STAGES, Subscription
+from appliance.metrics import ApplianceCollector
+from appliance.openapi import document
+from appliance.plan import NodeInfo, Plan
+from appliance.progress import NodeFacts, timeline
 from appliance.service import ServiceContext, ServiceSpec, start_web
+
+MAX_EVENT_ID = 10**18 - 1  # the largest id `after` and Last-Event-ID take
+KEEPALIVE = 15.0  # seconds between comments on an idle events stream
+STORE_LAG_RETRY = 0.05  # seconds: the bus rang before the store wrote the event
+STORE_LAG_RETRIES = 20  # so look again, up to a second
+STREAM_QUEUE = 256  # bus events one stream may hold; it only uses them as a doorbell
+DASHBOARD_FILES = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+}
+PUBLIC = ("/healthz", "/", "/api/v1/openapi.json")  # never need the token (no cluster data)
+BACKEND_ACTIONS = {"drain": "drain", "disable": "disabled", "enable": "enabled"}
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BadRequest(Exception):
+    """A request the client must change: answered 400 with the message."""
+
+
+class NotFound(Exception):
+    """A node, frontend or backend that does not exist: answered 404 with the message."""
+
+
+def _dumps(value: Any) -> str:
+    # Service status may hold values JSON does not know (a Path, a datetime): say them as text.
+    return json.dumps(value, default=str)
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 class AdminService:
@@ -25,98 +75,252 @@ class AdminService:
         self.plan: Plan | None = None
         self.runner: web.AppRunner | None = None
         self.requests = 0
+        self.errors = 0
+        self.loopback_only = True
+        self.streams: set[Subscription] = set()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ApplianceCollector(self._status, ctx.store))
+        self._files: dict[str, bytes] = {}
 
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self, plan: Plan) -> None:
         endpoint = plan.listen["admin"]
         self.plan = plan
-        self.loopback_only = ipaddress.ip_address(endpoint.host).is_loopback
+        self.loopback_only = _is_loopback(endpoint.host)
         self.runner = await start_web(self.name, endpoint, self.app())
 
     async def reload(self, plan: Plan) -> None:
         self.plan = plan
 
     async def stop(self) -> None:
+        # Open event streams end first, or the runner would wait for them to time out.
+        for sub in list(self.streams):
+            sub.close()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
 
     def status(self) -> dict[str, Any]:
-        return {"requests": self.requests}
+        return {"requests": self.requests, "errors": self.errors, "streams": len(self.streams)}
+
+    def _status(self) -> dict[str, Any]:
+        control = self.ctx.control
+        return control.status() if control is not None else {}
 
     # --- HTTP ------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth])
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/api/v1/status", self.get_status)
-        app.router.add_get("/api/v1/nodes", self.get_nodes)
-        app.router.add_get("/api/v1/plan", self.get_plan)
-        app.router.add_get("/api/v1/unknown-machines", self.get_unknown)
-        app.router.add_get("/api/v1/backends", self.get_backends)
-        app.router.add_post(
-            "/api/v1/frontends/{frontend}/backends/{backend}/{action}", self.post_backend
-        )
-        app.router.add_post("/api/v1/reload", self.post_reload)
-        app.router.add_post("/api/v1/nodes/{name}/reinstall", self.post_reinstall)
+        app = web.Application(middlewares=[self._guard])
+        get, post = app.router.add_get, app.router.add_post
+        get("/", self.dashboard)
+        get("/dashboard/{file}", self.dashboard_file)
+        get("/healthz", self.healthz)
+        get("/metrics", self.metrics)
+        get("/api/v1/openapi.json", self.openapi)
+        get("/api/v1/status", self.get_status)
+        get("/api/v1/plan", self.get_plan)
+        get("/api/v1/nodes", self.get_nodes)
+        get("/api/v1/nodes/{name}", self.get_node)
+        post("/api/v1/nodes/{name}/reinstall", self.post_reinstall)
+        get("/api/v1/leases", self.get_leases)
+        get("/api/v1/unknown-machines", self.get_unknown)
+        get("/api/v1/backends", self.get_backends)
+        post("/api/v1/frontends/{frontend}/backends/{backend}/{action}", self.post_backend)
+        get("/api/v1/csr-decisions", self.get_csr_decisions)
+        get("/api/v1/cluster", self.get_cluster)
+        get("/api/v1/events", self.get_events)
+        post("/api/v1/reload", self.post_reload)
         return app
 
     def _token_ok(self, request: web.Request) -> bool:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
         expected = self.ctx.admin_token
-        return bool(
-            expected
-            and scheme.lower() == "bearer"
-            and hmac.compare_digest(token.strip().encode(), expected.encode())
-        )
+        if not expected:
+            return False
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            # EventSource cannot send headers: reads may carry the token in the query.
+            token = request.query.get("access_token", "") if request.method == "GET" else ""
+        return hmac.compare_digest(token.strip().encode(), expected.encode())
+
+    def _needs_token(self, request: web.Request) -> bool:
+        if request.method not in ("GET", "HEAD"):
+            return True
+        if self.loopback_only:
+            return False
+        return request.path not in PUBLIC and not request.path.startswith("/dashboard/")
 
     @web.middleware
-    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Token check, and every failure as a JSON error (never a traceback to the client)."""
         self.requests += 1
-        needs_token = request.method not in ("GET", "HEAD") or not self.loopback_only
-        if needs_token and request.path != "/healthz" and not self._token_ok(request):
-            return web.json_response(
-                {"error": "a bearer token is required (see <state_dir>/admin.token)"},
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="appliance"'},
+        if self._needs_token(request) and not self._token_ok(request):
+            return _error(
+                401,
+                "a valid bearer token is required (see <state_dir>/admin.token)",
+                {"WWW-Authenticate": 'Bearer realm="appliance"'},
             )
-        response: web.StreamResponse = await handler(request)
-        return response
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        except NotFound as exc:
+            return _error(404, str(exc))
+        except web.HTTPException as exc:  # the router's 404 and 405
+            if exc.status < 400:
+                raise
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return _error(exc.status, exc.reason, headers)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            self.errors += 1
+            self.ctx.log.exception("admin: %s %s failed", request.method, request.path)
+            return _error(500, "internal error (logged by the appliance)")
+
+    # --- pages and documents ---------------------------------------------------------
+
+    def _asset(self, name: str) -> web.Response:
+        body = self._files.get(name)
+        if body is None:
+            body = (importlib.resources.files("appliance") / "dashboard" / name).read_bytes()
+            self._files[name] = body
+        return web.Response(
+            body=body,
+            content_type=DASHBOARD_FILES[name],
+            charset="utf-8",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        return self._asset("index.html")
+
+    async def dashboard_file(self, request: web.Request) -> web.Response:
+        name = request.match_info["file"]
+        if name not in DASHBOARD_FILES or name == "index.html":
+            raise NotFound(f"no dashboard file {name!r}")
+        return self._asset(name)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(document())
+
+    # --- reads -----------------------------------------------------------------------
+
+    def _plan(self) -> Plan:
+        assert self.plan is not None, "admin: a request before start()"
+        return self.plan
+
     async def get_status(self, request: web.Request) -> web.Response:
-        control = self.ctx.control
-        return web.json_response(control.status() if control else {})
+        plan = self._plan()
+        body = dict(self._status())
+        roles = {
+            r: sum(1 for n in plan.nodes if n.role == r) for r in ("bootstrap", "master", "worker")
+        }
+        body["time"] = time.time()
+        body["plan"] = {
+            "domain": plan.domain,
+            "nodes": len(plan.nodes),
+            "roles": roles,
+            "gpu_nodes": sum(1 for n in plan.nodes if n.gpu),
+            "frontends": [fe.name for fe in plan.frontends if fe.listen is not None],
+            "listen": {k: str(v) for k, v in plan.listen.items()},
+            "dhcp_mode": plan.dhcp.mode,
+            "after_install": plan.boot.after_install,
+        }
+        return web.json_response(body, dumps=_dumps)
 
     async def get_plan(self, request: web.Request) -> web.Response:
-        assert self.plan is not None
-        return web.json_response(self.plan.to_dict())
+        return web.json_response(self._plan().to_dict())
+
+    def _node_view(
+        self,
+        node: NodeInfo,
+        progress: Mapping[str, tuple[float, float, str]],
+        install: Mapping[str, float | None],
+        now: float,
+    ) -> dict[str, Any]:
+        facts = NodeFacts(
+            node.name,
+            node.role,
+            node.gpu,
+            install.get("installed_at"),
+            install.get("reinstall_requested"),
+            self._plan().boot.after_install,
+        )
+        return {
+            "name": node.name,
+            "fqdn": node.fqdn,
+            "role": node.role,
+            "mac": node.mac,
+            "ip": str(node.ip),
+            "gpu": node.gpu,
+            "stages": {
+                stage: {"first": first, "last": last, "detail": detail}
+                for stage, (first, last, detail) in progress.items()
+            },
+            "installed_at": facts.installed_at,
+            "reinstall_requested": facts.reinstall_requested,
+            **timeline(facts, progress, now),
+        }
 
     async def get_nodes(self, request: web.Request) -> web.Response:
-        assert self.plan is not None
-        progress = self.ctx.store.progress()
-        nodes = []
-        for node in self.plan.nodes:
-            stages = progress.get(node.name, {})
-            nodes.append(
-                {
-                    "name": node.name,
-                    "fqdn": node.fqdn,
-                    "role": node.role,
-                    "mac": node.mac,
-                    "ip": str(node.ip),
-                    "gpu": node.gpu,
-                    "stages": {
-                        stage: {"first": first, "last": last, "detail": detail}
-                        for stage, (first, last, detail) in stages.items()
-                    },
-                }
-            )
-        return web.json_response({"nodes": nodes})
+        store, now = self.ctx.store, time.time()
+        last_id = store.last_event_id()  # before the reads: a stream from here misses nothing
+        progress, install = store.progress(), store.install_state()
+        nodes = [
+            self._node_view(n, progress.get(n.name, {}), install.get(n.name, {}), now)
+            for n in self._plan().nodes
+        ]
+        body = {"time": now, "last_event_id": last_id, "stages": list(STAGES), "nodes": nodes}
+        return web.json_response(body)
+
+    async def get_node(self, request: web.Request) -> web.Response:
+        node = self._node(request.match_info["name"])
+        after = _int(request.query, "after", 0, 0, MAX_EVENT_ID)
+        limit = _int(request.query, "limit", 500, 1, 5000)
+        store, now = self.ctx.store, time.time()
+        view = self._node_view(
+            node,
+            store.progress().get(node.name, {}),
+            store.install_state().get(node.name, {}),
+            now,
+        )
+        events = store.events(node=node.name, after_id=after, limit=limit)
+        view["events"] = [e.to_dict() for e in events]
+        return web.json_response(view)
+
+    def _node(self, name: str) -> NodeInfo:
+        node = self._plan().by_name.get(name)
+        if node is None:
+            raise NotFound(f"no node {name!r} in the inventory")
+        return node
+
+    async def get_leases(self, request: web.Request) -> web.Response:
+        everything = _bool(request.query, "all", False)
+        now = time.time()
+        by_mac = {n.mac: n.name for n in self._plan().nodes}
+        leases = self.ctx.store.leases(None if everything else now)
+        body = [
+            {
+                "mac": lease.mac,
+                "ip": lease.ip,
+                "hostname": lease.hostname,
+                "node": by_mac.get(lease.mac),
+                "state": lease.state,
+                "expires": lease.expires,
+                "expires_in": round(lease.expires - now, 3),
+                "updated": lease.updated,
+            }
+            for lease in leases
+        ]
+        return web.json_response({"time": now, "leases": body})
 
     async def get_unknown(self, request: web.Request) -> web.Response:
         """Machines that network-booted here but are not in the inventory."""
@@ -127,40 +331,191 @@ class AdminService:
 
     async def get_backends(self, request: web.Request) -> web.Response:
         proxy = self._proxy()
-        return web.json_response(proxy.status() if proxy is not None else {"frontends": {}})
+        if proxy is None:
+            return web.json_response({"running": False, "frontends": {}})
+        return web.json_response({"running": True, **proxy.status()}, dumps=_dumps)
+
+    async def get_csr_decisions(self, request: web.Request) -> web.Response:
+        limit = _int(request.query, "limit", 100, 1, 5000)
+        store = self.ctx.store
+        return web.json_response(
+            {"counts": store.csr_decision_counts(), "decisions": store.csr_decisions(limit)}
+        )
+
+    async def get_cluster(self, request: web.Request) -> web.Response:
+        """The cluster loop: GPU bring-up and bootstrap state (kept in the store), its status."""
+        cluster = self.ctx.services.get("cluster")
+        store = self.ctx.store
+        return web.json_response(
+            {
+                "running": cluster is not None,
+                "service": cluster.status() if cluster is not None else None,
+                "gpu": store.cluster_state("gpu"),
+                "bootstrap": store.cluster_state("bootstrap"),
+            },
+            dumps=_dumps,
+        )
+
+    # --- the events stream -----------------------------------------------------------
+
+    async def get_events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: stored events (with their ids), then live ones as they come.
+
+        The store is the source (it gives ids, so `Last-Event-ID` resumes exactly); the
+        bus only says when to look. The subscription is bounded and drops its oldest,
+        so a slow client never holds up the bus, and loses nothing: the store has it.
+        """
+        query = request.query
+        try:
+            # EventSource resumes with the header; it wins over the query's `after`.
+            resume = sse.parse_event_id(request.headers.get("Last-Event-ID"))
+            after = sse.parse_event_id(query.get("after"))
+            after = resume if resume is not None else after
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        backlog = _int(query, "backlog", 100, 0, 1000)
+        follow = _bool(query, "follow", True)
+        keepalive = _float(query, "keepalive", KEEPALIVE, 0.1, 300.0)
+        node = query.get("node")
+        if node is not None:
+            self._node(node)
+        if request.method == "HEAD":  # the headers a stream would have, and no stream
+            return web.Response(headers={"Content-Type": "text/event-stream"})
+        store = self.ctx.store
+        sub = self.ctx.bus.subscribe(STREAM_QUEUE)  # before reading: nothing falls in between
+        self.streams.add(sub)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-store",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        try:
+            await response.prepare(request)
+            if after is None:  # a new client: the latest `backlog` events first
+                after = max(0, store.last_event_id() - backlog)
+            await response.write(sse.retry(2000))
+            cursor = await self._send_since(response, after, node)
+            retries = 0  # the bus rang but the store had nothing new yet: look again soon
+            while follow:
+                try:
+                    await asyncio.wait_for(sub.get(), STORE_LAG_RETRY if retries else keepalive)
+                    sub.drain()
+                    rang = True
+                except TimeoutError:
+                    rang = False
+                    if not retries:
+                        await response.write(sse.comment("keep-alive"))
+                        continue
+                except StopAsyncIteration:
+                    break  # the service stops
+                sent = await self._send_since(response, cursor, node)
+                if sent != cursor:
+                    retries = 0
+                elif rang:
+                    retries = STORE_LAG_RETRIES  # (or an event of another node, when filtered)
+                else:
+                    retries -= 1
+                cursor = sent
+        except ConnectionError:
+            pass  # the client went away
+        finally:
+            sub.close()
+            self.streams.discard(sub)
+        return response
+
+    async def _send_since(self, response: web.StreamResponse, after: int, node: str | None) -> int:
+        """Write every stored event after `after` (in pages); return the last id written."""
+        for _ in range(1000):  # bounded: a million events per wake-up at most
+            events = self.ctx.store.events(node=node, after_id=after, limit=1000)
+            if not events:
+                break
+            chunk = b"".join(
+                sse.encode(json.dumps(e.to_dict()), id=e.id, event="stage") for e in events
+            )
+            await response.write(chunk)
+            after = events[-1].id
+        return after
+
+    # --- mutations -------------------------------------------------------------------
 
     async def post_backend(self, request: web.Request) -> web.Response:
         """drain | disable | enable one backend of one frontend."""
+        action = request.match_info["action"]
+        state = BACKEND_ACTIONS.get(action)
+        if state is None:  # an action that does not exist is a path that does not exist
+            raise NotFound(f"unknown action {action!r} (drain, disable or enable)")
         proxy = self._proxy()
         if proxy is None:
-            return web.json_response({"error": "the load balancer is not running"}, status=404)
-        action = request.match_info["action"]
-        state = {"drain": "drain", "disable": "disabled", "enable": "enabled"}.get(action)
-        if state is None:
-            return web.json_response({"error": f"unknown action {action!r}"}, status=404)
+            raise NotFound("the load balancer is not running (no frontend listens)")
         try:
             backend = proxy.set_admin_state(
                 request.match_info["frontend"], request.match_info["backend"], state
             )
         except KeyError as exc:
-            return web.json_response({"error": str(exc.args[0])}, status=404)
+            raise NotFound(str(exc.args[0])) from None
         return web.json_response({"ok": True, "backend": backend.stats()})
 
     async def post_reinstall(self, request: web.Request) -> web.Response:
-        assert self.plan is not None
-        name = request.match_info["name"]
-        if name not in self.plan.by_name:
-            return web.json_response({"error": f"no node {name!r} in the inventory"}, status=404)
-        self.ctx.boot.request_reinstall(name, time.time())
-        return web.json_response({"ok": True, "node": name, "next_boot": "install"})
+        node = self._node(request.match_info["name"])
+        self.ctx.boot.request_reinstall(node.name, time.time())
+        return web.json_response({"ok": True, "node": node.name, "next_boot": "install"})
 
     async def post_reload(self, request: web.Request) -> web.Response:
         control = self.ctx.control
         if control is None:
-            return web.json_response({"error": "no supervisor"}, status=503)
+            return _error(503, "no supervisor")
         result = await control.reload()
         body = {"ok": result.ok, "errors": list(result.errors), "changed": list(result.changed)}
         return web.json_response(body, status=200 if result.ok else 422)
+
+
+# --- query parameters ------------------------------------------------------------------
+
+
+def _int(query: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    text = raw.strip()
+    # Plain ASCII digits only: int() would also take "1_0", "+3" and other scripts' digits.
+    if not (text.removeprefix("-").isascii() and text.removeprefix("-").isdigit()):
+        raise BadRequest(f"{name}: {raw!r} is not an integer")
+    value = int(text)
+    if not low <= value <= high:
+        raise BadRequest(f"{name}: {value} is outside {low}..{high}")
+    return value
+
+
+def _float(query: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise BadRequest(f"{name}: {raw!r} is not a number") from None
+    if not low <= value <= high:  # also refuses nan
+        raise BadRequest(f"{name}: {raw} is outside {low}..{high}")
+    return value
+
+
+def _bool(query: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if raw.lower() in TRUE:
+        return True
+    if raw.lower() in FALSE:
+        return False
+    raise BadRequest(f"{name}: {raw!r} is not a boolean (true or false)")
+
+
+def _is_loopback(host: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    return host == "localhost"
 
 
 SPEC = ServiceSpec("admin", AdminService, listen_keys=("admin",))

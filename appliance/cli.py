@@ -1,4 +1,7 @@
-"""The `appliance` command line: run, check, plan, render.
+"""The `appliance` command line: run, check, plan, render, and the admin client.
+
+The client commands (status, nodes, watch, reinstall, drain/disable/enable, reload)
+talk to the running daemon's admin API, found through the same `--config`.
 
 Every error is one line per problem on stderr and a non-zero exit; a traceback
 is printed only when APPLIANCE_DEBUG is set.
@@ -58,6 +61,30 @@ def _parser() -> argparse.ArgumentParser:
         "reinstall", parents=[common], help="install NODE again at its next network boot"
     )
     reinstall.add_argument("node")
+    status = sub.add_parser("status", parents=[common], help="the running appliance's services")
+    status.add_argument("--json", action="store_true", help="the raw API answer")
+    nodes = sub.add_parser("nodes", parents=[common], help="every node's install progress")
+    nodes.add_argument("--json", action="store_true", help="the raw API answer")
+    watch = sub.add_parser(
+        "watch", parents=[common], help="follow node stages live (Ctrl-C to quit)"
+    )
+    watch.add_argument("--once", action="store_true", help="print the current view and exit")
+    watch.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    watch.add_argument("--timeout", type=float, metavar="SECONDS", help="exit after SECONDS")
+    watch.add_argument(
+        "--plain", action="store_true", help="one line per event, even on a terminal"
+    )
+    for action, what in (
+        ("drain", "no new connections to BACKEND (open ones finish)"),
+        ("disable", "no connections to BACKEND at all (open ones are closed)"),
+        ("enable", "put BACKEND back into the pool"),
+    ):
+        cmd = sub.add_parser(action, parents=[common], help=what)
+        cmd.add_argument("frontend", help="api, machine_config, ingress_http or ingress_https")
+        cmd.add_argument("backend", help="a backend (node) name")
+    sub.add_parser(
+        "reload", parents=[common], help="re-read the inventory in the running appliance"
+    )
     return p
 
 
@@ -145,6 +172,69 @@ def _cmd_reinstall(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from appliance import client
+    from appliance.terminal import status_lines
+
+    body = client.call(_load(args.config), "GET", "/api/v1/status")
+    print(json.dumps(body, indent=2) if args.json else "\n".join(status_lines(body)))
+    return 0
+
+
+def _cmd_nodes(args: argparse.Namespace) -> int:
+    from appliance import client
+    from appliance.terminal import nodes_table
+
+    body = client.call(_load(args.config), "GET", "/api/v1/nodes")
+    print(json.dumps(body, indent=2) if args.json else "\n".join(nodes_table(body, body["time"])))
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from appliance.watch import Watch
+
+    if args.count is not None and args.count < 1:
+        print("appliance: --count must be at least 1", file=sys.stderr)
+        return EXIT_INVALID
+    if args.timeout is not None and not args.timeout > 0:
+        print("appliance: --timeout must be a positive number of seconds", file=sys.stderr)
+        return EXIT_INVALID
+    tty = sys.stdout.isatty() and not args.plain
+    watch = Watch(_load(args.config), tty=tty, count=args.count, timeout=args.timeout)
+    return watch.run(once=args.once)
+
+
+def _cmd_backend(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from appliance import client
+
+    path = (
+        f"/api/v1/frontends/{quote(args.frontend, safe='')}"
+        f"/backends/{quote(args.backend, safe='')}/{args.command}"
+    )
+    body = client.call(_load(args.config), "POST", path)
+    backend = body["backend"]
+    print(
+        f"{args.frontend}/{backend['name']}: {backend['admin']} "
+        f"(health {backend['health']}, {backend['active']} open connections)"
+    )
+    return 0
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from appliance import client
+
+    body = client.call(_load(args.config), "POST", "/api/v1/reload", ok=(422,))
+    if not body["ok"]:
+        for error in body["errors"]:
+            print(f"appliance: reload refused: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    changed = ", ".join(body["changed"]) or "nothing"
+    print(f"reloaded: the new plan is in force (took it: {changed})")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from appliance.supervisor import run
 
@@ -167,6 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan": _cmd_plan,
         "render": _cmd_render,
         "reinstall": _cmd_reinstall,
+        "status": _cmd_status,
+        "nodes": _cmd_nodes,
+        "watch": _cmd_watch,
+        "drain": _cmd_backend,
+        "disable": _cmd_backend,
+        "enable": _cmd_backend,
+        "reload": _cmd_reload,
     }
     try:
         return commands[args.command](args)

@@ -221,6 +221,9 @@ class LoadBalancer(_Strict):
     idle_timeout: FrontendSeconds = FrontendSeconds()
     max_connections: Annotated[int, Field(ge=1)] = 10_000  # per frontend
     ingress_check: Literal["http", "tcp"] = "http"  # http: GET /healthz/ready on :1936
+    # Graceful stop (SIGTERM): seconds open connections may take to finish after the
+    # listeners close; what is still open then is cut.
+    stop_timeout: Annotated[float, Field(ge=0, le=3600)] = 10.0
 
 
 class Loaders(_Strict):
@@ -274,6 +277,14 @@ class Kubernetes(_Strict):
     kubeconfig: str | None = None
     approve_csrs: bool = True
     gpu_operator: bool = True
+    # Added keys (the cluster loop): deny kubelet CSRs that fail review instead of
+    # leaving them pending; the longest serving certificate a CSR may ask for (seconds);
+    # the approval rate limit; the image of the nvidia-smi validation pods.
+    deny_unmatched: bool = False
+    serving_max_expiration: Annotated[int, Field(ge=600)] = 31_536_000
+    approvals_per_minute: Annotated[float, Field(gt=0, le=100_000)] = 60.0
+    approval_burst: Annotated[int, Field(ge=1, le=100_000)] = 20
+    validation_image: str = "nvcr.io/nvidia/cuda:12.4.1-base-ubi8"
 
 
 class Inventory(_Strict):

@@ -204,6 +204,7 @@ class Frontend:
     connect_timeout: float = 5.0
     idle_timeout: float = 3600.0
     max_connections: int = 10_000
+    stop_timeout: float = 10.0  # graceful stop: how long connections may drain
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +232,11 @@ class KubernetesPlan:
     kubeconfig: Path
     approve_csrs: bool
     gpu_operator: bool
+    deny_unmatched: bool = False
+    serving_max_expiration: int = 31_536_000  # seconds
+    approvals_per_minute: float = 60.0
+    approval_burst: int = 20
+    validation_image: str = "nvcr.io/nvidia/cuda:12.4.1-base-ubi8"
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,6 +457,7 @@ def _frontends(loaded: LoadedInventory) -> tuple[Frontend, ...]:
                 connect_timeout=lb.connect_timeout,
                 idle_timeout=getattr(lb.idle_timeout, name),
                 max_connections=lb.max_connections,
+                stop_timeout=lb.stop_timeout,
             )
         )
     return tuple(out)
@@ -526,7 +533,16 @@ def build_plan(loaded: LoadedInventory) -> Plan:
         boot=boot,
         frontends=_frontends(loaded),
         csr_allow=tuple(CsrNode(n.name, n.fqdn, n.ip, n.role) for n in nodes),
-        kubernetes=KubernetesPlan(kubeconfig, k8s.approve_csrs, k8s.gpu_operator),
+        kubernetes=KubernetesPlan(
+            kubeconfig,
+            k8s.approve_csrs,
+            k8s.gpu_operator,
+            deny_unmatched=k8s.deny_unmatched,
+            serving_max_expiration=k8s.serving_max_expiration,
+            approvals_per_minute=k8s.approvals_per_minute,
+            approval_burst=k8s.approval_burst,
+            validation_image=k8s.validation_image,
+        ),
         load_balancer=inv.load_balancer.address,
         by_name=MappingProxyType({n.name: n for n in nodes}),
         by_ip=MappingProxyType({n.ip: n for n in nodes}),

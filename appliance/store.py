@@ -94,6 +94,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             value TEXT NOT NULL,
             updated REAL NOT NULL)""",
     ),
+    # 4: refused attempts (ok = 0) are recorded as events without reaching the stage
+    ("ALTER TABLE events ADD COLUMN ok INTEGER NOT NULL DEFAULT 1",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -229,11 +231,14 @@ class Store:
         with self._transaction() as cur:
             for ev in evs:
                 cur.execute(
-                    "INSERT INTO events (time, node, stage, detail, source) VALUES (?, ?, ?, ?, ?)",
-                    (ev.time, ev.node, ev.stage, ev.detail, ev.source),
+                    """INSERT INTO events (time, node, stage, detail, source, ok)
+                    VALUES (?, ?, ?, ?, ?, ?)""",
+                    (ev.time, ev.node, ev.stage, ev.detail, ev.source, int(ev.ok)),
                 )
                 assert cur.lastrowid is not None
                 stored.append(dataclasses.replace(ev, id=cur.lastrowid))
+                if not ev.ok:
+                    continue  # a refused attempt: the node has not reached the stage
                 # The latest event decides the detail, even if events arrive out of order.
                 cur.execute(
                     """INSERT INTO node_stage (node, stage, first_time, last_time, detail)
@@ -251,14 +256,26 @@ class Store:
         self, *, node: str | None = None, after_id: int = 0, limit: int = 1000
     ) -> list[Event]:
         """Stored events in id order, those after `after_id` (for paging and tailing)."""
-        sql = "SELECT node, stage, detail, time, source, id FROM events WHERE id > ?"
+        sql = "SELECT node, stage, detail, time, source, id, ok FROM events WHERE id > ?"
         args: list[object] = [after_id]
         if node is not None:
             sql += " AND node = ?"
             args.append(node)
         sql += " ORDER BY id LIMIT ?"
         args.append(limit)
-        return [Event(*row) for row in self._conn.execute(sql, args)]
+        return [
+            Event(node_, stage, detail, time, source, id_, bool(ok))
+            for node_, stage, detail, time, source, id_, ok in self._conn.execute(sql, args)
+        ]
+
+    def last_event_id(self) -> int:
+        """The id of the newest stored event (0 when there is none): where a live tail starts."""
+        return int(self._conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
+
+    def event_counts(self) -> dict[str, int]:
+        """Stored events per stage (for metrics)."""
+        rows = self._conn.execute("SELECT stage, count(*) FROM events GROUP BY stage")
+        return {str(stage): int(n) for stage, n in rows}
 
     def progress(self) -> dict[str, dict[str, tuple[float, float, str]]]:
         """node -> stage -> (first_time, last_time, detail); stages in install order."""
@@ -466,6 +483,11 @@ class Store:
         )
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur]
+
+    def csr_decision_counts(self) -> dict[str, int]:
+        """Stored CSR decisions per decision (approve, pending, deny), for metrics."""
+        rows = self._conn.execute("SELECT decision, count(*) FROM csr_decisions GROUP BY decision")
+        return {str(decision): int(n) for decision, n in rows}
 
     def set_cluster_state(self, key: str, value: object, time: float) -> None:
         """Keep a JSON-serialisable value under `key` (e.g. "gpu", "bootstrap")."""

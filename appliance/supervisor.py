@@ -27,8 +27,9 @@ from appliance.bootstate import BootState
 from appliance.client import TOKEN_FILE
 from appliance.events import EventBus
 from appliance.inventory import InventoryError, load_inventory
-from appliance.notify import notify, watchdog_interval, watchdog_loop
+from appliance.notify import notify, reloading_message, watchdog_interval, watchdog_loop
 from appliance.plan import Plan, build_plan
+from appliance.plandiff import diff_plans
 from appliance.service import (
     ReloadResult,
     Service,
@@ -40,19 +41,20 @@ from appliance.store import Store, StoreError
 
 log = logging.getLogger("appliance")
 
-STOP_TIMEOUT = 10.0  # seconds a service gets to stop before it is abandoned
+STOP_TIMEOUT = 10.0  # seconds a service gets to stop before it is abandoned (plus LB drain)
 
 
 def default_specs() -> list[ServiceSpec]:
     """Every service this build has, in start order (admin last: it reports on the rest)."""
     from appliance.admin import SPEC as ADMIN
+    from services.cluster import SPEC as CLUSTER
     from services.dhcp import SPEC as DHCP
     from services.dns import SPEC as DNS
     from services.http import SPEC as HTTP
     from services.proxy import SPEC as PROXY
     from services.tftp import SPEC as TFTP
 
-    return [DNS, DHCP, TFTP, HTTP, PROXY, ADMIN]
+    return [DNS, DHCP, TFTP, HTTP, PROXY, CLUSTER, ADMIN]
 
 
 def load_plan(config: Path) -> Plan:
@@ -122,11 +124,18 @@ class Supervisor:
             raise ServiceError(f"{spec.name}: failed to start: {exc}") from None
         return service
 
+    def _stop_budget(self) -> float:
+        # The proxy may let its connections drain for load_balancer.stop_timeout first.
+        plan = self.plan
+        drain = max((fe.stop_timeout for fe in plan.frontends), default=0.0) if plan else 0.0
+        return STOP_TIMEOUT + drain
+
     async def _stop_one(self, name: str, service: Service) -> None:
+        budget = self._stop_budget()
         try:
-            await asyncio.wait_for(service.stop(), STOP_TIMEOUT)
+            await asyncio.wait_for(service.stop(), budget)
         except TimeoutError:
-            log.warning("%s: did not stop within %.0f s; abandoning it", name, STOP_TIMEOUT)
+            log.warning("%s: did not stop within %.0f s; abandoning it", name, budget)
         except Exception:  # a failing stop must not keep the others running
             log.exception("%s: error while stopping", name)
 
@@ -165,16 +174,38 @@ class Supervisor:
         )
         interval = watchdog_interval()
         if interval:
+            # A task on this very loop: if the loop hangs, the pings stop and systemd acts.
             self._tasks.append(asyncio.create_task(watchdog_loop(interval), name="watchdog"))
+            log.info("systemd watchdog: a ping every %.1f s", interval)
         # What exists now (plans, zones, templates) lives as long as the process: keep the
         # cyclic collector from scanning it again and again on busy paths.
         gc.freeze()
-        notify(f"READY=1\nSTATUS=serving {plan.domain}\nMAINPID={os.getpid()}")
+        # Every listener is bound by now (each service binds in start): only now READY.
+        notify(f"READY=1\nSTATUS={self._status_line()}\nMAINPID={os.getpid()}")
+
+    def _status_line(self) -> str:
+        """The one line `systemctl status` shows (STATUS=)."""
+        plan = self.plan
+        if plan is None:
+            return "starting"
+        line = f"serving {plan.domain}: {len(plan.nodes)} nodes, {', '.join(self.running)}"
+        if self.reloads["last_error"]:
+            line += f"; last reload refused: {self.reloads['last_error']}"
+        return line
 
     async def stop(self) -> None:
-        notify("STOPPING=1")
-        for name in reversed(list(self.running)):
-            await self._stop_one(name, self.running.pop(name))
+        """Graceful stop: listeners close, LB connections drain, the store is flushed."""
+        t0 = time.monotonic()
+        names = list(self.running)
+        notify(f"STOPPING=1\nSTATUS=stopping {', '.join(names) or '(nothing running)'}")
+        if names:
+            log.info("stopping %s", ", ".join(reversed(names)))
+        # Every service at once: each closes its listeners first thing, so nothing accepts
+        # new work anywhere while the proxy lets its open connections finish.
+        services = [(name, self.running.pop(name)) for name in reversed(names)]
+        await asyncio.gather(*(self._stop_one(name, svc) for name, svc in services))
+        # The persist task writes what is still queued when cancelled: events published
+        # while the services stopped (the dhcp flush of pending leases) reach the store.
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -183,7 +214,14 @@ class Supervisor:
         self._tasks.clear()
         if self.store is not None:
             self.store.close()
+            log.info(
+                "state store %s flushed and closed (%d events this run)",
+                self.store.path,
+                self.bus.published,
+            )
             self.store = None
+        if names:
+            log.info("services stopped in %.2f s", time.monotonic() - t0)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -196,15 +234,16 @@ class Supervisor:
     async def reload(self) -> ReloadResult:
         """Re-read the inventory and swap the plan; on any error keep the running plan."""
         async with self._lock:
-            notify("RELOADING=1")
+            notify(reloading_message(f"reloading {self.config}"))
+            result = ReloadResult(False, ("reload failed",))
             try:
                 result = await self._reload()
             finally:
-                notify("READY=1")
-            key = "ok" if result.ok else "failed"
-            self.reloads[key] += 1
-            self.reloads["last_at"] = time.time()
-            self.reloads["last_error"] = None if result.ok else "; ".join(result.errors)
+                key = "ok" if result.ok else "failed"
+                self.reloads[key] += 1
+                self.reloads["last_at"] = time.time()
+                self.reloads["last_error"] = None if result.ok else "; ".join(result.errors)
+                notify(f"READY=1\nSTATUS={self._status_line()}")
             return result
 
     async def _reload(self) -> ReloadResult:
@@ -240,6 +279,7 @@ class Supervisor:
 
         # Phase 2: retire what was replaced or switched off, hand the plan to the rest.
         reloaded: list[str] = []
+        switched_off: list[str] = []
         for spec in self.specs:
             name = spec.name
             if name in fresh:
@@ -248,6 +288,7 @@ class Supervisor:
                 continue
             if name in self.running and not spec.is_enabled(new):
                 await self._stop_one(name, self.running.pop(name))
+                switched_off.append(name)
                 log.info("%s: stopped (switched off)", name)
             elif name in self.running:
                 try:
@@ -268,7 +309,16 @@ class Supervisor:
         self.plan = new
         for name in fresh:
             log.info("%s: started %s", name, _where(self._spec(name), new))
-        log.info("reload: new plan in force (%d nodes)", len(new.nodes))
+        diff = diff_plans(old, new)
+        log.info("reload: new plan in force (%d nodes): %s", len(new.nodes), diff.summary())
+        for line in diff.lines():
+            log.info("reload: %s", line)
+        log.info(
+            "reload: took the new plan: %s; started on new listeners: %s; switched off: %s",
+            ", ".join(reloaded) or "none",
+            ", ".join(fresh) or "none",
+            ", ".join(switched_off) or "none",
+        )
         return ReloadResult(True, changed=tuple(reloaded) + tuple(fresh))
 
     async def _start_fresh(self, spec: ServiceSpec, plan: Plan, replaced: list[str]) -> Service:

@@ -250,6 +250,12 @@ class DhcpService:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self.executor, self.store.save_leases, batch.leases)
+        except asyncio.CancelledError:
+            # stop() cancelled the committer mid-commit: give the batch back, so stop's
+            # own flush writes it (the upsert is idempotent if this write went through).
+            self.pending.leases[:0] = batch.leases
+            self.pending.after[:0] = batch.after
+            raise
         except Exception:
             # Not on disk, so not promised: the clients ask again and we try again.
             self.counters["commit_failures"] += 1

@@ -17,6 +17,7 @@ from services.dns.forwarder import Forwarder
 TCP_IDLE = 10.0  # seconds a TCP client may stay silent (RFC 7766 suggests seconds, not minutes)
 TCP_MAX_CONNECTIONS = 256
 MAX_FORWARDS = 1024  # questions in flight upstream at once; more are refused
+RCODE_NAMES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -39,12 +40,14 @@ class _Udp(asyncio.DatagramProtocol):
             return
         assert self.transport is not None
         if isinstance(decision, Reply):
+            svc.rcodes[decision.data[3] & 15] += 1  # a list index: no cost worth a branch
             self.transport.sendto(decision.data, addr)
         else:
             svc.spawn_forward(decision, lambda out: self._send(out, addr))
 
     def _send(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.service.rcodes[data[3] & 15] += 1
             self.transport.sendto(data, addr)
 
     def error_received(self, exc: Exception) -> None:
@@ -64,6 +67,7 @@ class DnsService:
         self.tasks: set[asyncio.Task[None]] = set()
         self.connections = 0
         self._last_error_log = 0.0
+        self.rcodes = [0] * 16  # replies sent, by the RCODE in their header
 
     async def start(self, plan: Plan) -> None:
         endpoint = plan.listen["dns"]
@@ -102,6 +106,11 @@ class DnsService:
             "counters": dict(self.counters),
             "cache_entries": len(self.forwarder.cache) if hasattr(self, "forwarder") else 0,
             "tcp_connections": self.connections,
+            "rcodes": {
+                RCODE_NAMES[i] if i < len(RCODE_NAMES) else str(i): n
+                for i, n in enumerate(self.rcodes)
+                if n
+            },
         }
 
     def log_error(self, msg: str, *args: Any) -> None:
@@ -148,6 +157,7 @@ class DnsService:
                 out = await self._answer_tcp(data, client)
                 if out is None:
                     continue
+                self.rcodes[out[3] & 15] += 1
                 writer.write(struct.pack("!H", len(out)) + out)
                 await writer.drain()
         except ConnectionError:

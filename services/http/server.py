@@ -38,6 +38,8 @@ class HttpService:
         self.plan: Plan
         self.runner: web.AppRunner | None = None
         self.counters: dict[str, int] = {}
+        self.requests = 0
+        self.bytes = 0  # response bodies as announced (Content-Length) when prepared
 
     async def start(self, plan: Plan) -> None:
         self.plan = plan
@@ -52,7 +54,7 @@ class HttpService:
             self.runner = None
 
     def status(self) -> dict[str, Any]:
-        return {"counters": dict(self.counters)}
+        return {"counters": dict(self.counters), "requests": self.requests, "bytes": self.bytes}
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
@@ -61,6 +63,7 @@ class HttpService:
 
     def app(self) -> web.Application:
         app = web.Application()
+        app.on_response_prepare.append(self._prepared)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/images/{path:.+}", self.images)
         app.router.add_get("/boot/{path:.+}", self.loaders)
@@ -71,6 +74,13 @@ class HttpService:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
+
+    async def _prepared(self, request: web.Request, response: web.StreamResponse) -> None:
+        # Every response passes here once, headers final (a Range's length included):
+        # one call per request, nothing per chunk.
+        self.requests += 1
+        if request.method != "HEAD" and response.content_length:
+            self.bytes += response.content_length
 
     def _file(self, root: Path, rel: str) -> web.FileResponse:
         try:
@@ -156,6 +166,10 @@ class HttpService:
                 client or "an unknown client",
             )
             raise web.HTTPForbidden(text="this ignition belongs to other nodes\n")
+        if self.ctx.boot.bootstrap_retired and self.plan.by_ip[addr].role == "bootstrap":
+            self._count("ignition_refused")
+            audit.warning("ignition: refused %s to %s: bootstrap is complete", filename, client)
+            raise web.HTTPGone(text="bootstrap is complete: its ignition is no longer served\n")
         try:
             data = jailed(self.plan.boot.ignition_dir, filename).read_bytes()
         except (Refused, OSError):

@@ -235,3 +235,18 @@ def test_csr_decisions_and_cluster_state_survive_reopen(tmp_path: Path) -> None:
         assert rows[1]["id"] == first and rows[1]["decision"] == "approve"
         assert store.cluster_state("gpu") == {"step": "gpu-operator", "since": 3.0}
         assert store.cluster_state("missing") is None
+
+
+def test_refused_attempts_are_recorded_but_do_not_reach_the_stage(tmp_path: Path) -> None:
+    with Store.open(tmp_path) as store:
+        store.record_events(
+            [
+                Event("m0", "csr-client", "csr-1 pending: unknown node", 1.0, "cluster", ok=False),
+                Event("m0", "ignition", "http master.ign", 2.0, "http"),
+            ]
+        )
+        assert "csr-client" not in store.progress()["m0"]
+        assert "ignition" in store.progress()["m0"]
+        refused, reached = store.events(node="m0")
+        assert (refused.ok, reached.ok) == (False, True)
+        assert refused.to_dict()["ok"] is False

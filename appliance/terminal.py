@@ -1,0 +1,153 @@
+"""What the CLI client prints (pure: JSON views from the admin API in, lines out).
+
+`appliance status`, `appliance nodes` and `appliance watch` format here, so the
+layout is tested without a daemon or a terminal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from appliance.progress import progress_bar
+
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
+HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
+GREEN, BLUE, DIM, BOLD, RESET = "\x1b[32m", "\x1b[34m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
+
+
+def duration(seconds: float | None) -> str:
+    """12s, 3m05s, 2h04m, 3d05h: short enough for a table column."""
+    if seconds is None:
+        return "-"
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    if h < 48:
+        return f"{h}h{m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h"
+
+
+def clock(t: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t is not None else "--:--:--"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [fmt(headers), *(fmt(r) for r in rows)]
+
+
+def status_lines(status: Mapping[str, Any]) -> list[str]:
+    plan = status.get("plan") or {}
+    reloads = status.get("reloads") or {}
+    lines = [
+        f"appliance {status.get('version', '?')} serving {status.get('cluster')}: "
+        f"{plan.get('nodes', status.get('nodes', 0))} nodes, up {duration(status.get('uptime'))}",
+        f"reloads: {reloads.get('ok', 0)} ok, {reloads.get('failed', 0)} refused"
+        + (f" (last: {reloads['last_error']})" if reloads.get("last_error") else ""),
+    ]
+    rows = []
+    for name, svc in (status.get("services") or {}).items():
+        listen = ", ".join(svc.get("listen") or []) or "-"
+        rows.append([name, svc.get("state", "?"), listen, _service_note(name, svc)])
+    lines.extend(_table(["SERVICE", "STATE", "LISTEN", "ACTIVITY"], rows))
+    events = status.get("events") or {}
+    lines.append(
+        f"events: {events.get('published', 0)} published, {events.get('dropped', 0)} dropped"
+    )
+    return lines
+
+
+def _service_note(name: str, svc: Mapping[str, Any]) -> str:
+    """The few counters an operator looks at first, per service."""
+    if svc.get("state") != "running":
+        return ""
+    c = svc.get("counters") or {}
+    if name == "dns":
+        return f"{c.get('queries', 0)} queries, {c.get('forwarded', 0)} forwarded"
+    if name == "dhcp":
+        return f"{c.get('received', 0)} received, {svc.get('leases_bound', 0)} leases bound"
+    if name == "tftp":
+        done, sent = c.get("completed", 0), c.get("bytes", 0)
+        return f"{done} transfers, {sent} bytes, {svc.get('transfers', 0)} open"
+    if name == "http":
+        return f"{svc.get('requests', 0)} requests, {svc.get('bytes', 0)} bytes"
+    if name == "proxy":
+        frontends = svc.get("frontends") or {}
+        backends = [b for fe in frontends.values() for b in fe.get("backends", [])]
+        up = sum(1 for b in backends if b.get("health") == "up")
+        active = sum(int(fe.get("active", 0)) for fe in frontends.values())
+        return f"{len(frontends)} frontends, {up}/{len(backends)} backends up, {active} open"
+    if name == "admin":
+        return f"{svc.get('requests', 0)} requests"
+    return ""
+
+
+def _waiting(node: Mapping[str, Any], now: float) -> str:
+    if node.get("complete"):
+        return "complete"
+    since = node.get("since")
+    elapsed = f" for {duration(now - since)}" if since is not None else ""
+    return f"{node.get('waiting_for')}{elapsed}"
+
+
+def nodes_table(view: Mapping[str, Any], now: float) -> list[str]:
+    rows = []
+    for node in view.get("nodes", []):
+        fraction = float(node.get("progress", 0.0))
+        rows.append(
+            [
+                node["name"],
+                node["role"] + (" gpu" if node.get("gpu") else ""),
+                node["ip"],
+                f"{progress_bar(fraction, 10)} {round(fraction * 100):>3}%",
+                node.get("current") or "-",
+                _waiting(node, now),
+                node.get("next_boot", "-"),
+            ]
+        )
+    return _table(
+        ["NODE", "ROLE", "IP", "PROGRESS", "LAST STAGE", "WAITING FOR", "NEXT BOOT"], rows
+    )
+
+
+def watch_screen(
+    view: Mapping[str, Any],
+    recent: Sequence[Mapping[str, Any]],
+    now: float,
+    *,
+    title: str,
+    color: bool = True,
+) -> list[str]:
+    """The whole screen of `appliance watch` on a terminal: a table and the latest events."""
+    bold, dim, reset = (BOLD, DIM, RESET) if color else ("", "", "")
+    lines = [f"{bold}{title}{reset}  {dim}{clock(now)}  (Ctrl-C to quit){reset}", ""]
+    table = nodes_table(view, now)
+    lines.append(f"{bold}{table[0]}{reset}")
+    for line, node in zip(table[1:], view.get("nodes", []), strict=True):
+        shade = GREEN if node.get("complete") else BLUE if node.get("current") else ""
+        lines.append(f"{shade}{line}{reset}" if color and shade else line)
+    lines += ["", f"{bold}latest events{reset}"]
+    if not recent:
+        lines.append(f"{dim}(none yet){reset}")
+    for ev in recent:
+        lines.append(event_line(ev))
+    return lines
+
+
+def event_line(ev: Mapping[str, Any]) -> str:
+    """One event as a plain line (also the whole output of `watch` when not on a terminal)."""
+    node, stage, detail = ev.get("node", ""), ev.get("stage", ""), ev.get("detail", "")
+    return f"{clock(ev.get('time'))}  {node:<14} {stage:<19} {detail}".rstrip()

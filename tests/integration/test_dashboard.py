@@ -1,0 +1,153 @@
+"""The dashboard in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright).
+
+The page is loaded from `appliance run` (tests/integration/admin_env.py); then real
+traffic moves a node (curl from master-0's address fetches the kernel, the
+initramfs and its ignition; scapy does worker-0's DHCP exchange) and the test waits
+for those stages to turn "done" on the page without reloading it: they arrive over
+the events stream. A screenshot goes to docs/dashboard.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.store import Store
+from tests.helpers import ROOT
+from tests.integration.admin_env import MACS, MASTER, AdminEnv, dhcp_exchange, start
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = ROOT / "docs" / "dashboard.png"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminEnv]:
+    e = start(tmp_path_factory.mktemp("dashboard"))
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def page(tmp_path: Path) -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run must install it")
+        pytest.skip("Debian's chromium is not installed (/usr/bin/chromium)")
+    profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=tmp_path))
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=CHROMIUM,
+            args=ARGS,
+            headless=True,
+            viewport={"width": 1440, "height": 1200},
+        )
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def _step(page: Any, node: str, stage: str) -> Any:
+    return page.locator(f'#node-{node} .step[data-stage="{stage}"]')
+
+
+def test_dashboard_shows_stages_arriving_live(env: AdminEnv, page: Any) -> None:
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.goto(env.admin + "/", wait_until="domcontentloaded", timeout=20_000)
+    page.wait_for_selector("#node-master-0 .step", timeout=15_000)
+    page.wait_for_selector("#live.on", timeout=15_000)  # the events stream is open
+    kernel = _step(page, "master-0", "kernel")
+    assert kernel.get_attribute("data-state") in ("pending", "next")
+    assert page.locator("#node-master-0 .step").count() == 10  # install + join stages
+    assert page.locator("#node-worker-0 .step").count() == 13  # and the GPU stages
+
+    # Real traffic; the page is not reloaded.
+    dhcp_exchange(env, MACS["worker-0"])
+    assert env.fetch("/images/rhcos/installer-kernel", MASTER) == 200
+    assert env.fetch("/images/rhcos/installer-initramfs.img", MASTER) == 200
+    page.wait_for_selector(
+        '#node-master-0 .step[data-stage="initramfs"][data-state="done"]', timeout=15_000
+    )
+    assert kernel.get_attribute("data-state") == "done"
+    assert _step(page, "master-0", "ignition").get_attribute("data-state") == "next"
+    waiting = page.locator('#node-master-0 [data-role="waiting"]').inner_text()
+    assert waiting.startswith("waiting for ignition")
+    page.wait_for_selector('#node-worker-0 .step[data-stage="dhcp-ack"][data-state="done"]')
+    assert page.locator("#events li").count() >= 4
+    assert "initramfs" in page.locator("#events li").first.inner_text()
+
+    # What the cluster loop records (written by a second store connection, as it does);
+    # the next event refreshes the side panels.
+    now = time.time()
+    with Store.open(env.base / "state") as store:
+        store.record_csr_decision(
+            time=now, csr="csr-7xk2p", kind="client", decision="approve", node="master-0",
+            requestor="system:serviceaccount:openshift-machine-config-operator:node-bootstrapper",
+            reason="client CSR of inventory node master-0",
+        )  # fmt: skip
+        store.record_csr_decision(
+            time=now, csr="csr-q9w4d", kind="other", decision="deny", node="",
+            requestor="system:anonymous", reason="CN system:node:rogue is not an inventory node",
+        )  # fmt: skip
+        store.set_cluster_state(
+            "gpu",
+            {"step": "operator", "since": now - 300, "waiting": "CSV gpu-operator-certified",
+             "attempts": 1, "failed": None, "discovered": ["worker-0"], "validated": {}},
+            now,
+        )  # fmt: skip
+
+    # The ignition fetch: master-0's next boot turns to the local disk.
+    assert env.fetch("/ignition/master.ign", MASTER) == 200
+    page.wait_for_selector(
+        '#node-master-0 .step[data-stage="ignition"][data-state="done"]', timeout=15_000
+    )
+    assert "next boot: local disk" in page.locator("#node-master-0").inner_text()
+    assert page.locator("#c-installed").inner_text() == "1 / 3"
+
+    # Side panels: backend health, the lease, the live indicator.
+    page.wait_for_function(
+        "document.querySelector('#backends') && "
+        "document.querySelector('#backends').innerText.includes('up')",
+        timeout=15_000,
+    )
+    assert "worker-0" in page.locator("#backends").inner_text()
+    page.wait_for_function(
+        "document.querySelector('#leases').innerText.includes('127.0.0.44')", timeout=15_000
+    )
+    page.wait_for_function(
+        "document.querySelector('#csr').innerText.includes('approve')",
+        timeout=15_000,
+    )
+    csr = page.locator("#csr").inner_text()
+    assert "approve" in csr and "deny" in csr and "master-0" in csr
+    assert page.locator("#c-csr").inner_text() == "2"
+    assert "worker-0" in page.locator("#gpu").inner_text()
+    assert page.locator("#live-text").inner_text() == "live"
+    assert not errors, errors
+
+    page.wait_for_timeout(1600)  # let the highlight of the last change fade
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 20_000
