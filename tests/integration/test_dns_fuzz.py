@@ -20,7 +20,7 @@ import dns.name
 import dns.opcode
 import dns.rcode
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from appliance.inventory import parse_inventory
@@ -226,6 +226,9 @@ def test_mutated_queries(
     engine=ENGINES,
     tcp=st.booleans(),
 )
+@example([b"x", b"*"], f"apps.{D}", "A", 0, AUTHORITATIVE, False)  # below *.apps: NXDOMAIN
+@example([b"*", b"x"], f"apps.{D}", "A", -1, FORWARDING, False)  # *.x.apps: synthesized
+@example([b"*"], f"apps.{D}", "ANY", 0, AUTHORITATIVE, True)  # the wildcard's own name
 def test_names_with_any_bytes(
     labels: list[bytes], suffix: str, rdtype: str, edns: int, engine: DnsEngine, tcp: bool
 ) -> None:
@@ -240,7 +243,11 @@ def test_names_with_any_bytes(
     if reply.rcode() == dns.rcode.FORMERR:
         return  # dnslib takes only UTF-8 labels: a query it cannot read gets FORMERR
     assert reply.question[0].name == name
-    if suffix == f"apps.{D}" and rdtype in ("A", "ANY"):
+    if suffix == f"apps.{D}" and rdtype in ("A", "ANY") and len(labels) > 1 and labels[-1] == b"*":
+        # Below the wildcard's own node (x.*.apps): "*.apps" is the closest encloser and
+        # "*.*.apps" does not exist, so RFC 4592 says NXDOMAIN, not a synthesized answer.
+        assert reply.rcode() == dns.rcode.NXDOMAIN and not reply.answer
+    elif suffix == f"apps.{D}" and rdtype in ("A", "ANY"):
         # Under the wildcard: the answer is synthesized for the name exactly as asked.
         assert reply.rcode() == dns.rcode.NOERROR
         assert [rrset.name for rrset in reply.answer] == [name]
