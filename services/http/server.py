@@ -21,6 +21,7 @@ from appliance.plan import Plan
 from appliance.service import ServiceContext, start_web
 from services import bootconfig
 from services.bootconfig import client_ipv4
+from services.http.sendfile import SendfileResponse
 from services.tftp.files import Refused, jailed
 
 audit = logging.getLogger("audit")
@@ -92,15 +93,15 @@ class HttpService:
             self._count("not_found")
             raise web.HTTPNotFound(text="not found\n")
         self._count("files")
-        # uvloop has no loop.sendfile, so aiohttp reads chunks in a thread and writes them:
-        # big chunks mean fewer hand-offs (+17% on a 256 MiB image), small ones bound
-        # memory when a boot storm has many downloads open at once.
-        # Open connections stand for downloads in flight (aiohttp prepares the response
-        # after the handler returns, so the handler cannot count them itself).
+        # The body goes out with sendfile() (services/http/sendfile.py). The chunk size
+        # only matters where that falls back to aiohttp's reads in a thread (TLS,
+        # AIOHTTP_NOSENDFILE): big chunks mean fewer hand-offs, small ones bound memory
+        # when a boot storm has many downloads open at once. Open connections stand for
+        # downloads in flight (aiohttp prepares the response after the handler returns).
         server = self.runner.server if self.runner is not None else None
         busy = len(server.connections) if server is not None else 0
         chunk = BIG_CHUNK if busy < MANY_DOWNLOADS else SMALL_CHUNK
-        return web.FileResponse(path, chunk_size=chunk)
+        return SendfileResponse(path, chunk_size=chunk)
 
     async def images(self, request: web.Request) -> web.FileResponse:
         rel = request.match_info["path"]
