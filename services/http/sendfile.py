@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from typing import IO, Any
 
 from aiohttp import web
@@ -51,12 +52,15 @@ class SendfileResponse(web.FileResponse):
         else:
             raise ConnectionResetError("the client does not take the response headers")
         out = os.dup(sock.fileno())  # same socket, a descriptor of our own to wait on
+        corked = _cork(sock, True)
         try:
             await _send(loop, out, fobj.fileno(), offset, count)
         except OSError as exc:
             # The client went away mid-body: what aiohttp expects a handler to raise.
             raise ConnectionResetError(str(exc)) from exc
         finally:
+            if corked:
+                _cork(sock, False)  # the last partial segment leaves now
             os.close(out)
         await web.StreamResponse.write_eof(self)
         return writer
@@ -75,6 +79,19 @@ async def _send(
             raise ConnectionResetError("file shrank while being sent")
         offset += sent
         count -= sent
+
+
+def _cork(sock: Any, on: bool) -> bool:
+    """TCP_CORK around the body (nginx's tcp_nopush): only full segments go out while
+    sendfile() feeds the socket; in bench/http it is most of nginx's lead."""
+    cork = getattr(socket, "TCP_CORK", None)
+    if cork is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, cork, int(on))
+    except OSError:
+        return False
+    return True
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
