@@ -400,7 +400,8 @@ class AdminService:
             retries = 0  # the bus rang but the store had nothing new yet: look again soon
             while follow:
                 try:
-                    await asyncio.wait_for(sub.get(), STORE_LAG_RETRY if retries else keepalive)
+                    async with asyncio.timeout(STORE_LAG_RETRY if retries else keepalive):
+                        await sub.get()  # asyncio.timeout: a stop's cancel is never swallowed
                     sub.drain()
                     rang = True
                 except TimeoutError:

@@ -132,12 +132,17 @@ class Supervisor:
 
     async def _stop_one(self, name: str, service: Service) -> None:
         budget = self._stop_budget()
+        t0 = time.monotonic()
         try:
             await asyncio.wait_for(service.stop(), budget)
         except TimeoutError:
             log.warning("%s: did not stop within %.0f s; abandoning it", name, budget)
+            return
         except Exception:  # a failing stop must not keep the others running
             log.exception("%s: error while stopping", name)
+        took = time.monotonic() - t0
+        if took > 1.0:  # a slow stop says which service held the exit up
+            log.info("%s: stopped in %.1f s", name, took)
 
     async def start(self, plan: Plan) -> None:
         """Open the store and start every enabled service; raise ServiceError on failure."""

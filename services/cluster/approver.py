@@ -114,7 +114,8 @@ class Approver:
                     raise KubeError(0, "WatchEnded", "the CSR watch ended")
                 delay = await self.review_pending(kube)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), min(self.resync, delay))
+                    async with asyncio.timeout(min(self.resync, delay)):  # cancel-safe
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             watch.cancel()

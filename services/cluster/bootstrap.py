@@ -109,7 +109,8 @@ class BootstrapWatcher:
                         continue
                     self.waiting = why
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll)
+                    async with asyncio.timeout(self.poll):  # a cancel is never swallowed
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             watch.cancel()

@@ -150,7 +150,8 @@ class ClusterService:
             self.bootstrap.ensure_retired()
             delay = self._backoff.next()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reconnect.wait(), delay)
+                async with asyncio.timeout(delay):  # not wait_for: see services/proxy/checks.py
+                    await self._reconnect.wait()
             self._reconnect.clear()
 
     async def _connect_once(self) -> None:

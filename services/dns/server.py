@@ -149,9 +149,11 @@ class DnsService:
         try:
             while True:
                 try:
-                    head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
+                    async with asyncio.timeout(TCP_IDLE):
+                        head = await reader.readexactly(2)
                     (length,) = struct.unpack("!H", head)
-                    data = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE)
+                    async with asyncio.timeout(TCP_IDLE):
+                        data = await reader.readexactly(length)
                 except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                     return
                 out = await self._answer_tcp(data, client)

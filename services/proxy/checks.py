@@ -22,7 +22,10 @@ async def probe(check: HealthCheck, host: str, backend_port: int) -> tuple[bool,
     """(ok, detail) for one check of one backend; never raises."""
     port = check.port or backend_port
     try:
-        return await asyncio.wait_for(_probe(check, host, port), check.timeout)
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancel that
+        # arrives as the probe finishes, and the check loop then outlives stop().
+        async with asyncio.timeout(check.timeout):
+            return await _probe(check, host, port)
     except TimeoutError:
         return False, f"{check.kind} :{port} timed out after {check.timeout:g} s"
     except (OSError, ssl.SSLError, asyncio.IncompleteReadError, ValueError) as exc:

@@ -243,11 +243,7 @@ class FrontendRunner:
         """Close the listener, let open connections finish for up to `drain` seconds,
         then cut the rest; returns how many were cut."""
         self.close_listener()
-        for task in self.checks.values():
-            task.cancel()
-        for task in self.checks.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel_all(list(self.checks.values()))
         self.checks.clear()
         await _wait_drained(self, drain)
         cut = list(self.connections)
@@ -463,6 +459,20 @@ def proxy_enabled(plan: Plan) -> bool:
 # --- graceful stop -------------------------------------------------------------------
 
 DRAIN_POLL = 0.05  # seconds between looks at the open connections while draining
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel and reap the check tasks; a task that swallowed a cancel gets another."""
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(50):
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: no "exception never retrieved" at exit
 
 
 async def _wait_drained(runner: FrontendRunner, timeout: float) -> None:
