@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import sqlite3
@@ -57,13 +56,17 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import AppSource, Children, children_cpu, machine_busy, stat_cpu
+from bench.common import wait_quiet as common_wait_quiet
+
 Result = dict[str, Any]
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- dhcp:begin -->", "<!-- dhcp:end -->"
 APPLIANCE = (sys.executable, "-m", "appliance")
-APP_SRC = ROOT  # the code the appliance runs from; --rev REV: a `git archive` of REV
+APP = AppSource()  # the code the appliance runs from; --rev REV: a `git archive` of REV
 
 SERVER_IP, CLIENT_IP, PREFIX = "192.0.2.1", "192.0.2.2", 20
 SUBNET = ipaddress.ip_network(f"{SERVER_IP}/{PREFIX}", strict=False)  # 192.0.0.0/20
@@ -84,43 +87,15 @@ LABEL = {"appliance": "appliance", "dnsmasq": "dnsmasq", "kea": "kea-dhcp4"}
 
 # --- processes: started here, stopped here by PID ------------------------------------
 
-_children: dict[int, tuple[subprocess.Popen[bytes], Path | None]] = {}
 WORK = Path(os.environ.get("BDH_WORK") or tempfile.mkdtemp(prefix="bench-dhcp."))
 PIDS = WORK / "pids"
-
-
-def _start(name: str, argv: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, **kw)
-    PIDS.mkdir(parents=True, exist_ok=True)
-    pidfile = PIDS / f"{name}-{proc.pid}.pid"
-    pidfile.write_text(str(proc.pid))
-    _children[proc.pid] = (proc, pidfile)
-    return proc
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, sig)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    _, pidfile = _children.pop(proc.pid, (proc, None))
-    if pidfile is not None:
-        pidfile.unlink(missing_ok=True)
-
-
-def _stop_children() -> None:
-    for proc, _ in list(_children.values()):
-        _stop(proc)
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    raise SystemExit(f"bench/dhcp: stopped by {signal.Signals(signum).name}")
+CHILDREN = Children("bench/dhcp", PIDS)
+_start, _stop, _stop_children, _on_signal = (
+    CHILDREN.start,
+    CHILDREN.stop,
+    CHILDREN.stop_all,
+    CHILDREN.on_signal,
+)
 
 
 # --- namespaces ---------------------------------------------------------------------------
@@ -166,42 +141,6 @@ class Netns:
 # --- the three servers ----------------------------------------------------------------------
 
 
-def app_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(APP_SRC)) if APP_SRC != ROOT else dict(os.environ)
-
-
-def use_rev(rev: str) -> str:
-    """Run the appliance as committed at `rev` (others may be editing the working tree)."""
-    global APP_SRC
-    sha = subprocess.run(
-        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
-    ).stdout.strip()  # fmt: skip
-    src = WORK / "src"
-    src.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.Popen(["git", "archive", sha], stdout=subprocess.PIPE, cwd=ROOT)
-    subprocess.run(["tar", "-x", "-C", str(src)], stdin=archive.stdout, check=True)
-    if archive.wait() != 0:
-        raise SystemExit(f"bench/dhcp: git archive {sha} failed")
-    APP_SRC = src
-    return sha
-
-
-def source_description(rev_sha: str | None) -> str:
-    if rev_sha:
-        return f"commit {rev_sha[:12]} (`--rev`, a `git archive` of it)"
-    sha = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False, cwd=ROOT
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no", "appliance", "services"],
-        capture_output=True, text=True, check=False, cwd=ROOT,
-    ).stdout.split("\n")  # fmt: skip
-    changed = [line for line in dirty if line.strip()]
-    extra = f" plus uncommitted changes to {len(changed)} files" if changed else ""
-    return f"working tree at {sha[:12]}{extra}"
-
-
 def write_inventory(d: Path, admin_port: int) -> Path:
     inv = {
         "cluster": {"name": "bench", "base_domain": "example.com", "ignition_dir": "ignition"},
@@ -238,7 +177,7 @@ def dnsmasq_conf(inventory: Path, d: Path) -> Path:
     """What `appliance render --as dnsmasq` prints, less per-lease logging."""
     text = subprocess.run(
         [*APPLIANCE, "render", "--as", "dnsmasq", "--config", str(inventory)],
-        capture_output=True, text=True, check=True, cwd=APP_SRC, env=app_env(),
+        capture_output=True, text=True, check=True, cwd=APP.path, env=APP.env(),
     ).stdout  # fmt: skip
     if f"dhcp-range={POOL[0]},{POOL[1]}," not in text:
         raise SystemExit(f"bench/dhcp: rendered dnsmasq config lacks the pool:\n{text}")
@@ -320,9 +259,9 @@ class Server:
         return ["kea-dhcp4", "-c", str(self.conf)]
 
     def start(self) -> subprocess.Popen[bytes]:
-        env = dict(app_env(), KEA_PIDFILE_DIR=str(self.d), KEA_LOCKFILE_DIR=str(self.d))
+        env = dict(APP.env(), KEA_PIDFILE_DIR=str(self.d), KEA_LOCKFILE_DIR=str(self.d))
         argv = ["ip", "netns", "exec", self.net.srv, *self.argv()]  # ip execs: same PID
-        self.proc = _start(self.kind, argv, self.d / "server.out", cwd=APP_SRC, env=env)
+        self.proc = _start(self.kind, argv, self.d / "server.out", cwd=APP.path, env=env)
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -380,34 +319,8 @@ class Server:
 # --- measuring ----------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy() -> float:
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def wait_quiet(limit: float) -> float:
-    """Wait (at most `limit` s) until the rest of the machine uses under BUSY cores."""
-    deadline = time.monotonic() + limit
-    told = False
-    while True:
-        busy = machine_busy()
-        time.sleep(1.0)
-        others = machine_busy() - busy
-        if others < BUSY or time.monotonic() >= deadline:
-            return others
-        if not told:
-            print(f"    machine busy ({others:.2f} cores used by others): waiting", flush=True)
-            told = True
-
-
-def children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+    return common_wait_quiet(limit, BUSY)
 
 
 def _section(text: str, title: str) -> str:
@@ -459,7 +372,7 @@ def run_rate(
     pid = server.proc.pid if server.proc else 0
     st0 = server.status() if server.kind == "appliance" else None
     srv0, cli0 = net.udp_rcvbuf_errors(net.srv), net.udp_rcvbuf_errors(net.cli)
-    cpu0, kids0, busy0, t0 = cpu_seconds(pid), children_cpu(), machine_busy(), time.monotonic()
+    cpu0, kids0, busy0, t0 = stat_cpu(pid), children_cpu(), machine_busy(), time.monotonic()
     spy = None
     if profile is not None:
         spy = subprocess.Popen(
@@ -473,7 +386,7 @@ def run_rate(
         timeout=period + 30, check=False,
     )  # fmt: skip
     wall = time.monotonic() - t0
-    cpu1, kids1, busy1 = cpu_seconds(pid), children_cpu(), machine_busy()
+    cpu1, kids1, busy1 = stat_cpu(pid), children_cpu(), machine_busy()
     if spy is not None:
         spy.wait(period + 30)
     if out.returncode not in (0, 3):
@@ -868,7 +781,9 @@ def main() -> int:
     command = "bench/dhcp/run.sh" + "".join(f" {a}" for a in sys.argv[1:])
     net = Netns(os.environ.get("BDH_TAG") or str(os.getpid()))
     info = machine()
-    info["appliance"] = source_description(use_rev(args.rev) if args.rev else None)
+    if args.rev:
+        APP.use_rev(args.rev, WORK)
+    info["appliance"] = APP.describe()
     print(
         f"bench/dhcp: {info['cores']} cores ({info['cpu']}), {info['loop']}, work dir {WORK}, "
         f"appliance: {info['appliance']}",

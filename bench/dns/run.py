@@ -55,6 +55,9 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import Children
+
 Result = dict[str, Any]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,36 +99,12 @@ APPS = (
 
 # --- processes: started here, stopped here by PID ------------------------------------
 
-_children: list[subprocess.Popen[bytes]] = []
-
-
-def _stop_children() -> None:
-    for proc in _children:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    for proc in _children:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    _children.clear()
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    name = signal.Signals(signum).name
-    why = " (over the time budget)" if signum == signal.SIGALRM else ""
-    raise SystemExit(f"bench/dns: stopped by {name}{why}")
+CHILDREN = Children("bench/dns")
+_stop, _stop_children, _on_signal = CHILDREN.stop, CHILDREN.stop_all, CHILDREN.on_signal
 
 
 def _start(argv: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, **kw)
-    _children.append(proc)
-    return proc
+    return CHILDREN.start(Path(argv[0]).name, argv, log, **kw)
 
 
 # --- set-up ------------------------------------------------------------------------------
@@ -394,17 +373,6 @@ def _ms(seconds: float) -> float:
 
 
 # --- profile --------------------------------------------------------------------------
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-    _children.remove(proc)
 
 
 def engine_cost(inventory: Path, queries: list[tuple[str, str, str]], edns: bool) -> float:

@@ -43,7 +43,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -57,6 +56,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import (
+    AppSource,
+    Children,
+    children_cpu,
+    cpu_busy,
+    set_affinity,
+    thread_cpu,
+    tree,
+)
+from bench.common import wait_quiet as common_wait_quiet
 
 Result = dict[str, Any]
 
@@ -135,108 +146,20 @@ ASYNCIO_MAIN = (
 
 # --- processes: started here, stopped here by PID ------------------------------------
 
-_children: dict[int, subprocess.Popen[bytes]] = {}
 WORK = Path(os.environ.get("BHT_WORK") or tempfile.mkdtemp(prefix="bench-http."))
 PIDS = WORK / "pids"
-SOURCE = ""  # which code the appliance runs, for the report
-APP_SRC = ROOT  # the code the appliance runs from; --rev REV: a `git archive` of REV
-
-
-def _start(name: str, argv: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, **kw)
-    PIDS.mkdir(parents=True, exist_ok=True)
-    (PIDS / f"{name}-{proc.pid}.pid").write_text(str(proc.pid))
-    _children[proc.pid] = proc
-    return proc
-
-
-def child_pids(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in glob.glob(f"/proc/{pid}/task/*/children"):
-        with contextlib.suppress(OSError):
-            found += [int(x) for x in Path(task).read_text().split()]
-    return found
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    kids = child_pids(proc.pid)  # nginx's worker
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    for kid in kids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(kid, signal.SIGKILL)
-    _children.pop(proc.pid, None)
-    for f in PIDS.glob(f"*-{proc.pid}.pid"):
-        f.unlink(missing_ok=True)
-
-
-def _stop_children() -> None:
-    for proc in list(_children.values()):
-        _stop(proc)
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    why = " (over the time budget)" if signum == signal.SIGALRM else ""
-    raise SystemExit(f"bench/http: stopped by {signal.Signals(signum).name}{why}")
-
-
-def app_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(APP_SRC))
-
-
-def use_rev(rev: str) -> str:
-    """Run the appliance as committed at `rev` (others may be editing the work tree)."""
-    global APP_SRC
-    sha = subprocess.run(
-        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-    ).stdout.strip()
-    src = WORK / "src"
-    src.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.Popen(["git", "archive", sha], stdout=subprocess.PIPE, cwd=ROOT)
-    subprocess.run(["tar", "-x", "-C", str(src)], stdin=archive.stdout, check=True)
-    if archive.wait() != 0:
-        raise SystemExit(f"git archive {sha} failed")
-    APP_SRC = src
-    return sha
-
-
-def source_description(rev_sha: str | None) -> str:
-    """Which code the appliance ran: a --rev archive, or the work tree (and if it was dirty)."""
-    if rev_sha:
-        return f"commit {rev_sha[:12]} (`--rev`, a `git archive` of it)"
-    sha = subprocess.run(
-        ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no", "appliance", "services"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    ).stdout.split()
-    changed = sorted({p for p in dirty if "/" in p})
-    if changed:
-        return f"work tree at {sha}, with uncommitted changes in {', '.join(changed)}"
-    return f"work tree at {sha} (clean)"
+CHILDREN = Children("bench/http", PIDS)
+_start, _stop, _stop_children, _on_signal = (
+    CHILDREN.start,
+    CHILDREN.stop,
+    CHILDREN.stop_all,
+    CHILDREN.on_signal,
+)
+_children = CHILDREN.procs
+APP = AppSource()  # the code the appliance runs from; --rev REV: a `git archive` of REV
 
 
 # --- measuring ------------------------------------------------------------------------
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and its children (nginx: master and worker)."""
-    return [pid, *child_pids(pid)]
 
 
 def proc_cpu(pid: int) -> float:
@@ -249,55 +172,16 @@ def proc_cpu(pid: int) -> float:
     return total / 1e9
 
 
-def cpu_stat() -> dict[int, float]:
-    """Per vCPU: busy seconds (user+nice+system+irq+softirq)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for line in Path("/proc/stat").read_text().splitlines():
-        m = re.match(r"cpu(\d+) (.*)", line)
-        if m:
-            f = [int(x) for x in m.group(2).split()]
-            out[int(m.group(1))] = (f[0] + f[1] + f[2] + f[5] + f[6]) / tick
-    return out
-
-
-def others_busy(seconds: float = 1.0) -> float:
-    before = cpu_stat()
-    time.sleep(seconds)
-    after = cpu_stat()
-    return sum(after[c] - before[c] for c in after) / seconds
-
-
 def wait_quiet(limit: float) -> float:
-    deadline = time.monotonic() + limit
-    told = False
-    while True:
-        busy = others_busy()
-        if busy < BUSY or time.monotonic() >= deadline:
-            return busy
-        if not told:
-            print(f"  machine busy ({busy:.2f} cores used by others): waiting", flush=True)
-            told = True
-
-
-def set_affinity(pid: int, cpus: set[int]) -> None:
-    for p in tree(pid):
-        for tid in os.listdir(f"/proc/{p}/task"):
-            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-                os.sched_setaffinity(int(tid), cpus)
-
-
-def children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+    return common_wait_quiet(limit, BUSY)
 
 
 def around(pid: int, fn: Any) -> tuple[Any, Result]:
     """fn() with the server's CPU, the client's (rusage) and everyone else's."""
-    s0, p0, c0, t0 = cpu_stat(), proc_cpu(pid), children_cpu(), time.monotonic()
+    s0, p0, c0, t0 = cpu_busy(), proc_cpu(pid), children_cpu(), time.monotonic()
     out = fn()
     wall = time.monotonic() - t0
-    s1, p1, c1 = cpu_stat(), proc_cpu(pid), children_cpu()
+    s1, p1, c1 = cpu_busy(), proc_cpu(pid), children_cpu()
     server, client = p1 - p0, c1 - c0
     busy = sum(s1[c] - s0[c] for c in s1)
     return out, {
@@ -471,14 +355,6 @@ def strace_counts(pid: int, fn: Any, per: int, tmp: Path, label: str) -> Result:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:10])
 
 
-def thread_cpu(pid: int) -> dict[int, float]:
-    out = {}
-    for f in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            out[int(f.split("/")[4])] = int(Path(f).read_text().split()[0]) / 1e9
-    return out
-
-
 def threads_busy(pid: int, fn: Any) -> Result:
     """CPU of the appliance's main (event loop) thread and of its other threads."""
     t0, w0 = thread_cpu(pid), time.monotonic()
@@ -591,7 +467,7 @@ def machine() -> Result:
         ),
         "wrk": first(["wrk", "-v"]).split(" [")[0],
         "curl": first(["curl", "--version"]).split(" (")[0],
-        "source": SOURCE,
+        "source": APP.describe(),
     }
 
 
@@ -900,7 +776,7 @@ def main() -> int:
 
 
 def _start_servers(args: argparse.Namespace, images: Path) -> dict[str, tuple[int, int]]:
-    env = app_env()
+    env = APP.env()
     servers: dict[str, tuple[int, int]] = {}
     port = free_port()
     inventory = write_inventory(WORK / "appliance", images, port)
@@ -918,7 +794,7 @@ def _start_servers(args: argparse.Namespace, images: Path) -> dict[str, tuple[in
             str(inventory),
         ],
         log,
-        cwd=APP_SRC,
+        cwd=APP.path,
         env=env,
     )
     ready = wait_ready(port, app, log)
@@ -961,7 +837,7 @@ def _start_servers(args: argparse.Namespace, images: Path) -> dict[str, tuple[in
             "appliance-asyncio",
             [sys.executable, "-c", ASYNCIO_MAIN, *LOG_WARNING, "run", "--config", str(inventory)],
             log,
-            cwd=APP_SRC,
+            cwd=APP.path,
             env=env,
         )
         ready = wait_ready(port, aio, log)
@@ -1054,8 +930,8 @@ def _run(args: argparse.Namespace, ncpu: int) -> int:
     other = next(c for c in range(ncpu) if c != cpu)
     every = set(range(ncpu))
     WORK.mkdir(parents=True, exist_ok=True)
-    global SOURCE
-    SOURCE = source_description(use_rev(args.rev) if args.rev else None)
+    if args.rev:
+        APP.use_rev(args.rev, WORK)
     WORK.chmod(0o755)  # nginx's worker runs as nobody
     images = WORK / "images"
     images.mkdir()

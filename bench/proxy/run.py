@@ -48,6 +48,10 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import AppSource, Children, machine_busy, stat_cpu
+from bench.common import wait_quiet as common_wait_quiet
+
 Result = dict[str, Any]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,43 +66,15 @@ BUSY = 0.2  # cores used by others above which a run is noisy
 READY_TIMEOUT = 20.0
 GOAL_BULK, GOAL_CPS = 0.8, 0.5  # of HAProxy's figure
 
-_children: dict[int, tuple[subprocess.Popen[bytes], Path | None]] = {}
 WORK = Path(os.environ.get("BPX_WORK") or "/nonexistent")  # main() makes a temp dir if unset
 PIDS = WORK / "pids"
-
-
-def _start(name: str, argv: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, **kw)
-    PIDS.mkdir(parents=True, exist_ok=True)
-    pidfile = PIDS / f"{name}-{proc.pid}.pid"
-    pidfile.write_text(str(proc.pid))
-    _children[proc.pid] = (proc, pidfile)
-    return proc
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, sig)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    _, pidfile = _children.pop(proc.pid, (proc, None))
-    if pidfile is not None:
-        pidfile.unlink(missing_ok=True)
-
-
-def _stop_children() -> None:
-    for proc, _ in list(_children.values()):
-        _stop(proc)
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    raise SystemExit(f"bench/proxy: stopped by {signal.Signals(signum).name}")
+CHILDREN = Children("bench/proxy", PIDS)  # main() points it at the temp dir
+_start, _stop, _stop_children, _on_signal = (
+    CHILDREN.start,
+    CHILDREN.stop,
+    CHILDREN.stop_all,
+    CHILDREN.on_signal,
+)
 
 
 def free_port(ip: str) -> int:
@@ -124,42 +100,18 @@ def wait_listening(ip: str, port: int, proc: subprocess.Popen[bytes], log: Path)
 # --- measuring --------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy() -> float:
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def wait_quiet(limit: float) -> float:
-    """Wait (at most `limit` s) until the rest of the machine uses under BUSY cores."""
-    deadline = time.monotonic() + limit
-    told = False
-    while True:
-        busy = machine_busy()
-        time.sleep(1.0)
-        others = machine_busy() - busy
-        if others < BUSY or time.monotonic() >= deadline:
-            return others
-        if not told:
-            print(f"  waiting for a quiet machine (others use {others:.2f} cores)", flush=True)
-            told = True
+    return common_wait_quiet(limit, BUSY)
 
 
 def run_client(argv: list[str], ours: list[int], timeout: float) -> tuple[str, Result]:
     """Run a client; its output, and the CPU of it, of `ours` and of everything else."""
-    before = {pid: cpu_seconds(pid) for pid in ours}
+    before = {pid: stat_cpu(pid) for pid in ours}
     busy0, t0 = machine_busy(), time.monotonic()
     out_path = WORK / "client.out"
     with out_path.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    _children[proc.pid] = (proc, None)
+    CHILDREN.procs[proc.pid] = proc
     deadline = time.monotonic() + timeout
     status, usage = 0, None
     while True:  # wait4: the client's own CPU from its rusage
@@ -172,12 +124,12 @@ def run_client(argv: list[str], ours: list[int], timeout: float) -> tuple[str, R
             usage = None
             break
         time.sleep(0.05)
-    _children.pop(proc.pid, None)
+    CHILDREN.procs.pop(proc.pid, None)
     client_cpu = (usage.ru_utime + usage.ru_stime) if usage else 0.0
     out = out_path.read_bytes()
     wall = time.monotonic() - t0
     busy = machine_busy() - busy0
-    used = {pid: cpu_seconds(pid) - c for pid, c in before.items()}
+    used = {pid: stat_cpu(pid) - c for pid, c in before.items()}
     return out.decode(errors="replace"), {
         "wall": wall,
         "busy": busy,
@@ -717,19 +669,6 @@ ANALYSIS = [
 ]
 
 
-def source_description() -> str:
-    sha = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False, cwd=ROOT
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no", "appliance", "services"],
-        capture_output=True, text=True, check=False, cwd=ROOT,
-    ).stdout.split("\n")  # fmt: skip
-    changed = [line for line in dirty if line.strip()]
-    extra = f" plus uncommitted changes to {len(changed)} files" if changed else ""
-    return f"working tree at {sha[:12]}{extra}"
-
-
 def write_doc(section: str) -> None:
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     if BEGIN in text and END in text:
@@ -794,6 +733,7 @@ def main() -> int:
     if not os.environ.get("BPX_WORK"):
         WORK = Path(tempfile.mkdtemp(prefix="bench-proxy."))
         PIDS = WORK / "pids"
+        CHILDREN.pids = PIDS
     chosen = [t for t in args.targets.split(",") if t]
     tests = [t for t in args.tests.split(",") if t]
     ports = {
@@ -846,7 +786,7 @@ def main() -> int:
     meta = {
         "command": "bench/proxy/run.sh " + " ".join(sys.argv[1:]),
         "machine": machine(),
-        "source": source_description(),
+        "source": AppSource().describe(),
         "versions": versions(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "verdicts": verdicts(results),

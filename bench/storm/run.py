@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import os
 import platform
 import re
-import resource
 import shlex
 import signal
 import statistics
@@ -46,6 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import children_cpu, machine_busy, stat_cpu, tree  # noqa: E402
 from tests.e2e import storm as storm_mod  # noqa: E402
 from tests.e2e.lab import SERVER, Appliance, Lab, dgxpod_inventory, install_loaders  # noqa: E402
 from tests.helpers import write_inventory  # noqa: E402
@@ -95,37 +94,6 @@ class Run:
 
 
 # --- CPU accounting --------------------------------------------------------------------
-
-
-def proc_cpu(pid: int) -> float:
-    """user + system seconds of one process (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and its children (nginx: master and worker)."""
-    found = [pid]
-    for task in glob.glob(f"/proc/{pid}/task/*/children"):
-        with contextlib.suppress(OSError):
-            found += [int(x) for x in Path(task).read_text().split()]
-    return found
-
-
-def busy_seconds() -> float:
-    """CPU seconds spent by the whole machine (all cores, not idle or iowait)."""
-    parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    values = [int(v) for v in parts[:8]]
-    idle = values[3] + values[4]
-    return (sum(values) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 # --- servers ----------------------------------------------------------------------------
@@ -216,19 +184,19 @@ def one_run(
     else:
         pids = start_dnsmasq_nginx(lab, work, raw, len(storm.machines))
     # The machine's load from others, measured while the storm's servers sit idle.
-    busy_before = busy_seconds()
+    busy_before = machine_busy()
     time.sleep(2.0)
-    idle_busy = (busy_seconds() - busy_before) / 2.0
+    idle_busy = (machine_busy() - busy_before) / 2.0
     all_pids = [p for pid in pids for p in tree(pid)]
-    cpu0 = sum(proc_cpu(p) for p in all_pids)
-    kids0, busy0, wall0 = children_cpu(), busy_seconds(), time.monotonic()
+    cpu0 = sum(stat_cpu(p) for p in all_pids)
+    kids0, busy0, wall0 = children_cpu(), machine_busy(), time.monotonic()
     result = storm.run(
         storm_mod.http_base(HTTP_PORT), f"images/{kernel}", f"images/{initrd}", args.limit
     )
     wall = time.monotonic() - wall0
-    server_cpu = sum(proc_cpu(p) for p in all_pids) - cpu0
+    server_cpu = sum(stat_cpu(p) for p in all_pids) - cpu0
     client_cpu = children_cpu() - kids0
-    others = max(0.0, busy_seconds() - busy0 - server_cpu - client_cpu) / wall
+    others = max(0.0, machine_busy() - busy0 - server_cpu - client_cpu) / wall
     for proc in lab.processes[before:]:
         if proc.pid in pids:
             lab.stop_process(proc)

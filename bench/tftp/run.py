@@ -43,13 +43,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import glob
 import hashlib
 import json
 import os
 import platform
-import re
-import resource
 import shutil
 import signal
 import socket
@@ -62,6 +59,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.common import (
+    AppSource,
+    Children,
+    child_pids,
+    children_cpu,
+    cpu_times,
+    set_affinity,
+    thread_cpu,
+)
+from bench.common import wait_quiet as common_wait_quiet
 
 Result = dict[str, Any]
 
@@ -97,101 +106,16 @@ LISTENERS = (
 
 # --- processes: started here, stopped here by PID ------------------------------------
 
-_children: dict[int, subprocess.Popen[bytes]] = {}
 WORK = Path(os.environ.get("BTF_WORK") or tempfile.mkdtemp(prefix="bench-tftp."))
 PIDS = WORK / "pids"
-SOURCE = ""  # which code the appliance runs, for the report
-APP_SRC = ROOT  # the code the appliance runs from; --rev REV: a `git archive` of REV
-
-
-def _start(name: str, argv: list[str], log: Path, **kw: Any) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, **kw)
-    PIDS.mkdir(parents=True, exist_ok=True)
-    (PIDS / f"{name}-{proc.pid}.pid").write_text(str(proc.pid))
-    _children[proc.pid] = proc
-    return proc
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid` (in.tftpd's per-transfer processes)."""
-    found: list[int] = []
-    for task in glob.glob(f"/proc/{pid}/task/*/children"):
-        with contextlib.suppress(OSError):
-            found += [int(x) for x in Path(task).read_text().split()]
-    return found
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    kids = child_pids(proc.pid)
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    for kid in kids:  # a transfer still running in a forked in.tftpd
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(kid, signal.SIGKILL)
-    _children.pop(proc.pid, None)
-    for f in PIDS.glob(f"*-{proc.pid}.pid"):
-        f.unlink(missing_ok=True)
-
-
-def _stop_children() -> None:
-    for proc in list(_children.values()):
-        _stop(proc)
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    why = " (over the time budget)" if signum == signal.SIGALRM else ""
-    raise SystemExit(f"bench/tftp: stopped by {signal.Signals(signum).name}{why}")
-
-
-def app_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(APP_SRC))
-
-
-def use_rev(rev: str) -> str:
-    """Run the appliance as committed at `rev` (others may be editing the work tree)."""
-    global APP_SRC
-    sha = subprocess.run(
-        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-    ).stdout.strip()
-    src = WORK / "src"
-    src.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.Popen(["git", "archive", sha], stdout=subprocess.PIPE, cwd=ROOT)
-    subprocess.run(["tar", "-x", "-C", str(src)], stdin=archive.stdout, check=True)
-    if archive.wait() != 0:
-        raise SystemExit(f"git archive {sha} failed")
-    APP_SRC = src
-    return sha
-
-
-def source_description(rev_sha: str | None) -> str:
-    """Which code the appliance ran: a --rev archive, or the work tree (and if it was dirty)."""
-    if rev_sha:
-        return f"commit {rev_sha[:12]} (`--rev`, a `git archive` of it)"
-    sha = subprocess.run(
-        ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no", "appliance", "services"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    ).stdout.split()
-    changed = sorted({p for p in dirty if "/" in p})
-    if changed:
-        return f"work tree at {sha}, with uncommitted changes in {', '.join(changed)}"
-    return f"work tree at {sha} (clean)"
+CHILDREN = Children("bench/tftp", PIDS)
+_start, _stop, _stop_children, _on_signal = (
+    CHILDREN.start,
+    CHILDREN.stop,
+    CHILDREN.stop_all,
+    CHILDREN.on_signal,
+)
+APP = AppSource()  # the code the appliance runs from; --rev REV: a `git archive` of REV
 
 
 # --- measuring ------------------------------------------------------------------------
@@ -202,57 +126,8 @@ def proc_cpu(pid: int) -> float:
     return sum(thread_cpu(pid).values())
 
 
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds of each live thread of `pid` (a thread that has ended is gone)."""
-    found = {}
-    for f in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            found[int(f.split("/")[4])] = int(Path(f).read_text().split()[0]) / 1e9
-    return found
-
-
-def cpu_stat() -> dict[int, tuple[float, float]]:
-    """Per vCPU: (busy seconds: user+nice+system+irq+softirq, steal seconds)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for line in Path("/proc/stat").read_text().splitlines():
-        m = re.match(r"cpu(\d+) (.*)", line)
-        if m:
-            f = [int(x) for x in m.group(2).split()]
-            out[int(m.group(1))] = ((f[0] + f[1] + f[2] + f[5] + f[6]) / tick, f[7] / tick)
-    return out
-
-
-def others_busy(seconds: float = 1.0) -> float:
-    before = cpu_stat()
-    time.sleep(seconds)
-    after = cpu_stat()
-    return sum(after[c][0] - before[c][0] for c in after) / seconds
-
-
 def wait_quiet(limit: float) -> float:
-    """Wait (at most `limit` s) until the machine uses under BUSY cores."""
-    deadline = time.monotonic() + limit
-    told = False
-    while True:
-        busy = others_busy()
-        if busy < BUSY or time.monotonic() >= deadline:
-            return busy
-        if not told:
-            print(f"  machine busy ({busy:.2f} cores used by others): waiting", flush=True)
-            told = True
-
-
-def set_affinity(pid: int, cpus: set[int]) -> None:
-    """Pin every thread of `pid` (a forking server's children inherit it)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), cpus)
-
-
-def children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+    return common_wait_quiet(limit, BUSY)
 
 
 # --- set-up ---------------------------------------------------------------------------
@@ -413,11 +288,11 @@ def measured(
     """download() with the CPU everyone used around it."""
     client_cpus = {"one": {cpu}, "two": {other}, "free": set(range(os.cpu_count() or 1))}
     client_cpus = client_cpus[placement]
-    before_stat, ticks0 = cpu_stat(), proc_ticks(pid)
+    before_stat, ticks0 = cpu_times(), proc_ticks(pid)
     t0 = time.monotonic()
     res = download(client, port, client_cpus, pid)
     wall = time.monotonic() - t0  # includes the client's start-up
-    after_stat, ticks1 = cpu_stat(), proc_ticks(pid)
+    after_stat, ticks1 = cpu_times(), proc_ticks(pid)
     busy = {c: after_stat[c][0] - before_stat[c][0] for c in after_stat}
     steal = sum(after_stat[c][1] - before_stat[c][1] for c in after_stat)
     res["server"], res["placement"], res["client"] = server, placement, client
@@ -505,7 +380,7 @@ def pingpong(placement: str, cpu: int, other: int, count: int, tmp: Path) -> Res
 def core_cost() -> Result:
     """ReadTransfer per block in-process, no sockets: the lock-step fast path (as the
     session calls it), the general path alone, and windowsize 16."""
-    sys.path.insert(0, str(APP_SRC))
+    sys.path.insert(0, str(APP.path))
     from services.tftp.files import Source
     from services.tftp.transfer import ReadTransfer, negotiate
 
@@ -657,7 +532,7 @@ def machine() -> Result:
         "loop": loop,
         "curl": curl.split("\n")[0].split(" (")[0],
         "tftpd_hpa": "tftpd-hpa " + (hpa.stdout.split()[-1] if hpa.stdout.strip() else "?"),
-        "source": SOURCE,
+        "source": APP.describe(),
     }
 
 
@@ -1010,8 +885,8 @@ def _run(args: argparse.Namespace, ncpu: int) -> int:
     # This script (which polls in.tftpd's children during downloads) stays off the
     # servers' vCPU; every process it starts is pinned explicitly.
     os.sched_setaffinity(0, {other})
-    global SOURCE
-    SOURCE = source_description(use_rev(args.rev) if args.rev else None)
+    if args.rev:
+        APP.use_rev(args.rev, WORK)
     WORK.mkdir(parents=True, exist_ok=True)
     WORK.chmod(0o755)  # in.tftpd drops to nobody: the file must be reachable
     root = WORK / "data"
@@ -1029,8 +904,8 @@ def _run(args: argparse.Namespace, ncpu: int) -> int:
         "appliance",
         [*APPLIANCE, "--log-level", "warning", "run", "--config", str(inventory)],
         app_log,
-        cwd=APP_SRC,
-        env=app_env(),
+        cwd=APP.path,
+        env=APP.env(),
     )
     tftpd = shutil.which("in.tftpd") or "in.tftpd"
     hpa = _start(
