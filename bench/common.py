@@ -212,3 +212,25 @@ def machine_busy() -> float:
     """CPU seconds the whole machine has spent (all cores; not idle, not iowait)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+# --- docs/benchmarks.md ---------------------------------------------------------------
+
+DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def write_section(section: str, begin: str, end: str) -> None:
+    """Put `section` (which starts with `begin` and ends with `end`) into DOC in place of
+    the old one, or at the end; written atomically, one blank line after it."""
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    body = section.strip("\n") + "\n"
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        tail = rest.partition(end)[2].lstrip("\n")
+        text = head + body + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    tmp = DOC.with_name(f".{DOC.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, DOC)

@@ -57,13 +57,20 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.common import AppSource, Children, children_cpu, machine_busy, stat_cpu
+from bench.common import (
+    DOC,
+    AppSource,
+    Children,
+    children_cpu,
+    machine_busy,
+    stat_cpu,
+    write_section,
+)
 from bench.common import wait_quiet as common_wait_quiet
 
 Result = dict[str, Any]
 
 ROOT = Path(__file__).resolve().parents[2]
-DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- dhcp:begin -->", "<!-- dhcp:end -->"
 APPLIANCE = (sys.executable, "-m", "appliance")
 APP = AppSource()  # the code the appliance runs from; --rev REV: a `git archive` of REV
@@ -712,17 +719,7 @@ def markdown(info: Result, command: str, results: list[Result], durability: Resu
 
 
 def write_doc(section: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = DOC.with_suffix(".md.tmp-dhcp")
-    tmp.write_text(text)
-    os.replace(tmp, DOC)
+    write_section(section, BEGIN, END)
 
 
 def print_table(results: list[Result], header: bool = True) -> None:

@@ -59,6 +59,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.common import (
+    DOC,
     AppSource,
     Children,
     children_cpu,
@@ -66,6 +67,7 @@ from bench.common import (
     set_affinity,
     thread_cpu,
     tree,
+    write_section,
 )
 from bench.common import wait_quiet as common_wait_quiet
 
@@ -73,7 +75,6 @@ Result = dict[str, Any]
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- http:begin -->", "<!-- http:end -->"
 HOST = "127.0.0.1"
 LARGE, SMALL = "bench-256MiB.img", "bench-1MiB.bin"
@@ -721,18 +722,8 @@ def profile_lines(prof: Result) -> list[str]:
     return out
 
 
-def write_doc(text: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        doc = head + text + ("\n" + tail if tail else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    tmp = DOC.with_suffix(".md.tmp-http")
-    tmp.write_text(doc)
-    os.replace(tmp, DOC)
+def write_doc(section: str) -> None:
+    write_section(section, BEGIN, END)
 
 
 # --- main -----------------------------------------------------------------------------

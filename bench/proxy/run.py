@@ -49,13 +49,12 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.common import AppSource, Children, machine_busy, stat_cpu
+from bench.common import DOC, AppSource, Children, machine_busy, stat_cpu, write_section
 from bench.common import wait_quiet as common_wait_quiet
 
 Result = dict[str, Any]
 
 ROOT = Path(__file__).resolve().parents[2]
-DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- proxy:begin -->", "<!-- proxy:end -->"
 APPLIANCE = (sys.executable, "-m", "appliance")
 
@@ -670,14 +669,7 @@ ANALYSIS = [
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
+    write_section(section, BEGIN, END)
 
 
 # --- main --------------------------------------------------------------------------------------

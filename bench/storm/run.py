@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shlex
 import signal
 import statistics
@@ -44,12 +43,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import children_cpu, machine_busy, stat_cpu, tree  # noqa: E402
+from bench.common import children_cpu, machine_busy, stat_cpu, tree, write_section  # noqa: E402
 from tests.e2e import storm as storm_mod  # noqa: E402
 from tests.e2e.lab import SERVER, Appliance, Lab, dgxpod_inventory, install_loaders  # noqa: E402
 from tests.helpers import write_inventory  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- storm:begin -->", "<!-- storm:end -->"
 HTTP_PORT = 8080
 NGINX_CONF = """\
@@ -345,13 +343,7 @@ def report(runs: list[Run], args: argparse.Namespace, load: tuple[str, str], cmd
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    write_section(section, BEGIN, END)
 
 
 def main() -> int:

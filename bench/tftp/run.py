@@ -62,6 +62,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.common import (
+    DOC,
     AppSource,
     Children,
     child_pids,
@@ -69,6 +70,7 @@ from bench.common import (
     cpu_times,
     set_affinity,
     thread_cpu,
+    write_section,
 )
 from bench.common import wait_quiet as common_wait_quiet
 
@@ -76,7 +78,6 @@ Result = dict[str, Any]
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- tftp:begin -->", "<!-- tftp:end -->"
 APPLIANCE = (sys.executable, "-m", "appliance")
 HOST = "127.0.0.1"
@@ -798,18 +799,8 @@ def profile_lines(prof: Result, results: Result) -> list[str]:
     return out
 
 
-def write_doc(text: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        doc = head + text + ("\n" + tail if tail else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    tmp = DOC.with_suffix(".md.tmp-tftp")
-    tmp.write_text(doc)
-    os.replace(tmp, DOC)
+def write_doc(section: str) -> None:
+    write_section(section, BEGIN, END)
 
 
 def print_results(results: Result) -> None:
