@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -9,11 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -133,3 +136,30 @@ def get_json(url: str, token: str | None = None, method: str = "GET") -> tuple[i
         return status, json.loads(body)
     except ValueError:
         return status, body.decode()
+
+
+CLONE_NEWNET = 0x40000000
+_T = TypeVar("_T")
+
+
+def in_netns(ns: str, fn: Callable[[], _T]) -> _T:
+    """Run `fn` in a thread that entered `ns`: sockets it makes belong to that namespace."""
+    result: dict[str, Any] = {}
+
+    def enter_and_call() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/run/netns/{ns}") as handle:
+                if libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {ns}")
+            result["value"] = fn()
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=enter_and_call)  # setns changes this thread only
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    value: _T = result["value"]
+    return value

@@ -13,7 +13,6 @@ namespaces, whose deletion takes the bridge, taps and veths with them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import json
 import os
@@ -22,7 +21,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,14 +30,13 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tests.helpers import CONFIG, ROOT, write_inventory
+from tests.helpers import CONFIG, ROOT, in_netns, write_inventory
 
 SERVER = "192.0.2.1"
 VIP = "192.0.2.54"
 GATEWAY = "192.0.2.254"
 DOMAIN = "dgxpod.nvidia.com"
 ADMIN = "127.0.0.1:9000"  # inside the lab namespace
-CLONE_NEWNET = 0x40000000
 _serial = itertools.count()
 T = TypeVar("T")
 
@@ -49,29 +46,6 @@ def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.Complet
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr.strip()}")
     return proc
-
-
-def in_netns(ns: str, fn: Callable[[], T]) -> T:
-    """Run `fn` in a thread that entered `ns`: sockets it makes belong to that namespace."""
-    result: dict[str, Any] = {}
-
-    def enter_and_call() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            with open(f"/run/netns/{ns}") as handle:
-                if libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {ns}")
-            result["value"] = fn()
-        except BaseException as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=enter_and_call)  # setns changes this thread only
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    value: T = result["value"]
-    return value
 
 
 def wait_until(check: Callable[[], T], timeout: float, what: str, step: float = 0.2) -> T:

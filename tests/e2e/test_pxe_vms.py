@@ -49,14 +49,13 @@ from tests.e2e.lab import (
     Appliance,
     Lab,
     dgxpod_inventory,
-    in_netns,
     install_loaders,
     tail,
     wait_until,
     write_ignition,
 )
 from tests.e2e.vm import OVMF_CODE, OVMF_VARS, QEMU, Machine, probe_accel
-from tests.helpers import need_tool
+from tests.helpers import in_netns, need_tool
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e]
 

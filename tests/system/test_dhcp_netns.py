@@ -19,7 +19,6 @@ SIGKILL in the middle of it, and checks that every ACK the clients saw is on dis
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import os
 import signal
@@ -27,7 +26,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
@@ -37,7 +35,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import CONFIG, ROOT, need_tool, write_inventory
+from tests.helpers import CONFIG, ROOT, in_netns, need_tool, write_inventory
 
 pytestmark = pytest.mark.root
 
@@ -52,7 +50,6 @@ MASTER0 = ("52:54:00:00:03:50", "192.0.2.50", "master-0")
 WORKER0 = ("02:00:00:00:03:44", "192.0.2.44", "worker-0")
 STRANGER = "52:54:00:99:00:01"
 POOL = ("192.0.2.100", "192.0.2.249")
-CLONE_NEWNET = 0x40000000
 _serial = itertools.count()
 
 
@@ -122,27 +119,13 @@ class Link:
 
     def client_socket(self, address: tuple[str, int]) -> socket.socket:
         """A UDP socket of the client namespace (made by a thread that enters it)."""
-        made: dict[str, Any] = {}
 
-        def enter_and_bind() -> None:
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                with open(f"/run/netns/{self.client_ns}") as handle:
-                    if libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), "setns")
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sock.bind(address)
-                made["sock"] = sock
-            except OSError as exc:
-                made["error"] = exc
+        def bind() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(address)
+            return sock
 
-        thread = threading.Thread(target=enter_and_bind)  # setns changes this thread only
-        thread.start()
-        thread.join()
-        if "error" in made:
-            raise made["error"]
-        sock: socket.socket = made["sock"]
-        return sock
+        return in_netns(self.client_ns, bind)
 
     def close(self) -> None:
         for ns in self.made:
