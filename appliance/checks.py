@@ -7,6 +7,7 @@ missing instead of refusing the inventory.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -80,4 +81,19 @@ def file_warnings(plan: Plan) -> list[Problem]:
         probe = probe.parent
     if not os.access(probe, os.W_OK):
         out.append(Problem("state_dir", f"{state} is not writable by this user"))
+    return out
+
+
+def install_warnings(plan: Plan) -> list[Problem]:
+    """What the install lacks that the plan would use: the TFTP lock-step loop in C."""
+    out: list[Problem] = []
+    if "tftp" in plan.listen and importlib.util.find_spec("services.tftp._lockstep") is None:
+        out.append(
+            Problem(
+                "listen.tftp",
+                "the TFTP lock-step loop runs in Python: services.tftp._lockstep was not "
+                "built at install (no C compiler or Python headers: apt-get install gcc "
+                "python3-dev, then pip install again); transfers work, at more CPU per block",
+            )
+        )
     return out

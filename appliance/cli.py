@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from appliance import __version__
-from appliance.checks import file_warnings
+from appliance.checks import file_warnings, install_warnings
 from appliance.client import ClientError
 from appliance.inventory import InventoryError, load_inventory
 from appliance.logs import setup_logging
@@ -138,7 +138,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK")
     for line in _summary(plan):
         print(line)
-    warnings = file_warnings(plan)
+    warnings = file_warnings(plan) + install_warnings(plan)
     for w in warnings:
         print(f"warning: {w}")
     return 0

@@ -15,6 +15,7 @@ import re
 import resource
 import signal
 import subprocess
+import sysconfig
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -114,7 +115,49 @@ class AppSource:
         if archive.wait() != 0:
             raise SystemExit(f"git archive {sha} failed")
         self.path, self.rev_sha = src, sha
+        self.build_native()
         return sha
+
+    NATIVE_SOURCE = "services/tftp/_lockstep.c"
+
+    def native_module(self) -> Path:
+        suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+        return self.path / self.NATIVE_SOURCE.replace(".c", suffix)
+
+    def build_native(self) -> None:
+        """Compile the TFTP lock-step loop in C into the tree, as `pip install` does
+        (a `git archive` has the source only); where the commit has none, nothing."""
+        src = self.path / self.NATIVE_SOURCE
+        if not src.exists():
+            return
+        cc = (sysconfig.get_config_var("CC") or "cc").split()
+        include = sysconfig.get_paths()["include"]
+        subprocess.run(
+            [
+                *cc,
+                "-O2",
+                "-fPIC",
+                "-shared",
+                f"-I{include}",
+                str(src),
+                "-o",
+                str(self.native_module()),
+            ],
+            check=True,
+        )
+
+    def tftp_loop(self) -> str:
+        """Which loop the appliance's TFTP transfers run in lock-step: C or Python."""
+        src, mod = self.path / self.NATIVE_SOURCE, self.native_module()
+        if os.environ.get("APPLIANCE_TFTP_NATIVE", "1") == "0":
+            return "Python (APPLIANCE_TFTP_NATIVE=0)"
+        if not src.exists():
+            return "Python (this code has no C loop)"
+        if not mod.exists():
+            return "Python (services/tftp/_lockstep.c not built)"
+        if mod.stat().st_mtime < src.stat().st_mtime:
+            raise SystemExit(f"{mod} is older than {src}: pip install -e . to rebuild it")
+        return "C (services/tftp/_lockstep.c)"
 
     def describe(self) -> str:
         """Which code the appliance ran: a --rev archive, or the work tree (dirty or not)."""

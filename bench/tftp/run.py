@@ -534,6 +534,7 @@ def machine() -> Result:
         "curl": curl.split("\n")[0].split(" (")[0],
         "tftpd_hpa": "tftpd-hpa " + (hpa.stdout.split()[-1] if hpa.stdout.strip() else "?"),
         "source": APP.describe(),
+        "tftp_loop": APP.tftp_loop(),
     }
 
 
@@ -631,7 +632,7 @@ def section(results: Result, command: str) -> str:
         f"Machine: {m['cores']} vCPUs, {m['cpu']}, {m['hypervisor']} (cpuidle {m['cpuidle']}), "
         f"Linux {m['kernel']}, Python {m['python']} ({m['loop']})  ",
         f"Versions: {m['tftpd_hpa']}; {m['curl']}  ",
-        f"Appliance: {m['source']}  ",
+        f"Appliance: {m['source']}; lock-step loop in {m.get('tftp_loop', 'Python')}  ",
         f"Date: {m['date']}",
         "",
         *table(results),
@@ -670,16 +671,7 @@ def section(results: Result, command: str) -> str:
             else ""
         )
         + ".",
-        "- **How the appliance sends** (services/tftp): each transfer runs in a worker "
-        "thread of its own, blocked in `recv` on the transfer's connected socket (no event "
-        "loop per block); the kernel's SO_RCVTIMEO is the retransmission timer, re-armed "
-        "with `setsockopt` only when the wait changes (after a resend or a duplicate), "
-        "never per block. `ReadTransfer.on_ack_fast` takes the in-order ACK in lock-step "
-        "with a few integer compares and returns the next DATA packet from a read-ahead "
-        "buffer (32 packet slots, their headers in place, filled by one `os.preadv`); "
-        "everything else (the OACK, duplicates, windows, the short last block, timer "
-        "resends) goes through `on_packet`/`on_timer` as before. Per block: `recv_into`, "
-        "`send` of a memoryview, and 1/32 of a `preadv`.",
+        *how_it_sends(m),
     ]
     if pp:
         parts = [
@@ -711,6 +703,35 @@ def section(results: Result, command: str) -> str:
         lines += ["", *profile_lines(prof, results)]
     lines += ["", END]
     return "\n".join(lines) + "\n"
+
+
+def how_it_sends(m: Result) -> list[str]:
+    text = (
+        "- **How the appliance sends** (services/tftp): each transfer runs in a worker "
+        "thread of its own, blocked in `recv` on the transfer's connected socket (no event "
+        "loop per block); the kernel's SO_RCVTIMEO is the retransmission timer, re-armed "
+        "with `setsockopt` only when the wait changes (after a resend or a duplicate), "
+        "never per block. `ReadTransfer` judges every packet; its fast path takes the "
+        "in-order ACK in lock-step and sends the next block from a read-ahead buffer (32 "
+        "packet slots, their headers in place, filled by one `preadv`). Per block: one "
+        "`recv`, one `send`, 1/32 of a `preadv`. "
+    )
+    if m.get("tftp_loop", "Python").startswith("C"):
+        text += (
+            "That fast path runs in C (services/tftp/_lockstep.c, without the GIL): it "
+            "takes exactly the ACKs `ReadTransfer.on_ack_fast` would take and hands "
+            "everything else back (the OACK, duplicates, windows, the short last block, "
+            "timeouts, errors) with the state reached, which `ReadTransfer.lockstep_taken` "
+            "records; a test runs both over the same ACK sequences and requires the same "
+            "packets and state. Where no compiler was at install, `on_ack_fast` does it "
+            "in Python (`APPLIANCE_TFTP_NATIVE=0` forces that)."
+        )
+    else:
+        text += (
+            "This run's fast path is the Python one (`on_ack_fast`, a call per ACK): "
+            f"{m.get('tftp_loop', 'Python')}."
+        )
+    return [text]
 
 
 SHELL_TEXT = {
@@ -782,9 +803,17 @@ def profile_lines(prof: Result, results: Result) -> list[str]:
             "",
             f"Reading it: per block the appliance costs {app_us:.1f} µs of CPU to tftpd-hpa's "
             f"{hpa_us:.1f}, {app_us - thread['server_us_per_block']:+.1f} µs from the bare "
-            "thread floor: what it adds is `on_ack_fast` (a call and its bookkeeping), a "
-            "clock read per block and the retransmission timer the floor does without "
-            "(SO_RCVTIMEO arms a kernel timer whenever the thread sleeps in `recv`). Of the "
+            "Python thread floor"
+            + (
+                " (the appliance's lock-step loop is C, the floor's is Python; what the "
+                "appliance adds is a clock read per block and the retransmission timer "
+                "the floor does without). "
+                if results["machine"].get("tftp_loop", "").startswith("C")
+                else ": what it adds is `on_ack_fast` (a call and its bookkeeping), a "
+                "clock read per block and the retransmission timer the floor does without "
+                "(SO_RCVTIMEO arms a kernel timer whenever the thread sleeps in `recv`). "
+            )
+            + "Of the "
             "shells, a thread blocked in `recv` costs least: the ACK wakes it directly, the "
             "kernel's SO_RCVTIMEO is the retransmission timer, and no event loop runs per "
             "block (no epoll wake-up, callback, bytes object or address tuple per datagram); "

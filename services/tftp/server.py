@@ -20,6 +20,7 @@ from tftpy.TftpPacketTypes import TftpPacketRRQ, TftpPacketWRQ
 from appliance.plan import Plan
 from appliance.service import ServiceContext, bind_socket
 from services.bootconfig import IMAGES_PREFIX, client_ipv4
+from services.tftp import session as session_module
 from services.tftp.files import Refused, Source, open_source
 from services.tftp.session import Session
 from services.tftp.transfer import (
@@ -73,6 +74,8 @@ class TftpService:
         sock = bind_socket(self.name, plan.listen["tftp"], socket.SOCK_DGRAM)
         self.loop = loop = asyncio.get_running_loop()
         self.listener, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), sock=sock)
+        if session_module.NATIVE is None:
+            self.log.info("tftp: lock-step transfers run in Python (no services.tftp._lockstep)")
 
     async def reload(self, plan: Plan) -> None:
         self.plan = plan  # running transfers finish with the file they opened

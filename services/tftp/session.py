@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import struct
 import threading
@@ -28,7 +29,14 @@ from collections.abc import Callable
 from typing import Any
 
 from services.tftp.files import Source
-from services.tftp.transfer import FileChanged, ReadTransfer
+from services.tftp.transfer import FileChanged, ReadAhead, ReadTransfer
+
+try:  # the lock-step loop in C: built at install where a compiler is at hand
+    from services.tftp import _lockstep
+except ImportError:  # pragma: no cover - depends on the install
+    _lockstep = None  # type: ignore[assignment]
+# APPLIANCE_TFTP_NATIVE=0 runs the Python loop even where the C one is built (A/B runs).
+NATIVE = _lockstep if os.environ.get("APPLIANCE_TFTP_NATIVE", "1") != "0" else None
 
 RECV_BUFFER = 1024  # an ACK is 4 bytes, an ERROR a few dozen; longer is cut, harmlessly
 MIN_WAIT = 0.001  # SO_RCVTIMEO of 0 means "forever": never ask for less than this
@@ -109,29 +117,57 @@ class Session:
         fast = xfer.on_ack_fast
         timeout = xfer.neg.timeout  # the wait after a block sent on an ACK
         wait = self._rearm(0.0)  # the socket's SO_RCVTIMEO now
+        native = NATIVE is not None and self.source.fd is not None
         while True:
-            try:
-                n = recv_into(buf)
-            except BlockingIOError:  # SO_RCVTIMEO ran out: the timer
+            n: int
+            if native and (state := xfer.lockstep()) is not None:
+                n, wait = self._run_native(state, buf, wait, timeout)
+            else:
+                try:
+                    n = recv_into(buf)
+                except BlockingIOError:
+                    n = -1
+                else:
+                    data = fast(buf, n, mono())
+                    if data is not None:
+                        if wait != timeout:
+                            wait = self._set_wait(timeout)
+                        send(data)
+                        continue
+            if n < 0:  # SO_RCVTIMEO ran out: the timer
                 self._send(xfer.on_timer(mono()))
                 if xfer.done:
                     return
                 wait = self._rearm(wait)
                 continue
-            now = mono()
-            data = fast(buf, n, now)
-            if data is not None:
-                if wait != timeout:
-                    wait = self._set_wait(timeout)
-                send(data)
-                continue
             if self._stopping:  # the socket was shut down: it reads as empty
                 xfer.abort("stopped")
                 return
-            self._send(xfer.on_packet(bytes(buf[:n]), now))
+            self._send(xfer.on_packet(bytes(buf[:n]), mono()))
             if xfer.done:
                 return
             wait = self._rearm(wait)
+
+    def _run_native(
+        self, state: tuple[int, int, ReadAhead], buf: bytearray, wait: float, timeout: float
+    ) -> tuple[int, float]:
+        """The fast path's ACKs in C until something else comes: (the length of the
+        datagram it declined, now in `buf`, or -1 when the timer ran out; the wait)."""
+        assert NATIVE is not None and self.source.fd is not None
+        sent, below, ahead = state
+        rearm = 0 if wait == timeout else int(timeout * 1e6)
+        status, reached, first, loaded, n, when = NATIVE.run(
+            self.sock.fileno(), self.source.fd, ahead.buffer, ahead.count, ahead.blksize,
+            sent, below, ahead.first, ahead.loaded, buf, rearm,
+        )  # fmt: skip
+        self.xfer.lockstep_taken(reached, first, loaded, when)
+        if reached != sent:
+            wait = timeout
+        if status == NATIVE.SHORT_READ:
+            raise FileChanged(f"block {reached} is no longer in the file: it shrank")
+        if status < 0:
+            raise OSError(-status, os.strerror(-status))
+        return (-1 if status == NATIVE.TIMED_OUT else n), wait
 
     def _send(self, packets: list[bytes]) -> None:
         for data in packets:

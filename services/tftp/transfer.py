@@ -92,14 +92,14 @@ class ReadAhead:
     read, the payload read straight behind it; one `readinto` fills every slot.
     """
 
-    __slots__ = ("_payloads", "blksize", "count", "first", "loaded", "readinto", "slots")
+    __slots__ = ("_payloads", "blksize", "buffer", "count", "first", "loaded", "readinto", "slots")
 
     def __init__(self, readinto: ReadInto, blksize: int) -> None:
         self.readinto = readinto
         self.blksize = blksize
         slot = blksize + 4
         self.count = max(1, min(READAHEAD_SLOTS, READAHEAD_BYTES // slot))
-        view = memoryview(bytearray(slot * self.count))
+        self.buffer = view = memoryview(bytearray(slot * self.count))  # every slot, in order
         self.slots = [view[i * slot : (i + 1) * slot] for i in range(self.count)]
         self._payloads = [s[4:] for s in self.slots]
         for s in self.slots:
@@ -209,6 +209,30 @@ class ReadTransfer:
         assert ahead is not None  # made with _fast_below
         i = sent - ahead.first
         return ahead.slots[i] if 0 <= i < ahead.loaded else ahead.load(sent)
+
+    def lockstep(self) -> tuple[int, int, ReadAhead] | None:
+        """For a loop that takes the fast path's ACKs itself (services/tftp/_lockstep.c):
+        (the block sent last, the bound below which its ACK may be taken, the
+        read-ahead buffer), or None while `on_ack_fast` would decline every packet."""
+        if self.sent_upto >= self._fast_below or self._ahead is None:
+            return None
+        return self.sent_upto, self._fast_below, self._ahead
+
+    def lockstep_taken(self, sent: int, first: int, loaded: int, when: float) -> None:
+        """Record what such a loop did: it took, in order, the ACK of every block from
+        the one sent last up to `sent - 1` exactly as `on_ack_fast` takes them (the
+        last at `when`), sent up to block `sent`, and left `loaded` blocks from `first`
+        in the read-ahead buffer."""
+        ahead = self._ahead
+        if ahead is None or not self.sent_upto <= sent <= self._fast_below:
+            raise ValueError(f"lock-step loop reached block {sent} outside the fast path")
+        ahead.first, ahead.loaded = first, loaded
+        if sent == self.sent_upto:
+            return
+        self.acked = sent - 1
+        self.retries = 0
+        self.sent_upto = sent
+        self.deadline = when + self.neg.timeout
 
     def abort(self, message: str) -> list[bytes]:
         """End the transfer from our side (the file cannot be read): the ERROR to send."""

@@ -6,8 +6,10 @@ client. The transfer's timeout is set to a few tens of milliseconds (a `Negotiat
 made directly: the wire minimum is 1 s) so retransmission, backoff and giving up are
 seen in well under two seconds. Both ACK paths are exercised: lock-step (on_ack_fast,
 then the general path for the last block, duplicates and timer ticks) and windowed
-transfers (the general path only). The daemon-level tests with curl and tftp-hpa are
-in test_tftp_http_real.py.
+transfers (the general path only). Every test runs twice: with the lock-step loop in C
+(services/tftp/_lockstep.c, counted, so a silent fall-back to Python fails) and with
+the Python loop it replaces where no compiler was at hand. The daemon-level tests with
+curl and tftp-hpa are in test_tftp_http_real.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from services.tftp import session as session_module
 from services.tftp.files import Source
 from services.tftp.session import Session
 from services.tftp.transfer import (
@@ -100,8 +103,54 @@ def _open(root: Path, name: str) -> Source:
     return Source(os.fstat(fd).st_size, fd=fd, path=name)
 
 
+try:
+    from services.tftp import _lockstep
+except ImportError:  # not built: no C compiler at install
+    _lockstep = None  # type: ignore[assignment]
+
+
+class CountingNative:
+    """services.tftp._lockstep, counting its calls and the blocks they took."""
+
+    DECLINED, TIMED_OUT, SHORT_READ = 0, 1, 2
+
+    def __init__(self) -> None:
+        assert _lockstep is not None
+        assert (_lockstep.DECLINED, _lockstep.TIMED_OUT, _lockstep.SHORT_READ) == (0, 1, 2)
+        self.calls = 0
+        self.taken = 0
+
+    def run(self, *args: object) -> tuple[int, int, int, int, int, float]:
+        assert _lockstep is not None
+        self.calls += 1
+        out = _lockstep.run(*args)  # type: ignore[arg-type]
+        self.taken += out[1] - args[5]  # type: ignore[operator]
+        return out
+
+
+def native_required() -> None:
+    """CI builds the C loop (.ci/run sets APPLIANCE_REQUIRE_NATIVE): there a missing
+    module fails instead of skipping."""
+    if _lockstep is None:
+        if os.environ.get("APPLIANCE_REQUIRE_NATIVE"):
+            pytest.fail("services.tftp._lockstep was not built, and this run requires it")
+        pytest.skip("services.tftp._lockstep is not built (no C compiler at install)")
+
+
+@pytest.fixture(params=["c", "python"])
+def loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> CountingNative | None:
+    """Which lock-step loop the sessions run: the C one (counted) or the Python one."""
+    if request.param == "python":
+        monkeypatch.setattr(session_module, "NATIVE", None)
+        return None
+    native_required()
+    counting = CountingNative()
+    monkeypatch.setattr(session_module, "NATIVE", counting)
+    return counting
+
+
 @pytest.fixture
-def runs(tmp_path: Path) -> Iterator[list[Run]]:
+def runs(tmp_path: Path, loop: CountingNative | None) -> Iterator[list[Run]]:
     made: list[Run] = []
     yield made
     for run in made:
@@ -122,7 +171,9 @@ def data(packet: bytes | None) -> tuple[int, bytes]:
     return block, packet[4:]
 
 
-def test_lockstep_transfer_same_bytes(runs: list[Run], tmp_path: Path) -> None:
+def test_lockstep_transfer_same_bytes(
+    runs: list[Run], tmp_path: Path, loop: CountingNative | None
+) -> None:
     content = os.urandom(512 * 300 + 99)  # many read-ahead refills, a short last block
     run = start(runs, tmp_path, content)
     out = bytearray()
@@ -135,6 +186,10 @@ def test_lockstep_transfer_same_bytes(runs: list[Run], tmp_path: Path) -> None:
     assert run.ended.wait(5) and run.xfer.done and run.xfer.error is None
     assert run.xfer.bytes_sent == len(content)
     assert run.peer.recv(0.2) is None
+    if loop is not None:
+        # Blocks 2..300 go out from C (ACKs 1..299), in one call: it hands back the ACK
+        # of block 300, and Python sends the short block 301.
+        assert (loop.calls, loop.taken) == (1, 299)
 
 
 def test_lost_ack_retransmits_the_same_block(runs: list[Run], tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from appliance.plan import (
     reverse_origin,
     reverse_zones,
 )
-from tests.helpers import CONFIG
+from tests.helpers import CONFIG, loopback_inventory
 
 D = "dgxpod.nvidia.com"
 
@@ -195,3 +196,20 @@ def test_same_inventory_same_serial() -> None:
     a = build_plan(load_inventory(CONFIG / "dgxpod.yaml"))
     b = build_plan(load_inventory(CONFIG / "dgxpod.yaml"))
     assert a.dns.zones[0].soa.serial == b.dns.zones[0].soa.serial
+
+
+def test_check_warns_when_the_tftp_loop_in_c_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`appliance check` says when services.tftp._lockstep was not built (no compiler)."""
+    from appliance import checks
+
+    plan = build_plan(load_inventory(CONFIG / "dgxpod.yaml"))
+    built: dict[str, object] = {}
+    monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name, *a: built.get(name))
+    no_tftp = build_plan(parse_inventory(loopback_inventory(tmp_path), "inv.yaml", tmp_path))
+    assert "tftp" not in no_tftp.listen and checks.install_warnings(no_tftp) == []
+    [problem] = checks.install_warnings(plan)
+    assert problem.path == "listen.tftp" and "runs in Python" in problem.message
+    built["services.tftp._lockstep"] = object()
+    assert checks.install_warnings(plan) == []

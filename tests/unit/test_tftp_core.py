@@ -627,6 +627,39 @@ def test_read_ahead_slots_and_a_file_that_shrinks() -> None:
     assert data(bytes(tiny.slots[6]))[1] == small[65_535 * 8 : 65_536 * 8]
 
 
+def test_lockstep_taken_records_what_on_ack_fast_would() -> None:
+    """The C loop's report (services/tftp/_lockstep.c) applied with lockstep_taken
+    leaves the transfer as the same ACKs through on_ack_fast do; lockstep() is open
+    exactly when on_ack_fast could take an ACK."""
+    content = pattern(1468 * 100 + 5)
+    a, _ = make_fast(content, {"blksize": "1468"})
+    b, _ = make_fast(content, {"blksize": "1468"})
+    assert a.lockstep() is None  # the OACK is not acknowledged yet
+    for x in (a, b):
+        x.on_packet(ack(0), T0)
+    state = b.lockstep()
+    assert state is not None and state[:2] == (1, 100)  # block 1 sent, ACKs of blocks below 100
+    for k in range(1, 41):
+        assert a.on_ack_fast(bytearray(ack(k)), 4, T0 + k) is not None
+    ahead = a.lockstep()
+    assert ahead is not None
+    b.lockstep_taken(41, ahead[2].first, ahead[2].loaded, T0 + 40)
+    for attr in ("acked", "sent_upto", "retries", "deadline", "bytes_sent"):
+        assert getattr(b, attr) == getattr(a, attr), attr
+    assert (b.acked, b.sent_upto, b.deadline) == (40, 41, T0 + 40 + b.neg.timeout)
+    b.lockstep_taken(41, ahead[2].first, ahead[2].loaded, T0 + 99)  # nothing taken: no change
+    assert b.deadline == T0 + 40 + b.neg.timeout
+    with pytest.raises(ValueError, match="outside the fast path"):
+        b.lockstep_taken(40, 1, 0, T0)  # backwards
+    with pytest.raises(ValueError, match="outside the fast path"):
+        b.lockstep_taken(101, 1, 0, T0)  # the short last block is not the fast path's
+    b.lockstep_taken(100, 65, 32, T0 + 50)
+    assert b.lockstep() is None  # the ACK of block 100 goes the long way (short block 101)
+    windowed, _ = make_fast(content, {"blksize": "1468", "windowsize": "4"})
+    windowed.on_packet(ack(0), T0)
+    assert windowed.lockstep() is None
+
+
 def _fill(content: bytes, buffers: list[memoryview], offset: int) -> int:
     done = 0
     for buf in buffers:
