@@ -179,7 +179,7 @@ class DhcpService:
             outcome = self.core.handle(data, (addr[0], addr[1]), now, pxe_port=pxe)
         except Exception:  # a bug must cost one packet, never the service
             self.counters["errors"] += 1
-            self.log.exception("dhcp: error handling a packet from %s", addr[0])
+            self.log.exception("error handling a packet from %s", addr[0])
             return
         if outcome.log:
             self.log.debug("%s", outcome.log)
@@ -259,7 +259,7 @@ class DhcpService:
         except Exception:
             # Not on disk, so not promised: the clients ask again and we try again.
             self.counters["commit_failures"] += 1
-            self.log.exception("dhcp: could not store %d leases; ACKs withheld", len(batch.leases))
+            self.log.exception("could not store %d leases; ACKs withheld", len(batch.leases))
             return
         self.counters["commits"] += 1
         self.counters["leases_committed"] += len(batch.leases)

@@ -49,7 +49,7 @@ class _Listener(asyncio.DatagramProtocol):
             self.service.on_request(data, addr, self)
         except Exception:  # one bad packet must never take the service down
             self.service.counters["errors"] += 1
-            self.service.log.exception("tftp: error on a request from %s", addr[0])
+            self.service.log.exception("error on a request from %s", addr[0])
 
     def reply(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -75,7 +75,7 @@ class TftpService:
         self.loop = loop = asyncio.get_running_loop()
         self.listener, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), sock=sock)
         if session_module.NATIVE is None:
-            self.log.info("tftp: lock-step transfers run in Python (no services.tftp._lockstep)")
+            self.log.info("lock-step transfers run in Python (services.tftp._lockstep not built)")
 
     async def reload(self, plan: Plan) -> None:
         self.plan = plan  # running transfers finish with the file they opened

@@ -104,7 +104,7 @@ class Session:
                 xfer.abort(f"client unreachable: {exc}" if not self._stopping else "stopped")
         except Exception:
             self.crashed = True
-            self.log.exception("tftp: error in a transfer to %s", self.peer[0])
+            self.log.exception("error in a transfer to %s", self.peer[0])
             if not xfer.done:
                 xfer.abort("internal error")
         finally:
