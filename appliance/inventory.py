@@ -191,6 +191,9 @@ class Network(_Strict):
     dhcp_range: tuple[IPv4, IPv4] | None = None
     dhcp_mode: Literal["server", "proxy"] = "server"
     lease_time: Annotated[int, Field(ge=60, le=31_536_000)] = 3600
+    # Seconds to wait for an ICMP echo reply from a pool address before its first offer
+    # (RFC 2131 3.1: probe before allocating; dnsmasq pings too); 0 turns the check off.
+    dhcp_ping_wait: Annotated[float, Field(ge=0, le=10)] = 0.5
 
 
 class BackendPorts(_Strict):

@@ -179,6 +179,11 @@ def _dhcp(svc: Mapping[str, Any] | None, facts: StoreFacts, counter: Family, gau
     counter("dhcp_leases_committed", "Leases written to the store").add_metric(
         [], _num(c.get("leases_committed"))
     )
+    family = counter(
+        "dhcp_ping_checks", "Pool addresses pinged before an offer, by result", ("result",)
+    )
+    for result, key in (("silent", "ping_silent"), ("in_use", "ping_in_use")):
+        family.add_metric([result], _num(c.get(key)))
     gauge("dhcp_leases_bound", "Bound, unexpired leases held by the server").add_metric(
         [], _num(svc.get("leases_bound"))
     )

@@ -137,6 +137,9 @@ class DhcpPlan:
     next_server: IPv4Address
     boot_files: BootFiles
     by_mac: Mapping[str, DhcpReservation] = field(compare=False, repr=False)
+    # s to wait for an echo reply before a pool address's first offer; 0: no ping check
+    # (configured so, or a loopback subnet, where every address is this host).
+    ping_wait: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,6 +507,11 @@ def build_plan(loaded: LoadedInventory) -> Plan:
             http_base=base,
         ),
         by_mac=MappingProxyType({r.mac: r for r in reservations}),
+        ping_wait=(
+            net.dhcp_ping_wait
+            if net.dhcp_range is not None and net.dhcp_mode == "server" and not subnet.is_loopback
+            else 0.0
+        ),
     )
     node_boots = tuple(_node_boot(loaded, n, base) for n in inv.nodes)
     boot = BootPlan(

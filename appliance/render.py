@@ -216,6 +216,8 @@ def _dhcp_options(plan: Plan) -> list[str]:
     # dnsmasq leases at most 1,000 addresses unless told: room for the pool and every node.
     pool = int(dhcp.pool[1]) - int(dhcp.pool[0]) + 1 if dhcp.pool else 0
     lines.append(f"dhcp-lease-max={max(1000, pool + len(dhcp.reservations))}")
+    if dhcp.pool and dhcp.ping_wait == 0:
+        lines.append("no-ping")  # pool addresses offered without a ping first, as here
     if dhcp.router is not None:
         lines.append(f"dhcp-option=option:router,{dhcp.router}")
     lines.append(f"dhcp-option=option:dns-server,{','.join(map(str, dhcp.dns_servers))}")

@@ -9,7 +9,8 @@ uvloop when missing). Steps:
      three servers: an appliance inventory (only listen.dhcp 0.0.0.0:67 and the admin
      API on 127.0.0.1 on), the dnsmasq config `appliance render --as dnsmasq` prints for
      it (log-dhcp removed, quiet-dhcp and no-ping added: neither other server logs
-     per lease or pings), and a kea-dhcp4 config with the same subnet, pool, options and
+     per lease or pings; the appliance's ping check is off too, dhcp_ping_wait 0),
+     and a kea-dhcp4 config with the same subnet, pool, options and
      reservation (memfile, persist true);
   3. each server in turn in the server namespace, fresh lease store, then perfdhcp in
      the client namespace as a relay (`-l 192.0.2.2`: giaddr 192.0.2.2, unicast to
@@ -156,6 +157,7 @@ def write_inventory(d: Path, admin_port: int) -> Path:
             "subnet": str(SUBNET),
             "dhcp_range": list(POOL),
             "lease_time": LEASE_TIME,
+            "dhcp_ping_wait": 0,  # as dnsmasq's --no-ping below: kea does not ping either
         },
         "load_balancer": {"address": LB},
         "boot": {"tftp_root": "tftp", "images_dir": "images"},

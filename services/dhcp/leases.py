@@ -13,6 +13,9 @@ from ipaddress import IPv4Address
 
 OFFER_HOLD = 60.0  # seconds an offered address stays reserved for the client
 DECLINE_QUARANTINE = 600.0  # seconds a declined address is kept out of the pool
+# seconds a pool address that did not answer a ping counts as free (dnsmasq's
+# PING_CACHE_TIME): a client's retransmitted DISCOVER is not held up again
+PROBE_FRESH = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,7 @@ class LeaseTable:
         self.by_mac: dict[str, Binding] = {}
         self.by_ip: dict[IPv4Address, Binding] = {}
         self.quarantine: dict[IPv4Address, float] = {}
+        self.probed_free: dict[IPv4Address, float] = {}  # address -> silent until
         self.set_pool(pool, reserved)
 
     def set_pool(
@@ -137,6 +141,30 @@ class LeaseTable:
         self._put(declined)
         return declined
 
+    def needs_probe(self, mac: str, ip: IPv4Address, now: float) -> bool:
+        """Should `ip` be pinged before it is offered to `mac`? Not when it did not answer
+        lately, nor when it is `mac`'s own (bound or released: that machine itself
+        might answer)."""
+        if self.probed_free.get(ip, 0.0) > now:
+            return False
+        b = self.by_mac.get(mac)
+        return not (b is not None and b.ip == ip and b.state in ("bound", "released"))
+
+    def probed(self, ip: IPv4Address, answered: bool, now: float) -> str | None:
+        """A ping's result. An address that answered is in use by a machine we do not
+        know: kept out of the pool like a declined one, and the offer held for the
+        client while it was probed is dropped (that client's MAC is returned)."""
+        if not answered:
+            self.probed_free[ip] = now + PROBE_FRESH
+            return None
+        self.probed_free.pop(ip, None)
+        self.quarantine[ip] = now + DECLINE_QUARANTINE
+        b = self.by_ip.get(ip)
+        if b is not None and b.state == "offered":
+            self.drop_offer(b.mac)
+            return b.mac
+        return None
+
     def drop_offer(self, mac: str) -> None:
         """The client took another server's offer: free ours at once."""
         b = self.by_mac.get(mac)
@@ -152,4 +180,6 @@ class LeaseTable:
             self.drop_offer(b.mac)
         for ip in [ip for ip, until in self.quarantine.items() if until <= now]:
             del self.quarantine[ip]
+        for ip in [ip for ip, until in self.probed_free.items() if until <= now]:
+            del self.probed_free[ip]
         return gone

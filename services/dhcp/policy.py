@@ -33,7 +33,7 @@ from services.dhcp.codec import (
     DhcpMessage,
     DhcpParseError,
 )
-from services.dhcp.leases import Binding, LeaseTable
+from services.dhcp.leases import DECLINE_QUARANTINE, Binding, LeaseTable
 
 BROADCAST = "255.255.255.255"
 
@@ -93,6 +93,9 @@ class Outcome:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # node, stage, detail
     unknown: ClientInfo | None = None
     log: str = ""
+    # Ping this pool address first (nothing is sent now): then `DhcpCore.probed` with
+    # the result, and the same datagram handled again.
+    probe: IPv4Address | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +112,12 @@ class DhcpCore:
         table: LeaseTable,
         server_port: int,
         counters: Counter[str] | None = None,
+        probing: bool = False,
     ) -> None:
         self.plan = plan
         self.table = table
+        # Ping pool addresses before their first offer (the shell has an ICMP socket).
+        self.probing = probing and plan.ping_wait > 0
         self.server_port = server_port
         self.client_port = server_port + 1  # 67 -> 68; an alternate port pair in tests
         self.counters: Counter[str] = counters if counters is not None else Counter()
@@ -135,23 +141,31 @@ class DhcpCore:
     # --- entry point ------------------------------------------------------------------
 
     def handle(
-        self, data: bytes, src: tuple[str, int], now: float, *, pxe_port: bool = False
+        self,
+        data: bytes,
+        src: tuple[str, int],
+        now: float,
+        *,
+        pxe_port: bool = False,
+        again: bool = False,
     ) -> Outcome:
-        """Everything to do about one datagram from `src`; never raises on bad input."""
-        self.counters["received"] += 1
+        """Everything to do about one datagram from `src`; never raises on bad input.
+        `again`: the same datagram once more, after a probe (not counted twice)."""
+        counters = self.counters if not again else Counter[str]()
+        counters["received"] += 1
         try:
             msg = codec.parse(data)
         except DhcpParseError as exc:
-            self.counters["malformed"] += 1
+            counters["malformed"] += 1
             return Outcome(log=f"malformed from {src[0]}: {exc}")
         mtype = msg.message_type
         if msg.op != BOOTREQUEST or mtype is None or msg.htype != 1 or msg.hlen != 6:
-            self.counters["ignored"] += 1
+            counters["ignored"] += 1
             return Outcome(log=f"ignored from {src[0]}: not an Ethernet DHCP request")
         if msg.giaddr != ZERO and msg.giaddr not in self.plan.subnet:
-            self.counters["foreign_relay"] += 1
+            counters["foreign_relay"] += 1
             return Outcome(log=f"relay {msg.giaddr} is outside {self.plan.subnet}: ignored")
-        self.counters[codec.MESSAGE_NAMES.get(mtype, f"type{mtype}").lower()] += 1
+        counters[codec.MESSAGE_NAMES.get(mtype, f"type{mtype}").lower()] += 1
         if self.plan.mode == "proxy":
             return self._proxy(msg, src, pxe_port)
         handler = {
@@ -183,6 +197,9 @@ class DhcpCore:
                 self.counters["pool_exhausted"] += 1
                 return Outcome(log=f"{mac}: no free address in the pool")
             ip = allocated
+            if self.probing and self.table.needs_probe(mac, ip, now):
+                self.table.offer(mac, ip, now, None)  # held for this client meanwhile
+                return Outcome(probe=ip, log=f"{mac}: pinging {ip} before offering it")
         else:
             return self._unknown(msg)
         self.table.offer(mac, ip, now, node.hostname if node else None)
@@ -191,6 +208,20 @@ class DhcpCore:
         if node is not None:
             out.events.append((node.node, "dhcp-offer", _detail(ip, boot)))
         return out
+
+    def probed(self, ip: IPv4Address, answered: bool, now: float) -> str:
+        """Record a ping's result (see Outcome.probe); a line for the log."""
+        if not answered:
+            self.counters["ping_silent"] += 1
+            self.table.probed(ip, False, now)
+            return f"{ip} did not answer a ping: free to offer"
+        self.counters["ping_in_use"] += 1
+        mac = self.table.probed(ip, True, now)
+        held = f"; the offer held for {mac} is dropped" if mac else ""
+        return (
+            f"pool address {ip} answered a ping: in use by a machine without a lease, "
+            f"kept out of the pool for {DECLINE_QUARANTINE:.0f} s{held}"
+        )
 
     def _request(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
         mac = msg.mac

@@ -3,6 +3,9 @@
 An ACK is sent only after its lease is on disk. Leases decided while the disk
 was busy are written together in one transaction (one fsync), then their ACKs
 leave: the throughput of a batch, the durability of one write per lease.
+
+A pool address is pinged before its first offer when the core asks (Outcome.probe):
+the DISCOVER waits meanwhile and is handled again with the result.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from appliance.plan import Plan
 from appliance.service import BindError, ServiceContext, ServiceError, grow_buffers
 from appliance.store import Lease, Store
 from services.dhcp.leases import Binding, LeaseTable
+from services.dhcp.ping import Pinger
 from services.dhcp.policy import ClientInfo, DhcpCore, Outcome, Outgoing
 
 PXE_PORT = 4011  # proxyDHCP boot server port
 SWEEP_EVERY = 30.0  # seconds between expiry sweeps of offers and quarantines
 UNKNOWN_NOTE_EVERY = 60.0  # write an unknown machine to the store at most this often
+MAX_PROBES = 3  # pool addresses pinged for one DISCOVER; all answered: no offer this time
 
 
 def _binding_to_lease(b: Binding, now: float) -> Lease:
@@ -61,6 +66,17 @@ def _dhcp_socket(service: str, endpoint: Endpoint, interface: str | None) -> soc
 
 def _returning(protocol: _Protocol) -> Callable[[], _Protocol]:
     return lambda: protocol
+
+
+@dataclass
+class _Request:
+    """A datagram waiting for a ping's result, to be handled again."""
+
+    data: bytes
+    addr: tuple[Any, ...]
+    transport: asyncio.DatagramTransport
+    pxe: bool
+    attempt: int  # probes already done for it
 
 
 @dataclass
@@ -103,6 +119,9 @@ class DhcpService:
         self.wake = asyncio.Event()
         self.unknown_seen: dict[str, float] = {}
         self.endpoints: tuple[Endpoint, ...] = ()
+        self.pinger: Pinger | None = None
+        self.probing: dict[IPv4Address, _Request] = {}  # address -> the latest request
+        self.probe_tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -111,7 +130,10 @@ class DhcpService:
         self.store = await loop.run_in_executor(self.executor, Store.open, plan.state_dir)
         leases = await loop.run_in_executor(self.executor, self.store.leases)
         self.table.load(_lease_to_binding(lease) for lease in leases)
-        self.core = DhcpCore(plan.dhcp, self.table, plan.listen["dhcp"].port, self.counters)
+        self._open_pinger(plan)
+        self.core = DhcpCore(
+            plan.dhcp, self.table, plan.listen["dhcp"].port, self.counters, self.pinger is not None
+        )
         endpoint = plan.listen["dhcp"]
         eps = [endpoint]
         if plan.dhcp.mode == "proxy":
@@ -142,12 +164,27 @@ class DhcpService:
     async def reload(self, plan: Plan) -> None:
         if plan.dhcp.mode != self.core.plan.mode or plan.dhcp.interface != self.core.plan.interface:
             raise ServiceError("dhcp: changing dhcp_mode or interface needs a restart")
-        self.core = DhcpCore(plan.dhcp, self.table, self.core.server_port, self.counters)
+        self._open_pinger(plan)
+        self.core = DhcpCore(
+            plan.dhcp, self.table, self.core.server_port, self.counters, self.pinger is not None
+        )
+
+    def _open_pinger(self, plan: Plan) -> None:
+        if plan.dhcp.ping_wait > 0 and self.pinger is None:
+            self.pinger = Pinger.open(plan.dhcp.interface, self.log)
 
     async def stop(self) -> None:
         for transport in self.transports:
             transport.close()
         self.transports.clear()
+        for probe in list(self.probe_tasks):
+            probe.cancel()
+        for probe in list(self.probe_tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
+        if self.pinger is not None:
+            self.pinger.close()
+            self.pinger = None
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -174,9 +211,15 @@ class DhcpService:
     def on_datagram(
         self, data: bytes, addr: tuple[Any, ...], transport: asyncio.DatagramTransport, pxe: bool
     ) -> None:
+        self._handle(_Request(data, addr, transport, pxe, 0))
+
+    def _handle(self, req: _Request) -> None:
         now = time.time()
+        addr, transport = req.addr, req.transport
         try:
-            outcome = self.core.handle(data, (addr[0], addr[1]), now, pxe_port=pxe)
+            outcome = self.core.handle(
+                req.data, (addr[0], addr[1]), now, pxe_port=req.pxe, again=req.attempt > 0
+            )
         except Exception:  # a bug must cost one packet, never the service
             self.counters["errors"] += 1
             self.log.exception("error handling a packet from %s", addr[0])
@@ -185,6 +228,9 @@ class DhcpService:
             self.log.debug("%s", outcome.log)
         if outcome.unknown is not None:
             self._note_unknown(outcome.unknown, now)
+        if outcome.probe is not None:
+            self._probe(outcome.probe, req)
+            return
 
         def send() -> None:
             self._send(outcome, transport)
@@ -195,6 +241,42 @@ class DhcpService:
             self.wake.set()
         else:
             send()
+
+    def _probe(self, ip: IPv4Address, req: _Request) -> None:
+        if req.attempt >= MAX_PROBES or self.pinger is None:
+            self.counters["ping_gave_up"] += 1
+            self.log.warning(
+                "%d pool addresses in a row answered a ping: no offer to a DISCOVER from %s "
+                "this time (its next one tries further addresses)",
+                MAX_PROBES,
+                req.addr[0],
+            )
+            return
+        busy = ip in self.probing
+        self.probing[ip] = req  # a retransmitted DISCOVER: the newest one is answered
+        if busy:
+            return
+        task = asyncio.get_running_loop().create_task(self._ping(ip), name=f"dhcp-ping {ip}")
+        self.probe_tasks.add(task)
+        task.add_done_callback(self.probe_tasks.discard)
+
+    async def _ping(self, ip: IPv4Address) -> None:
+        assert self.pinger is not None
+        self.counters["ping_checks"] += 1
+        try:
+            answered = await self.pinger.probe(ip, self.core.plan.ping_wait)
+        except Exception:
+            self.log.exception("ping check of %s failed: offering it unchecked", ip)
+            answered = False
+        finally:
+            req = self.probing.pop(ip)
+        line = self.core.probed(ip, answered, time.time())
+        if answered:
+            self.log.warning("%s", line)
+        else:
+            self.log.debug("%s", line)
+        req.attempt += 1
+        self._handle(req)
 
     def _send(self, outcome: Outcome, transport: asyncio.DatagramTransport) -> None:
         for out in outcome.replies:

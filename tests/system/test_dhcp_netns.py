@@ -18,8 +18,10 @@ SIGKILL in the middle of it, and checks that every ACK the clients saw is on dis
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import signal
 import socket
@@ -35,6 +37,7 @@ from typing import Any
 import pytest
 import yaml
 
+from services.dhcp.ping import Pinger
 from tests.helpers import CONFIG, ROOT, in_netns, need_tool, write_inventory
 
 pytestmark = pytest.mark.root
@@ -473,6 +476,65 @@ def test_unknown_machine_gets_nothing_until_a_pool_is_on(
     assert bound["dns"].split() == DNS and bound["domain"] == DOMAIN
     lease = wait_until(lambda: appliance.lease(STRANGER), 5, "pool lease stored")
     assert (lease["ip"], lease["state"]) == (ip, "bound")
+
+
+# --- the ping check: a pool address someone already uses is skipped -----------------------
+
+SQUATTER = "192.0.2.100"  # the pool's first address, held by a machine without a lease
+
+
+def squat(link: Link) -> None:
+    """A machine in the client namespace that holds SQUATTER without any lease: the
+    address sits on its loopback, the kernel answers ARP for it on the veth (arp_ignore
+    0) and a device route carries its echo replies back."""
+    link.ip_c("addr", "add", f"{SQUATTER}/32", "dev", "lo")
+    link.ip_c("route", "add", "192.0.2.0/24", "dev", link.client_if)
+
+
+def test_pinger_answers_and_silence(link: Link) -> None:
+    """services.dhcp.ping.Pinger on a real link: the squatter answers at once, a free
+    address stays silent for the whole wait."""
+    squat(link)
+
+    async def probes() -> tuple[bool, bool, float]:
+        pinger = Pinger.open(link.server_if, logging.getLogger("test-ping"))
+        assert pinger is not None
+        try:
+            taken = await pinger.probe(IPv4Address(SQUATTER), 2.0)
+            t0 = time.monotonic()
+            free = await pinger.probe(IPv4Address("192.0.2.77"), 0.3)
+            return taken, free, time.monotonic() - t0
+        finally:
+            pinger.close()
+
+    taken, free, waited = in_netns(link.server_ns, lambda: asyncio.run(probes()))
+    assert taken is True and free is False and waited >= 0.29
+
+
+def test_pool_skips_an_address_that_answers_a_ping(
+    link: Link, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """RFC 2131 3.1 (and dnsmasq): a pool address is pinged before its first offer. The
+    first pool address answers, so udhcpc is offered the next one, and the answered
+    address is logged and kept out of the pool."""
+    squat(link)
+    app = Appliance(link, tmp_path)
+    app.raw["network"]["dhcp_range"] = list(POOL)
+    write_inventory(app.config, app.raw)
+    try:
+        app.start()
+        link.client_mac(STRANGER)
+        script, out = client_script(tmp_path, "udhcpc")
+        got = _run(*udhcpc(link, script, "-n", "-q", "-t", "5", "-T", "1"), check=False)
+        assert got.returncode == 0, got.stdout + got.stderr + app.log()
+        bound = event(out, "bound")
+        assert bound is not None and bound["ip"] == "192.0.2.101", bound
+        assert f"pool address {SQUATTER} answered a ping" in app.log()
+        lease = wait_until(lambda: app.lease(STRANGER), 5, "pool lease stored")
+        assert (lease["ip"], lease["state"]) == ("192.0.2.101", "bound")
+        assert SQUATTER not in {ip for ip, _ in app.leases().values()}
+    finally:
+        app.close()
 
 
 # --- a burst, kill -9 in the middle of it, and restarts -------------------------------------

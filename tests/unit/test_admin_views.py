@@ -170,7 +170,10 @@ STATUS: dict[str, Any] = {
         },
         "dhcp": {
             "state": "running",
-            "counters": {"received": 4, "discover": 2, "request": 2, "sent": 4, "malformed": 1},
+            "counters": {
+                "received": 4, "discover": 2, "request": 2, "sent": 4, "malformed": 1,
+                "ping_silent": 2, "ping_in_use": 1,
+            },
             "leases_bound": 1,
         },
         "tftp": {"state": "off", "listen": []},
@@ -233,6 +236,8 @@ def test_metric_families_from_status_and_store() -> None:
     assert got[("appliance_dhcp_messages_total", (("type", "discover"),))] == 2
     assert got[("appliance_dhcp_leases", (("state", "bound"),))] == 1
     assert got[("appliance_dhcp_unknown_machines", ())] == 4
+    assert got[("appliance_dhcp_ping_checks_total", (("result", "in_use"),))] == 1
+    assert got[("appliance_dhcp_ping_checks_total", (("result", "silent"),))] == 2
     assert got[("appliance_http_bytes_total", ())] == 900
     assert got[("appliance_events_total", (("stage", "kernel"),))] == 3
     assert got[("appliance_events_total", (("stage", "ignition"),))] == 0  # the series exists

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from appliance.inventory import parse_inventory
+from appliance.inventory import InventoryError, parse_inventory
 from appliance.plan import Plan, build_plan
-from services.dhcp import codec
+from services.dhcp import codec, ping
 from services.dhcp.codec import DhcpMessage
 from services.dhcp.leases import LeaseTable
 from services.dhcp.policy import DhcpCore, Outcome
-from tests.helpers import CONFIG
+from tests.helpers import CONFIG, loopback_inventory
 
 SERVER = IPv4Address("10.33.3.18")
 MASTER0 = "52:54:00:00:03:50"
@@ -349,3 +350,133 @@ def test_wrong_op_is_ignored(core: DhcpCore) -> None:
     m = msg(MASTER0, codec.DISCOVER)
     m.op = codec.BOOTREPLY
     assert not send(core, m).replies and core.counters["ignored"] == 1
+
+
+# --- the ping check before a pool address's first offer ---------------------------------
+
+
+@pytest.fixture
+def probing_core(dgxpod_raw: dict[str, Any]) -> DhcpCore:
+    plan = _plan(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.102"])
+    assert plan.dhcp.ping_wait == 0.5  # the default
+    return DhcpCore(plan.dhcp, LeaseTable(None), 67, probing=True)
+
+
+def test_ping_check_holds_the_offer_until_the_address_stays_silent(
+    probing_core: DhcpCore,
+) -> None:
+    discover = msg(STRANGER, codec.DISCOVER)
+    first = send(probing_core, discover, 1000.0)
+    assert first.probe == IPv4Address("10.33.3.100") and not first.replies
+    # Held for this client meanwhile: another client's DISCOVER is pinged elsewhere.
+    other = send(probing_core, msg("de:ad:be:ef:00:02", codec.DISCOVER), 1000.1)
+    assert other.probe == IPv4Address("10.33.3.101")
+    # A retransmission asks for the same address again (the shell pings it once).
+    assert send(probing_core, discover, 1000.2).probe == first.probe
+    assert "did not answer" in probing_core.probed(first.probe, False, 1000.5)
+    again = probing_core.handle(codec.encode(discover), CLIENT, 1000.5, again=True)
+    offer = reply(again)
+    assert offer.yiaddr == first.probe and again.probe is None
+    assert probing_core.counters["discover"] == 3  # the datagram handled again: not counted
+    assert probing_core.counters["ping_silent"] == 1
+    # Within PROBE_FRESH the address is not pinged again; the DORA completes.
+    assert reply(send(probing_core, discover, 1010.0)).yiaddr == first.probe
+    request = msg(
+        STRANGER,
+        codec.REQUEST,
+        options={codec.OPT_SERVER_ID: SERVER.packed, codec.OPT_REQUESTED_IP: offer.yiaddr.packed},
+    )
+    assert reply(send(probing_core, request, 1011.0)).message_type == codec.ACK
+    # A bound client's own address is never pinged (it might answer itself).
+    assert reply(send(probing_core, discover, 5000.0)).yiaddr == first.probe
+
+
+def test_an_address_that_answers_is_skipped_and_quarantined(probing_core: DhcpCore) -> None:
+    discover = msg(STRANGER, codec.DISCOVER)
+    first = send(probing_core, discover, 1000.0)
+    assert first.probe == IPv4Address("10.33.3.100")
+    line = probing_core.probed(first.probe, True, 1000.5)
+    assert "answered a ping" in line and STRANGER in line
+    assert probing_core.table.holder(first.probe, 1000.5) is None  # the held offer dropped
+    second = probing_core.handle(codec.encode(discover), CLIENT, 1000.5, again=True)
+    assert second.probe == IPv4Address("10.33.3.101")
+    probing_core.probed(second.probe, False, 1001.0)
+    offer = reply(probing_core.handle(codec.encode(discover), CLIENT, 1001.0, again=True))
+    assert offer.yiaddr == IPv4Address("10.33.3.101")
+    # The squatted address stays out of the pool, even when asked for by name...
+    want = {codec.OPT_REQUESTED_IP: first.probe.packed}
+    out = send(probing_core, msg("de:ad:be:ef:00:03", codec.DISCOVER, options=want), 1100.0)
+    assert out.probe == IPv4Address("10.33.3.102")
+    assert probing_core.counters["ping_in_use"] == 1
+    # ...until its quarantine is over: then it is pinged again before any offer.
+    later = 1000.5 + 600 + 1
+    probing_core.table.expire(later)
+    out = send(probing_core, msg("de:ad:be:ef:00:04", codec.DISCOVER), later)
+    assert out.probe == first.probe
+
+
+def test_reservations_and_a_core_without_pinger_never_probe(
+    dgxpod_raw: dict[str, Any], probing_core: DhcpCore
+) -> None:
+    assert not probing_core.handle(codec.encode(msg(WORKER0, codec.DISCOVER)), CLIENT, 1000.0).probe
+    plan = _plan(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.102"])
+    unprobed = DhcpCore(plan.dhcp, LeaseTable(None), 67, probing=False)
+    assert reply(send(unprobed, msg(STRANGER, codec.DISCOVER))).yiaddr == IPv4Address("10.33.3.100")
+
+
+@pytest.mark.parametrize(
+    ("network", "wait"),
+    [
+        ({"dhcp_range": ["10.33.3.100", "10.33.3.102"]}, 0.5),
+        ({"dhcp_range": ["10.33.3.100", "10.33.3.102"], "dhcp_ping_wait": 2}, 2.0),
+        ({"dhcp_range": ["10.33.3.100", "10.33.3.102"], "dhcp_ping_wait": 0}, 0.0),
+        ({}, 0.0),  # no pool: nothing to ping
+        ({"dhcp_range": ["10.33.3.100", "10.33.3.102"], "dhcp_mode": "proxy"}, 0.0),
+    ],
+)
+def test_ping_wait_in_the_plan(
+    dgxpod_raw: dict[str, Any], network: dict[str, Any], wait: float
+) -> None:
+    plan = _plan(dgxpod_raw, **network)
+    assert plan.dhcp.ping_wait == wait
+    assert DhcpCore(plan.dhcp, LeaseTable(None), 67, probing=True).probing is (wait > 0)
+
+
+def test_loopback_subnets_are_never_pinged(tmp_path: Path) -> None:
+    """Every 127/8 address is this host: each would answer."""
+    raw = loopback_inventory(tmp_path)
+    raw["network"]["dhcp_range"] = ["127.0.0.100", "127.0.0.120"]
+    plan = build_plan(parse_inventory(raw, "x.yaml", tmp_path))
+    assert plan.dhcp.ping_wait == 0.0
+
+
+@pytest.mark.parametrize("bad", [-1, 11, "soon"])
+def test_ping_wait_is_checked(dgxpod_raw: dict[str, Any], bad: object) -> None:
+    dgxpod_raw["network"]["dhcp_ping_wait"] = bad
+    with pytest.raises(InventoryError, match=r"network\.dhcp_ping_wait"):
+        parse_inventory(dgxpod_raw, "x.yaml", CONFIG)
+
+
+# --- ICMP echo codec ---------------------------------------------------------------------
+
+
+def test_icmp_checksum_and_echo_request() -> None:
+    # RFC 1071's example: the one's complement sum of these words is 0xddf2.
+    assert ping.checksum(bytes.fromhex("0001f203f4f5f6f7")) == 0xFFFF - 0xDDF2
+    packet = ping.echo_request(0x1234, 7, b"abc")  # odd length: padded for the sum
+    assert packet[0] == ping.ECHO_REQUEST and packet[4:8] == bytes.fromhex("12340007")
+    assert ping.checksum(packet) == 0  # a valid checksum sums to all ones
+
+
+def test_echo_reply_ident_from_both_socket_kinds() -> None:
+    reply_icmp = bytes([ping.ECHO_REPLY, 0]) + bytes(2) + bytes.fromhex("beef0001") + b"x"
+    assert ping.echo_reply_ident(reply_icmp, raw=False) == 0xBEEF
+    ip_header = bytes([0x45]) + bytes(19)  # IPv4, IHL 5: 20 bytes
+    assert ping.echo_reply_ident(ip_header + reply_icmp, raw=True) == 0xBEEF
+    options = bytes([0x46]) + bytes(23)  # IHL 6: 24 bytes with options
+    assert ping.echo_reply_ident(options + reply_icmp, raw=True) == 0xBEEF
+    unreachable = bytes([3, 1]) + bytes(6)
+    assert ping.echo_reply_ident(unreachable, raw=False) is None
+    assert ping.echo_reply_ident(ping.echo_request(1, 1), raw=False) is None  # a request
+    assert ping.echo_reply_ident(b"\x00\x00", raw=False) is None
+    assert ping.echo_reply_ident(bytes([0x60]) + bytes(40), raw=True) is None  # not IPv4

@@ -267,6 +267,9 @@ def test_dnsmasq_pool_and_options(dgxpod_raw: dict[str, Any]) -> None:
     assert "dhcp-option=option:ntp-server,10.33.3.1,10.33.3.2" in lines
     assert "dhcp-option=option:dns-server,10.33.3.18,10.33.3.19" in lines
     assert not any("option:router" in line for line in lines)
+    assert "no-ping" not in lines  # both ping a pool address before its first offer
+    net["dhcp_ping_wait"] = 0
+    assert "no-ping" in config_lines(render_dnsmasq(variant(dgxpod_raw)))
 
 
 def test_dnsmasq_proxy_mode(dgxpod_raw: dict[str, Any]) -> None:
