@@ -269,7 +269,9 @@ class DhcpService:
             self.log.exception("ping check of %s failed: offering it unchecked", ip)
             answered = False
         finally:
-            req = self.probing.pop(ip)
+            req = self.probing.pop(ip, None)
+        if req is None:
+            return
         line = self.core.probed(ip, answered, time.time())
         if answered:
             self.log.warning("%s", line)
