@@ -15,15 +15,16 @@ from ipaddress import IPv4Address
 from typing import Any
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from appliance.inventory import parse_inventory
 from appliance.plan import DhcpPlan, build_plan
 from services.dhcp import codec
 from services.dhcp.codec import DhcpMessage, DhcpParseError
-from services.dhcp.leases import Binding, LeaseTable
+from services.dhcp.leases import DECLINE_QUARANTINE, Binding, LeaseTable
 from services.dhcp.policy import DhcpCore, Outcome
+from services.dhcp.server import MAX_PROBES
 from tests.helpers import CONFIG
 
 FAST = settings(
@@ -233,20 +234,24 @@ def test_core_never_raises(
 class World:
     """The core, a store that keeps only what was committed, and what clients were told."""
 
-    def __init__(self) -> None:
+    def __init__(self, probing: bool = False) -> None:
+        self.probing = probing
         self.store: dict[str, Binding] = {}
-        self.core = DhcpCore(PLAN, LeaseTable(None), 67)
+        self.core = DhcpCore(PLAN, LeaseTable(None), 67, probing=probing)
         self.now = 1000.0
         self.promises: dict[str, tuple[IPv4Address, float]] = {}  # MAC -> address, until
         self.offered: dict[str, IPv4Address] = {}
         self.quarantined: dict[IPv4Address, float] = {}  # committed DECLINEs: address, until
+        self.squatted: dict[IPv4Address, float] = {}  # answered a ping: address, until
+        self.draw: st.DrawFn | None = None  # decides whether a pinged address answers
         self.xid = 0
 
     def restart(self) -> None:
         """kill -9 and start again: offers are lost, committed leases are loaded."""
         table = LeaseTable(None)
         table.load(self.store.values())
-        self.core = DhcpCore(PLAN, table, 67)
+        self.core = DhcpCore(PLAN, table, 67, probing=self.probing)
+        self.squatted.clear()  # kept in memory only: after a restart it is pinged again
         # The store keeps one row per MAC: a quarantine outlives a restart only while
         # the declining client has had no lease since (its row still says declined).
         declined = {b.ip for b in self.store.values() if b.state == "declined"}
@@ -267,9 +272,27 @@ class World:
         if m.giaddr != IPv4Address(0):
             src = (str(m.giaddr), 67)
         out = self.core.handle(data, src, self.now)
+        out = self.ping_checks(mac, data, src, out)
         _check_replies(data, out)
         self.observe(mac, mtype, m, out)
         return out
+
+    def ping_checks(self, mac: str, data: bytes, src: tuple[str, int], out: Outcome) -> Outcome:
+        """What the service does with Outcome.probe: ping (here: the drawn answer), tell
+        the core, handle the datagram again; at most MAX_PROBES pings per datagram."""
+        for _ in range(MAX_PROBES):
+            if out.probe is None:
+                return out
+            assert self.probing and not out.replies and not out.commit
+            assert out.probe in POOL and mac not in RESERVED
+            assert self.squatted.get(out.probe, 0.0) <= self.now, "pinged while quarantined"
+            answered = self.draw is not None and self.draw(st.booleans(), label="answers")
+            self.core.probed(out.probe, answered, self.now)
+            event("ping answered" if answered else "ping silent")  # --hypothesis-show-statistics
+            if answered:
+                self.squatted[out.probe] = self.now + DECLINE_QUARANTINE
+            out = self.core.handle(data, src, self.now, again=True)
+        return out if out.probe is None else Outcome()  # given up: no reply
 
     def others_holding(self, ip: IPv4Address, mac: str) -> list[str]:
         return [
@@ -311,6 +334,8 @@ class World:
                 assert ip in POOL
                 # A declined address stays out of the pool for its quarantine, restarts too.
                 assert self.quarantined.get(ip, 0.0) <= self.now, f"{ip} is quarantined"
+                # One that answered a ping stays out while its quarantine lasts.
+                assert self.squatted.get(ip, 0.0) <= self.now, f"{ip} answered a ping"
             if kind == codec.OFFER:
                 self.offered[mac] = ip
             else:
@@ -413,6 +438,20 @@ STEPS: list[Step] = [
 @given(st.data())
 def test_conversations_never_share_an_address(data: st.DataObject) -> None:
     w = World()
+    for _ in range(data.draw(st.integers(1, 40), label="steps")):
+        step = data.draw(st.sampled_from(STEPS))
+        step(w, data.draw)
+        w.check_table()
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.data())
+def test_conversations_with_ping_checks(data: st.DataObject) -> None:
+    """The same, with every pool address pinged before its first offer and the drawn
+    answer deciding whether some machine squats on it: never pinged or offered while
+    it is kept out, never a reservation pinged, never one address for two clients."""
+    w = World(probing=True)
+    w.draw = data.draw
     for _ in range(data.draw(st.integers(1, 40), label="steps")):
         step = data.draw(st.sampled_from(STEPS))
         step(w, data.draw)
