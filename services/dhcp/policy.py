@@ -69,6 +69,11 @@ class Outgoing:
     data: bytes
     host: str
     port: int
+    # A client without an address that did not ask for broadcast (RFC 2131 4.1): `host`
+    # is its new address, reached at this hardware address. The kernel cannot ARP for
+    # it (the client does not answer yet), so the shell puts the pair in the ARP cache
+    # first, as dnsmasq and ISC dhcpd do; where it may not, it broadcasts instead.
+    hwaddr: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +404,10 @@ class DhcpCore:
 
     def _to_client(self, reply: DhcpMessage, msg: DhcpMessage, src: tuple[str, int]) -> Outgoing:
         host, port = self._dest(msg, src)
+        if host == BROADCAST and not msg.broadcast and reply.yiaddr != ZERO:
+            # RFC 2131 4.1: broadcast bit clear, no giaddr, no ciaddr: unicast to
+            # chaddr and yiaddr.
+            return Outgoing(self._encode(reply, msg), str(reply.yiaddr), port, hwaddr=msg.mac)
         return Outgoing(self._encode(reply, msg), host, port)
 
     def _dest(
@@ -419,7 +428,8 @@ class DhcpCore:
         if src[0] != "0.0.0.0":
             # A sender with an address of its own (a test client on loopback): answer it there.
             return src[0], src[1]
-        # No ARP entry can exist for a client without an address: broadcast to it.
+        # A client without an address: broadcast (or, for an OFFER or ACK it did not ask
+        # to be broadcast, a unicast to its new address: _to_client).
         return BROADCAST, self.client_port
 
     # --- PXE --------------------------------------------------------------------------

@@ -25,9 +25,10 @@ from appliance.inventory import Endpoint
 from appliance.plan import Plan
 from appliance.service import BindError, ServiceContext, ServiceError, grow_buffers
 from appliance.store import Lease, Store
+from services.dhcp.arp import ArpCache
 from services.dhcp.leases import Binding, LeaseTable
 from services.dhcp.ping import Pinger
-from services.dhcp.policy import ClientInfo, DhcpCore, Outcome, Outgoing
+from services.dhcp.policy import BROADCAST, ClientInfo, DhcpCore, Outcome, Outgoing
 
 PXE_PORT = 4011  # proxyDHCP boot server port
 SWEEP_EVERY = 30.0  # seconds between expiry sweeps of offers and quarantines
@@ -120,6 +121,7 @@ class DhcpService:
         self.unknown_seen: dict[str, float] = {}
         self.endpoints: tuple[Endpoint, ...] = ()
         self.pinger: Pinger | None = None
+        self.arp: ArpCache | None = None
         self.probing: dict[IPv4Address, _Request] = {}  # address -> the latest request
         self.probe_tasks: set[asyncio.Task[None]] = set()
 
@@ -131,6 +133,7 @@ class DhcpService:
         leases = await loop.run_in_executor(self.executor, self.store.leases)
         self.table.load(_lease_to_binding(lease) for lease in leases)
         self._open_pinger(plan)
+        self.arp = ArpCache(plan.dhcp.interface, self.log)
         self.core = DhcpCore(
             plan.dhcp, self.table, plan.listen["dhcp"].port, self.counters, self.pinger is not None
         )
@@ -185,6 +188,8 @@ class DhcpService:
         if self.pinger is not None:
             self.pinger.close()
             self.pinger = None
+        if self.arp is not None:
+            self.arp.close()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -289,8 +294,15 @@ class DhcpService:
     def _sendto(self, transport: asyncio.DatagramTransport, out: Outgoing) -> None:
         if transport.is_closing():
             return
+        host = out.host
+        if out.hwaddr is not None:  # unicast to a client without an address (RFC 2131 4.1)
+            if self.arp is not None and self.arp.teach(IPv4Address(host), out.hwaddr):
+                self.counters["unicast_arp"] += 1
+            else:
+                host = BROADCAST
+                self.counters["unicast_as_broadcast"] += 1
         try:
-            transport.sendto(out.data, (out.host, out.port))
+            transport.sendto(out.data, (host, out.port))
             self.counters["sent"] += 1
         except OSError:
             self.counters["send_errors"] += 1

@@ -478,6 +478,61 @@ def test_unknown_machine_gets_nothing_until_a_pool_is_on(
     assert (lease["ip"], lease["state"]) == (ip, "bound")
 
 
+# --- RFC 2131 4.1: unicast to a client without an address, unless it asks for broadcast ----
+
+
+def offer_frame(link: Link, mac: str, broadcast: bool) -> Any:
+    """A DISCOVER sent as the client's firmware sends it (an Ethernet broadcast from
+    0.0.0.0, on a packet socket in the client namespace) and the Ethernet frame the
+    OFFER came back in."""
+    scapy_l2 = pytest.importorskip("scapy.layers.l2")
+    scapy_inet = pytest.importorskip("scapy.layers.inet")
+    Ether, IP, UDP = scapy_l2.Ether, scapy_inet.IP, scapy_inet.UDP
+    xid = 0x5EED0000 + next(_serial)
+    frame = (
+        Ether(src=mac, dst="ff:ff:ff:ff:ff:ff")
+        / IP(src="0.0.0.0", dst="255.255.255.255")
+        / UDP(sport=68, dport=67)
+        / BOOTP(chaddr=bytes.fromhex(mac.replace(":", "")), xid=xid,
+                flags=0x8000 if broadcast else 0)
+        / DHCP(options=[("message-type", "discover"), "end"])
+    )  # fmt: skip
+
+    def exchange() -> Any:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+        try:
+            sock.bind((link.client_if, 0))
+            sock.settimeout(0.5)
+            deadline = time.monotonic() + 10
+            sock.send(bytes(frame))
+            while time.monotonic() < deadline:
+                try:
+                    data = sock.recv(4096)
+                except TimeoutError:
+                    sock.send(bytes(frame))  # lost, or the server was not ready: again
+                    continue
+                got = Ether(data)
+                if UDP in got and got[UDP].dport == 68 and BOOTP in got and got[BOOTP].xid == xid:
+                    return got
+            raise AssertionError("no OFFER within 10 s")
+        finally:
+            sock.close()
+
+    return in_netns(link.client_ns, exchange)
+
+
+def test_offer_is_unicast_unless_the_client_asks_for_broadcast(
+    link: Link, appliance: Appliance
+) -> None:
+    mac, ip, _ = MASTER0
+    link.client_mac(mac)
+    unicast = offer_frame(link, mac, broadcast=False)
+    assert unicast[BOOTP].yiaddr == ip
+    assert (unicast.dst, unicast["IP"].dst) == (mac, ip)  # its MAC, its new address
+    broadcast = offer_frame(link, mac, broadcast=True)
+    assert (broadcast.dst, broadcast["IP"].dst) == ("ff:ff:ff:ff:ff:ff", "255.255.255.255")
+
+
 # --- the ping check: a pool address someone already uses is skipped -----------------------
 
 SQUATTER = "192.0.2.100"  # the pool's first address, held by a machine without a lease

@@ -10,7 +10,7 @@ import pytest
 
 from appliance.inventory import InventoryError, parse_inventory
 from appliance.plan import Plan, build_plan
-from services.dhcp import codec, ping
+from services.dhcp import arp, codec, ping
 from services.dhcp.codec import DhcpMessage
 from services.dhcp.leases import LeaseTable
 from services.dhcp.policy import DhcpCore, Outcome
@@ -480,3 +480,33 @@ def test_echo_reply_ident_from_both_socket_kinds() -> None:
     assert ping.echo_reply_ident(ping.echo_request(1, 1), raw=False) is None  # a request
     assert ping.echo_reply_ident(b"\x00\x00", raw=False) is None
     assert ping.echo_reply_ident(bytes([0x60]) + bytes(40), raw=True) is None  # not IPv4
+
+
+# --- where replies go (RFC 2131 4.1) ------------------------------------------------------
+
+
+def test_offer_to_a_client_without_an_address_is_unicast_unless_it_asks(core: DhcpCore) -> None:
+    out = send(core, msg(MASTER0, codec.DISCOVER)).replies[0]
+    assert (out.host, out.port, out.hwaddr) == ("10.33.3.50", 68, MASTER0)
+    asked = send(core, msg(MASTER0, codec.DISCOVER, flags=codec.BROADCAST_FLAG)).replies[0]
+    assert (asked.host, asked.port, asked.hwaddr) == ("255.255.255.255", 68, None)
+    relayed = send(core, msg(MASTER0, codec.DISCOVER, giaddr=IPv4Address("10.33.3.1")))
+    assert (relayed.replies[0].host, relayed.replies[0].hwaddr) == ("10.33.3.1", None)
+    renew = send(core, msg(MASTER0, codec.REQUEST, ciaddr=IPv4Address("10.33.3.50")))
+    assert (renew.replies[0].host, renew.replies[0].hwaddr) == ("10.33.3.50", None)
+    wrong = msg(MASTER0, codec.REQUEST, options={codec.OPT_REQUESTED_IP: bytes([10, 33, 3, 9])})
+    nak = send(core, wrong).replies[0]
+    assert (nak.host, nak.hwaddr) == ("255.255.255.255", None)  # a NAK is never unicast
+
+
+def test_arpreq_layout() -> None:
+    req = arp.arpreq(IPv4Address("192.0.2.50"), "52:54:00:00:03:50", "eth0")
+    assert len(req) == 68  # sizeof(struct arpreq) on Linux
+    assert req[:8] == bytes([2, 0, 0, 0, 192, 0, 2, 50])  # sockaddr_in, AF_INET in host order
+    assert req[16:24] == bytes([1, 0, 0x52, 0x54, 0, 0, 3, 0x50])  # ARPHRD_ETHER, the MAC
+    assert req[32:36] == bytes([arp.ATF_COM, 0, 0, 0])
+    assert req[52:] == b"eth0".ljust(16, b"\0")
+    with pytest.raises(ValueError, match="Ethernet"):
+        arp.arpreq(IPv4Address("192.0.2.50"), "52:54:00", "")
+    with pytest.raises(ValueError, match="too long"):
+        arp.arpreq(IPv4Address("192.0.2.50"), "52:54:00:00:03:50", "x" * 16)
