@@ -37,7 +37,6 @@ ACCEPT_BATCH = 64  # connections accepted per wakeup
 SWEEP_EVERY = 1.0  # seconds between idle-timeout sweeps
 EVENT_EVERY = 30.0  # at most one machine-config event per node this often
 ACCEPT_PAUSE = 0.1  # seconds a listener rests after accept() ran out of descriptors
-CONNECT_TICK = 0.1  # at most this late a connect timeout is noticed
 FDS_PER_CONNECTION = 6  # two sockets, and two pipes (two descriptors each) with splice
 
 
@@ -152,25 +151,33 @@ class FrontendRunner:
     # --- connect timeouts ------------------------------------------------------------
 
     def connect_started(self, conn: Connection) -> None:
+        # Every connect of a frontend has the same timeout, so in the order they start
+        # their deadlines are in order too (a retry moves to the back): the timer only
+        # ever waits for the first one, and fires when it is due.
+        self.connecting.pop(conn, None)
         self.connecting[conn] = conn.poller.now + self.frontend.connect_timeout
         if self.connect_timer is None:
-            tick = min(CONNECT_TICK, self.frontend.connect_timeout)
-            self.connect_timer = self.service.loop.call_later(tick, self._check_connects)
+            self._arm_connects(conn.poller.now)
+
+    def _arm_connects(self, now: float) -> None:
+        first = next(iter(self.connecting.values()))
+        self.connect_timer = self.service.loop.call_later(
+            max(0.0, first - now), self._check_connects
+        )
 
     def _check_connects(self) -> None:
         self.connect_timer = None
-        if not self.connecting:
-            return
         now = time.monotonic()
         if self.service.poller is not None:
             self.service.poller.now = now
-        late = [conn for conn, deadline in self.connecting.items() if deadline <= now]
-        for conn in late:
-            self.connecting.pop(conn, None)
-            conn.timed_out()
+        while self.connecting:
+            conn, deadline = next(iter(self.connecting.items()))
+            if deadline > now:
+                break
+            del self.connecting[conn]
+            conn.timed_out()  # may start a connect to the next backend (at the back)
         if self.connecting and self.connect_timer is None:
-            tick = min(CONNECT_TICK, self.frontend.connect_timeout)
-            self.connect_timer = self.service.loop.call_later(tick, self._check_connects)
+            self._arm_connects(now)
 
     def _event(self, client: str) -> None:
         if self.name != "machine_config":
