@@ -158,12 +158,20 @@ class LeaseTable:
             self.probed_free[ip] = now + PROBE_FRESH
             return None
         self.probed_free.pop(ip, None)
-        self.quarantine[ip] = now + DECLINE_QUARANTINE
         b = self.by_ip.get(ip)
+        if b is not None and b.state == "bound" and b.active(now):
+            return None  # bound meanwhile (an INIT-REBOOT while it was pinged): its holder
+        self.quarantine[ip] = now + DECLINE_QUARANTINE
         if b is not None and b.state == "offered":
             self.drop_offer(b.mac)
             return b.mac
         return None
+
+    def drop_held(self, ip: IPv4Address) -> None:
+        """Free an address held as an offer (the probe before that offer was given up)."""
+        b = self.by_ip.get(ip)
+        if b is not None and b.state == "offered":
+            self.drop_offer(b.mac)
 
     def drop_offer(self, mac: str) -> None:
         """The client took another server's offer: free ours at once."""

@@ -23,6 +23,7 @@ import struct
 from ipaddress import IPv4Address
 
 ECHO_REPLY, ECHO_REQUEST = 0, 8
+SOL_RAW, ICMP_FILTER = 255, 1  # linux/icmp.h: a raw ICMP socket's type filter
 _HEAD = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
 PAYLOAD = b"appliance dhcp ping check"
 
@@ -42,19 +43,19 @@ def echo_request(ident: int, seq: int, payload: bytes = PAYLOAD) -> bytes:
     return body[:2] + struct.pack("!H", checksum(body)) + body[4:]
 
 
-def echo_reply_ident(data: bytes, raw: bool) -> int | None:
-    """The identifier of an ICMP echo reply, or None for anything else. `raw`: the
-    datagram starts with its IP header (raw sockets), else with the ICMP header."""
+def echo_reply(data: bytes, raw: bool) -> tuple[int, int] | None:
+    """(identifier, sequence) of an ICMP echo reply, or None for anything else. `raw`:
+    the datagram starts with its IP header (raw sockets), else with the ICMP header."""
     if raw:
         if len(data) < 20 or data[0] >> 4 != 4:
             return None
         data = data[(data[0] & 0x0F) * 4 :]
     if len(data) < _HEAD.size:
         return None
-    kind, code, _, ident, _ = _HEAD.unpack_from(data)
+    kind, code, _, ident, seq = _HEAD.unpack_from(data)
     if kind != ECHO_REPLY or code != 0:
         return None
-    return int(ident)
+    return int(ident), int(seq)
 
 
 class Pinger:
@@ -67,7 +68,7 @@ class Pinger:
         # is ours to choose: the process id, as ping(8) does.
         self.ident = sock.getsockname()[1] if not raw else os.getpid() & 0xFFFF
         self.seq = 0
-        self.waiting: dict[IPv4Address, asyncio.Future[bool]] = {}
+        self.waiting: dict[IPv4Address, tuple[int, asyncio.Future[bool]]] = {}  # seq, answer
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.fileno(), self._readable)
 
@@ -101,17 +102,19 @@ class Pinger:
     async def probe(self, ip: IPv4Address, wait: float) -> bool:
         """True if `ip` answered an echo request within `wait` seconds. A second probe
         of an address already being pinged shares the first one's request."""
-        fut = self.waiting.get(ip)
-        mine = fut is None
-        if fut is None:
-            fut = self.waiting[ip] = self.loop.create_future()
-            self.seq += 1
+        waiting = self.waiting.get(ip)
+        mine = waiting is None
+        if waiting is None:
+            self.seq = (self.seq + 1) & 0xFFFF
+            fut: asyncio.Future[bool] = self.loop.create_future()
+            waiting = self.waiting[ip] = (self.seq, fut)
             try:
                 self.sock.sendto(echo_request(self.ident, self.seq), (str(ip), 0))
             except OSError:
                 # No route, or the neighbour is unreachable at once: nobody to answer.
                 del self.waiting[ip]
                 fut.set_result(False)
+        fut = waiting[1]
         try:
             async with asyncio.timeout(wait):
                 return await asyncio.shield(fut)
@@ -119,7 +122,7 @@ class Pinger:
             return False
         finally:
             if mine:
-                if self.waiting.get(ip) is fut:
+                if self.waiting.get(ip) is waiting:
                     del self.waiting[ip]
                 if not fut.done():
                     fut.set_result(False)  # anyone still sharing it: no answer
@@ -132,17 +135,22 @@ class Pinger:
                 return
             except OSError:
                 continue  # an ICMP error queued on the socket: not an answer
-            if echo_reply_ident(data, self.raw) != self.ident:
+            reply = echo_reply(data, self.raw)
+            if reply is None or reply[0] != self.ident:
                 continue
             with contextlib.suppress(ValueError):
-                fut = self.waiting.pop(IPv4Address(addr[0]), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(True)
+                ip = IPv4Address(addr[0])
+                waiting = self.waiting.get(ip)
+                # The reply to this probe, not a late one to an earlier probe of it.
+                if waiting is not None and waiting[0] == reply[1]:
+                    del self.waiting[ip]
+                    if not waiting[1].done():
+                        waiting[1].set_result(True)
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
-        for fut in self.waiting.values():
+        for _, fut in self.waiting.values():
             if not fut.done():
                 fut.set_result(False)
         self.waiting.clear()

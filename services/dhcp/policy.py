@@ -181,7 +181,7 @@ class DhcpCore:
             INFORM: self._inform,
         }.get(mtype)
         if handler is None:
-            self.counters["ignored"] += 1
+            counters["ignored"] += 1
             return Outcome(log=f"{msg.mac}: message type {mtype} is not for a server")
         return handler(msg, src, now)
 

@@ -133,7 +133,8 @@ class DhcpService:
         leases = await loop.run_in_executor(self.executor, self.store.leases)
         self.table.load(_lease_to_binding(lease) for lease in leases)
         self._open_pinger(plan)
-        self.arp = ArpCache(plan.dhcp.interface, self.log)
+        if plan.dhcp.mode == "server":  # proxyDHCP replies carry no address to unicast to
+            self.arp = ArpCache(plan.dhcp.interface, self.log)
         self.core = DhcpCore(
             plan.dhcp, self.table, plan.listen["dhcp"].port, self.counters, self.pinger is not None
         )
@@ -175,6 +176,9 @@ class DhcpService:
     def _open_pinger(self, plan: Plan) -> None:
         if plan.dhcp.ping_wait > 0 and self.pinger is None:
             self.pinger = Pinger.open(plan.dhcp.interface, self.log)
+        elif plan.dhcp.ping_wait == 0 and self.pinger is not None and not self.probing:
+            self.pinger.close()  # turned off by a reload (probes in flight keep it open)
+            self.pinger = None
 
     async def stop(self) -> None:
         for transport in self.transports:
@@ -249,7 +253,10 @@ class DhcpService:
 
     def _probe(self, ip: IPv4Address, req: _Request) -> None:
         if req.attempt >= MAX_PROBES or self.pinger is None:
+            self.table.drop_held(ip)  # not checked: not offered, and not held either
             self.counters["ping_gave_up"] += 1
+            if self.pinger is None:  # closed by a reload that turned the check off
+                return
             self.log.warning(
                 "%d pool addresses in a row answered a ping: no offer to a DISCOVER from %s "
                 "this time (its next one tries further addresses)",

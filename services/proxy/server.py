@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import heapq
+import itertools
 import os
 import resource
 import socket
@@ -37,6 +39,7 @@ ACCEPT_BATCH = 64  # connections accepted per wakeup
 SWEEP_EVERY = 1.0  # seconds between idle-timeout sweeps
 EVENT_EVERY = 30.0  # at most one machine-config event per node this often
 ACCEPT_PAUSE = 0.1  # seconds a listener rests after accept() ran out of descriptors
+HEAP_SLACK = 1024  # finished connects' heap entries tolerated before it is rebuilt
 FDS_PER_CONNECTION = 6  # two sockets, and two pipes (two descriptors each) with splice
 
 
@@ -54,9 +57,14 @@ class FrontendRunner:
         self.last_event: dict[str, float] = {}
         self.paused: asyncio.TimerHandle | None = None
         self.last_accept_warning = 0.0
-        # Connects in progress and their deadlines, checked by one timer (not one each).
+        # Connects in progress and their deadlines, checked by one timer (not one each):
+        # the dict says which are live, the heap which is due first (entries of connects
+        # that finished or moved on are skipped when they come up).
         self.connecting: dict[Connection, float] = {}
+        self.connect_heap: list[tuple[float, int, Connection]] = []
+        self.connect_seq = itertools.count()
         self.connect_timer: asyncio.TimerHandle | None = None
+        self.connect_due = 0.0  # when connect_timer fires (monotonic), if it is set
 
     # --- listening ----------------------------------------------------------------
 
@@ -151,33 +159,44 @@ class FrontendRunner:
     # --- connect timeouts ------------------------------------------------------------
 
     def connect_started(self, conn: Connection) -> None:
-        # Every connect of a frontend has the same timeout, so in the order they start
-        # their deadlines are in order too (a retry moves to the back): the timer only
-        # ever waits for the first one, and fires when it is due.
-        self.connecting.pop(conn, None)
-        self.connecting[conn] = conn.poller.now + self.frontend.connect_timeout
-        if self.connect_timer is None:
-            self._arm_connects(conn.poller.now)
+        deadline = conn.poller.now + self.frontend.connect_timeout
+        self.connecting[conn] = deadline
+        heap = self.connect_heap
+        heapq.heappush(heap, (deadline, next(self.connect_seq), conn))
+        if len(heap) > 2 * len(self.connecting) + HEAP_SLACK:
+            # Mostly connects that have finished: keep the heap the size of the live ones.
+            self.connect_heap = [(d, next(self.connect_seq), c) for c, d in self.connecting.items()]
+            heapq.heapify(self.connect_heap)
+        if self.connect_timer is None or deadline < self.connect_due:
+            self._arm_connects(deadline)
 
-    def _arm_connects(self, now: float) -> None:
-        first = next(iter(self.connecting.values()))
-        self.connect_timer = self.service.loop.call_later(
-            max(0.0, first - now), self._check_connects
-        )
+    def _arm_connects(self, due: float) -> None:
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+        self.connect_due = due
+        wait = max(0.0, due - time.monotonic())
+        self.connect_timer = self.service.loop.call_later(wait, self._check_connects)
 
     def _check_connects(self) -> None:
         self.connect_timer = None
         now = time.monotonic()
         if self.service.poller is not None:
             self.service.poller.now = now
-        while self.connecting:
-            conn, deadline = next(iter(self.connecting.items()))
-            if deadline > now:
-                break
-            del self.connecting[conn]
-            conn.timed_out()  # may start a connect to the next backend (at the back)
-        if self.connecting and self.connect_timer is None:
-            self._arm_connects(now)
+        heap, live = self.connect_heap, self.connecting
+        while heap and (heap[0][0] <= now or live.get(heap[0][2]) != heap[0][0]):
+            deadline, _, conn = heapq.heappop(heap)
+            if live.get(conn) != deadline:
+                continue  # it connected, failed or moved on since
+            del live[conn]
+            conn.timed_out()  # may start a connect to the next backend (pushed)
+            heap = self.connect_heap  # (a push may have rebuilt it)
+        if heap and (self.connect_timer is None or heap[0][0] < self.connect_due):
+            self._arm_connects(heap[0][0])
+
+    def cancel_connect_timer(self) -> None:
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+            self.connect_timer = None
 
     def _event(self, client: str) -> None:
         if self.name != "machine_config":
@@ -256,6 +275,7 @@ class FrontendRunner:
         cut = list(self.connections)
         for conn in cut:
             conn.close()
+        self.cancel_connect_timer()
         return len(cut)
 
 

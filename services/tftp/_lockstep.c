@@ -36,7 +36,6 @@
 #include <time.h>
 
 #define MAX_SLOTS 64
-#define OP_DATA 3
 #define OP_ACK 4
 
 enum { DECLINED = 0, TIMED_OUT = 1, SHORT_READ = 2 };
@@ -90,6 +89,9 @@ lockstep_run(PyObject *module, PyObject *args)
         }
         clock_gettime(CLOCK_MONOTONIC, &ts);
         when = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+        long long next = sent + 1;
+        long long i = next - first;
+        sent = next; /* as on_ack_fast: the ACK is recorded before anything can fail */
         if (rearm_us) {  /* the first ACK after a resend: the plain timeout again */
             struct timeval tv = {(time_t)(rearm_us / 1000000), (suseconds_t)(rearm_us % 1000000)};
             if (setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0) {
@@ -98,9 +100,6 @@ lockstep_run(PyObject *module, PyObject *args)
             }
             rearm_us = 0;
         }
-        long long next = sent + 1;
-        long long i = next - first;
-        sent = next; /* as on_ack_fast: the ACK is recorded before the read */
         if (i < 0 || i >= loaded) {
             ssize_t got;
             do

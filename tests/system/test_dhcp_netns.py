@@ -546,14 +546,21 @@ def squat(link: Link) -> None:
     link.ip_c("route", "add", "192.0.2.0/24", "dev", link.client_if)
 
 
-def test_pinger_answers_and_silence(link: Link) -> None:
-    """services.dhcp.ping.Pinger on a real link: the squatter answers at once, a free
-    address stays silent for the whole wait."""
+@pytest.mark.parametrize("kind", ["raw", "datagram"])
+def test_pinger_answers_and_silence(link: Link, kind: str) -> None:
+    """services.dhcp.ping.Pinger on a real link, on either socket it can open: a raw
+    ICMP socket (root; its ICMP_FILTER keeps echo replies only) or, where
+    net.ipv4.ping_group_range lets our group in, an ICMP datagram socket. The squatter
+    answers at once, a free address stays silent for the whole wait."""
     squat(link)
+    if kind == "datagram":
+        gid = str(os.getgid())
+        _run("ip", "netns", "exec", link.server_ns, "sysctl", "-q", "-w",
+             f"net.ipv4.ping_group_range={gid} {gid}")  # fmt: skip
 
     async def probes() -> tuple[bool, bool, float]:
         pinger = Pinger.open(link.server_if, logging.getLogger("test-ping"))
-        assert pinger is not None
+        assert pinger is not None and pinger.raw is (kind == "raw")
         try:
             taken = await pinger.probe(IPv4Address(SQUATTER), 2.0)
             t0 = time.monotonic()

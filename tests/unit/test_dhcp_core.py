@@ -468,18 +468,18 @@ def test_icmp_checksum_and_echo_request() -> None:
     assert ping.checksum(packet) == 0  # a valid checksum sums to all ones
 
 
-def test_echo_reply_ident_from_both_socket_kinds() -> None:
-    reply_icmp = bytes([ping.ECHO_REPLY, 0]) + bytes(2) + bytes.fromhex("beef0001") + b"x"
-    assert ping.echo_reply_ident(reply_icmp, raw=False) == 0xBEEF
+def test_echo_reply_from_both_socket_kinds() -> None:
+    reply_icmp = bytes([ping.ECHO_REPLY, 0]) + bytes(2) + bytes.fromhex("beef0007") + b"x"
+    assert ping.echo_reply(reply_icmp, raw=False) == (0xBEEF, 7)
     ip_header = bytes([0x45]) + bytes(19)  # IPv4, IHL 5: 20 bytes
-    assert ping.echo_reply_ident(ip_header + reply_icmp, raw=True) == 0xBEEF
+    assert ping.echo_reply(ip_header + reply_icmp, raw=True) == (0xBEEF, 7)
     options = bytes([0x46]) + bytes(23)  # IHL 6: 24 bytes with options
-    assert ping.echo_reply_ident(options + reply_icmp, raw=True) == 0xBEEF
+    assert ping.echo_reply(options + reply_icmp, raw=True) == (0xBEEF, 7)
     unreachable = bytes([3, 1]) + bytes(6)
-    assert ping.echo_reply_ident(unreachable, raw=False) is None
-    assert ping.echo_reply_ident(ping.echo_request(1, 1), raw=False) is None  # a request
-    assert ping.echo_reply_ident(b"\x00\x00", raw=False) is None
-    assert ping.echo_reply_ident(bytes([0x60]) + bytes(40), raw=True) is None  # not IPv4
+    assert ping.echo_reply(unreachable, raw=False) is None
+    assert ping.echo_reply(ping.echo_request(1, 1), raw=False) is None  # a request
+    assert ping.echo_reply(b"\x00\x00", raw=False) is None
+    assert ping.echo_reply(bytes([0x60]) + bytes(40), raw=True) is None  # not IPv4
 
 
 # --- where replies go (RFC 2131 4.1) ------------------------------------------------------
@@ -510,3 +510,26 @@ def test_arpreq_layout() -> None:
         arp.arpreq(IPv4Address("192.0.2.50"), "52:54:00", "")
     with pytest.raises(ValueError, match="too long"):
         arp.arpreq(IPv4Address("192.0.2.50"), "52:54:00:00:03:50", "x" * 16)
+
+
+def test_an_answer_for_an_address_bound_meanwhile_is_not_a_squatter(
+    probing_core: DhcpCore,
+) -> None:
+    """While 10.33.3.100 is pinged for a DISCOVER, its client INIT-REBOOTs into it: the
+    echo reply is from the holder itself, so the address is not put in quarantine."""
+    first = send(probing_core, msg(STRANGER, codec.DISCOVER), 1000.0)
+    assert first.probe is not None
+    request = msg(STRANGER, codec.REQUEST, options={codec.OPT_REQUESTED_IP: first.probe.packed})
+    assert reply(send(probing_core, request, 1000.1)).message_type == codec.ACK
+    probing_core.probed(first.probe, True, 1000.4)
+    assert first.probe not in probing_core.table.quarantine
+    assert probing_core.table.holder(first.probe, 1000.5) == STRANGER
+
+
+def test_a_given_up_probe_frees_the_address_it_held(probing_core: DhcpCore) -> None:
+    first = send(probing_core, msg(STRANGER, codec.DISCOVER), 1000.0)
+    assert first.probe is not None
+    assert probing_core.table.holder(first.probe, 1000.0) == STRANGER  # held while pinged
+    probing_core.table.drop_held(first.probe)
+    assert probing_core.table.holder(first.probe, 1000.0) is None
+    assert probing_core.table.free_for(first.probe, "de:ad:be:ef:00:09", 1001.0)
