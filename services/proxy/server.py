@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import heapq
-import itertools
 import os
 import resource
 import socket
@@ -39,7 +37,6 @@ ACCEPT_BATCH = 64  # connections accepted per wakeup
 SWEEP_EVERY = 1.0  # seconds between idle-timeout sweeps
 EVENT_EVERY = 30.0  # at most one machine-config event per node this often
 ACCEPT_PAUSE = 0.1  # seconds a listener rests after accept() ran out of descriptors
-HEAP_SLACK = 1024  # finished connects' heap entries tolerated before it is rebuilt
 FDS_PER_CONNECTION = 6  # two sockets, and two pipes (two descriptors each) with splice
 
 
@@ -57,14 +54,16 @@ class FrontendRunner:
         self.last_event: dict[str, float] = {}
         self.paused: asyncio.TimerHandle | None = None
         self.last_accept_warning = 0.0
-        # Connects in progress and their deadlines, checked by one timer (not one each):
-        # the dict says which are live, the heap which is due first (entries of connects
-        # that finished or moved on are skipped when they come up).
+        # Connects in progress and their deadlines, checked by one timer (not one each).
+        # One frontend has one timeout, so deadlines come in start order (a retry moves
+        # to the back) and the first is due first; a reload that shortens the timeout
+        # breaks that order until the older connects are gone: `unordered` says so.
         self.connecting: dict[Connection, float] = {}
-        self.connect_heap: list[tuple[float, int, Connection]] = []
-        self.connect_seq = itertools.count()
         self.connect_timer: asyncio.TimerHandle | None = None
         self.connect_due = 0.0  # when connect_timer fires (monotonic), if it is set
+        self.last_deadline = 0.0  # the latest deadline given so far
+        self.unordered = False
+        self.unordered_until = 0.0  # by then every connect started before the reload is due
 
     # --- listening ----------------------------------------------------------------
 
@@ -160,13 +159,15 @@ class FrontendRunner:
 
     def connect_started(self, conn: Connection) -> None:
         deadline = conn.poller.now + self.frontend.connect_timeout
-        self.connecting[conn] = deadline
-        heap = self.connect_heap
-        heapq.heappush(heap, (deadline, next(self.connect_seq), conn))
-        if len(heap) > 2 * len(self.connecting) + HEAP_SLACK:
-            # Mostly connects that have finished: keep the heap the size of the live ones.
-            self.connect_heap = [(d, next(self.connect_seq), c) for c, d in self.connecting.items()]
-            heapq.heapify(self.connect_heap)
+        live = self.connecting
+        if not live:  # nothing older to be out of order with
+            self.unordered, self.last_deadline = False, 0.0
+        elif deadline < self.last_deadline:
+            self.unordered = True
+            self.unordered_until = self.last_deadline
+        self.last_deadline = max(self.last_deadline, deadline)
+        live.pop(conn, None)
+        live[conn] = deadline
         if self.connect_timer is None or deadline < self.connect_due:
             self._arm_connects(deadline)
 
@@ -182,16 +183,24 @@ class FrontendRunner:
         now = time.monotonic()
         if self.service.poller is not None:
             self.service.poller.now = now
-        heap, live = self.connect_heap, self.connecting
-        while heap and (heap[0][0] <= now or live.get(heap[0][2]) != heap[0][0]):
-            deadline, _, conn = heapq.heappop(heap)
-            if live.get(conn) != deadline:
-                continue  # it connected, failed or moved on since
-            del live[conn]
-            conn.timed_out()  # may start a connect to the next backend (pushed)
-            heap = self.connect_heap  # (a push may have rebuilt it)
-        if heap and (self.connect_timer is None or heap[0][0] < self.connect_due):
-            self._arm_connects(heap[0][0])
+        live = self.connecting
+        if self.unordered and now >= self.unordered_until:
+            self.unordered = False  # the older connects are all due by now: in order again
+        if self.unordered:
+            for conn in [c for c, deadline in live.items() if deadline <= now]:
+                if live.pop(conn, None) is not None:
+                    conn.timed_out()  # may start a connect to the next backend
+        else:
+            while live:
+                conn, deadline = next(iter(live.items()))
+                if deadline > now:
+                    break
+                del live[conn]
+                conn.timed_out()  # may start a connect to the next backend (at the back)
+        if live:
+            first = min(live.values()) if self.unordered else next(iter(live.values()))
+            if self.connect_timer is None or first < self.connect_due:
+                self._arm_connects(first)
 
     def cancel_connect_timer(self) -> None:
         if self.connect_timer is not None:

@@ -373,7 +373,8 @@ class _Connecting:
 async def test_connect_timeouts_fire_when_due_even_after_a_reload_shortens_them() -> None:
     """Deadlines need not come in start order: after a reload lowers connect_timeout a
     new connect is due before older ones. It fires when due (here 0.2 s, not the old
-    connects' 30 s); a connect that finished never fires; nothing fires twice."""
+    connects' 30 s); a connect that finished never fires; nothing fires twice; once the
+    older connects are gone, the timer waits for the first one again."""
     service = SimpleNamespace(loop=asyncio.get_running_loop(), poller=None)
     runner = FrontendRunner(service, replace(frontend(), connect_timeout=30.0))  # type: ignore[arg-type]
     fired: dict[str, float] = {}
@@ -392,10 +393,16 @@ async def test_connect_timeouts_fire_when_due_even_after_a_reload_shortens_them(
         assert "fast" in fired and fired["fast"] - started >= 0.2
         assert set(fired) == {"fast"} and list(runner.connecting) == [slow]
         assert runner.connect_timer is not None and runner.connect_due > time.monotonic() + 20
-        for _ in range(2 * 1024 + 10):  # many connects that finish: the heap stays small
-            conn = _Connecting(fired, "x")
+        # In order again once the old connects are gone: the timer waits for the first.
+        runner.connecting.pop(slow)  # type: ignore[call-overload]
+        fresh = [_Connecting(fired, f"n{i}") for i in range(3)]
+        for conn in fresh:
+            conn.poller.now = time.monotonic()
             runner.connect_started(conn)  # type: ignore[arg-type]
-            runner.connecting.pop(conn)  # type: ignore[call-overload]
-        assert len(runner.connect_heap) <= 2 * len(runner.connecting) + 1024 + 1
+        assert not runner.unordered
+        assert runner.connect_due == runner.connecting[fresh[0]]  # type: ignore[index]
+        while len(fired) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert set(fired) == {"fast", "n0", "n1", "n2"} and not runner.connecting
     finally:
         runner.cancel_connect_timer()
