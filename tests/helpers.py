@@ -163,3 +163,18 @@ def in_netns(ns: str, fn: Callable[[], _T]) -> _T:
         raise result["error"]
     value: _T = result["value"]
     return value
+
+
+def wait_until(
+    check: Callable[[], _T], timeout: float = 10.0, what: str = "condition", step: float = 0.05
+) -> _T:
+    """Poll `check` every `step` seconds until it returns something true (returned), or
+    fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout:g} s")
+        time.sleep(step)

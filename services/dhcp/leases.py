@@ -167,12 +167,6 @@ class LeaseTable:
             return b.mac
         return None
 
-    def drop_held(self, ip: IPv4Address) -> None:
-        """Free an address held as an offer (the probe before that offer was given up)."""
-        b = self.by_ip.get(ip)
-        if b is not None and b.state == "offered":
-            self.drop_offer(b.mac)
-
     def drop_offer(self, mac: str) -> None:
         """The client took another server's offer: free ours at once."""
         b = self.by_mac.get(mac)

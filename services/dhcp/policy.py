@@ -36,6 +36,7 @@ from services.dhcp.codec import (
 from services.dhcp.leases import DECLINE_QUARANTINE, Binding, LeaseTable
 
 BROADCAST = "255.255.255.255"
+MAX_PROBES = 3  # pool addresses pinged for one DISCOVER; all answered: no offer this time
 
 # Option 93 (RFC 4578 and the IANA registry) -> which loader
 ARCH_NAMES = {
@@ -101,6 +102,7 @@ class Outcome:
     # Ping this pool address first (nothing is sent now): then `DhcpCore.probed` with
     # the result, and the same datagram handled again.
     probe: IPv4Address | None = None
+    warning: str = ""  # for the operator's log (`log` is the debug line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,11 +154,12 @@ class DhcpCore:
         now: float,
         *,
         pxe_port: bool = False,
-        again: bool = False,
+        probes: int = 0,
     ) -> Outcome:
         """Everything to do about one datagram from `src`; never raises on bad input.
-        `again`: the same datagram once more, after a probe (not counted twice)."""
-        counters = self.counters if not again else Counter[str]()
+        `probes`: how many pings this datagram has waited for already (handled again
+        after each; counted once)."""
+        counters = self.counters if not probes else Counter[str]()
         counters["received"] += 1
         try:
             msg = codec.parse(data)
@@ -183,11 +186,15 @@ class DhcpCore:
         if handler is None:
             counters["ignored"] += 1
             return Outcome(log=f"{msg.mac}: message type {mtype} is not for a server")
+        if mtype == DISCOVER:
+            return self._discover(msg, src, now, probes)
         return handler(msg, src, now)
 
     # --- server mode ------------------------------------------------------------------
 
-    def _discover(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
+    def _discover(
+        self, msg: DhcpMessage, src: tuple[str, int], now: float, probes: int = 0
+    ) -> Outcome:
         mac = msg.mac
         node = self.plan.by_mac.get(mac)
         if node is not None:
@@ -203,6 +210,12 @@ class DhcpCore:
                 return Outcome(log=f"{mac}: no free address in the pool")
             ip = allocated
             if self.probing and self.table.needs_probe(mac, ip, now):
+                if probes >= MAX_PROBES:
+                    self.counters["ping_gave_up"] += 1
+                    return Outcome(
+                        warning=f"{MAX_PROBES} pool addresses in a row answered a ping: no "
+                        f"offer to {mac} this time (its next DISCOVER tries further ones)"
+                    )
                 self.table.offer(mac, ip, now, None)  # held for this client meanwhile
                 return Outcome(probe=ip, log=f"{mac}: pinging {ip} before offering it")
         else:

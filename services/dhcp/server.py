@@ -33,7 +33,6 @@ from services.dhcp.policy import BROADCAST, ClientInfo, DhcpCore, Outcome, Outgo
 PXE_PORT = 4011  # proxyDHCP boot server port
 SWEEP_EVERY = 30.0  # seconds between expiry sweeps of offers and quarantines
 UNKNOWN_NOTE_EVERY = 60.0  # write an unknown machine to the store at most this often
-MAX_PROBES = 3  # pool addresses pinged for one DISCOVER; all answered: no offer this time
 
 
 def _binding_to_lease(b: Binding, now: float) -> Lease:
@@ -77,7 +76,7 @@ class _Request:
     addr: tuple[Any, ...]
     transport: asyncio.DatagramTransport
     pxe: bool
-    attempt: int  # probes already done for it
+    probes: int  # pings it has waited for already
 
 
 @dataclass
@@ -227,7 +226,7 @@ class DhcpService:
         addr, transport = req.addr, req.transport
         try:
             outcome = self.core.handle(
-                req.data, (addr[0], addr[1]), now, pxe_port=req.pxe, again=req.attempt > 0
+                req.data, (addr[0], addr[1]), now, pxe_port=req.pxe, probes=req.probes
             )
         except Exception:  # a bug must cost one packet, never the service
             self.counters["errors"] += 1
@@ -235,6 +234,8 @@ class DhcpService:
             return
         if outcome.log:
             self.log.debug("%s", outcome.log)
+        if outcome.warning:
+            self.log.warning("%s", outcome.warning)
         if outcome.unknown is not None:
             self._note_unknown(outcome.unknown, now)
         if outcome.probe is not None:
@@ -252,17 +253,7 @@ class DhcpService:
             send()
 
     def _probe(self, ip: IPv4Address, req: _Request) -> None:
-        if req.attempt >= MAX_PROBES or self.pinger is None:
-            self.table.drop_held(ip)  # not checked: not offered, and not held either
-            self.counters["ping_gave_up"] += 1
-            if self.pinger is None:  # closed by a reload that turned the check off
-                return
-            self.log.warning(
-                "%d pool addresses in a row answered a ping: no offer to a DISCOVER from %s "
-                "this time (its next one tries further addresses)",
-                MAX_PROBES,
-                req.addr[0],
-            )
+        if self.pinger is None:  # cannot happen: a core without a pinger never asks
             return
         busy = ip in self.probing
         self.probing[ip] = req  # a retransmitted DISCOVER: the newest one is answered
@@ -289,7 +280,7 @@ class DhcpService:
             self.log.warning("%s", line)
         else:
             self.log.debug("%s", line)
-        req.attempt += 1
+        req.probes += 1
         self._handle(req)
 
     def _send(self, outcome: Outcome, transport: asyncio.DatagramTransport) -> None:

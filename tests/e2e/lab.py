@@ -21,16 +21,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
-from tests.helpers import CONFIG, ROOT, in_netns, write_inventory
+from tests.helpers import CONFIG, ROOT, in_netns, wait_until, write_inventory
 
 SERVER = "192.0.2.1"
 VIP = "192.0.2.54"
@@ -38,7 +36,6 @@ GATEWAY = "192.0.2.254"
 DOMAIN = "dgxpod.nvidia.com"
 ADMIN = "127.0.0.1:9000"  # inside the lab namespace
 _serial = itertools.count()
-T = TypeVar("T")
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -46,17 +43,6 @@ def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.Complet
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stderr.strip()}")
     return proc
-
-
-def wait_until(check: Callable[[], T], timeout: float, what: str, step: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout:.0f} s")
-        time.sleep(step)
 
 
 def tail(path: Path, lines: int = 60) -> str:

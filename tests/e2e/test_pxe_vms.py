@@ -51,11 +51,10 @@ from tests.e2e.lab import (
     dgxpod_inventory,
     install_loaders,
     tail,
-    wait_until,
     write_ignition,
 )
 from tests.e2e.vm import OVMF_CODE, OVMF_VARS, QEMU, Machine, probe_accel
-from tests.helpers import in_netns, need_tool
+from tests.helpers import in_netns, need_tool, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e]
 

@@ -32,9 +32,8 @@ from tests.e2e.lab import (
     dgxpod_inventory,
     install_loaders,
     tail,
-    wait_until,
 )
-from tests.helpers import need_tool
+from tests.helpers import need_tool, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e]
 

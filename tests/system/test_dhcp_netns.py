@@ -38,7 +38,7 @@ import pytest
 import yaml
 
 from services.dhcp.ping import Pinger
-from tests.helpers import CONFIG, ROOT, in_netns, need_tool, write_inventory
+from tests.helpers import CONFIG, ROOT, in_netns, need_tool, wait_until, write_inventory
 
 pytestmark = pytest.mark.root
 
@@ -62,17 +62,6 @@ def in_pool(ip: str) -> bool:
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=30)
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout} s")
-        time.sleep(0.05)
 
 
 class Link:

@@ -374,7 +374,7 @@ def test_ping_check_holds_the_offer_until_the_address_stays_silent(
     # A retransmission asks for the same address again (the shell pings it once).
     assert send(probing_core, discover, 1000.2).probe == first.probe
     assert "did not answer" in probing_core.probed(first.probe, False, 1000.5)
-    again = probing_core.handle(codec.encode(discover), CLIENT, 1000.5, again=True)
+    again = probing_core.handle(codec.encode(discover), CLIENT, 1000.5, probes=1)
     offer = reply(again)
     assert offer.yiaddr == first.probe and again.probe is None
     assert probing_core.counters["discover"] == 3  # the datagram handled again: not counted
@@ -398,10 +398,10 @@ def test_an_address_that_answers_is_skipped_and_quarantined(probing_core: DhcpCo
     line = probing_core.probed(first.probe, True, 1000.5)
     assert "answered a ping" in line and STRANGER in line
     assert probing_core.table.holder(first.probe, 1000.5) is None  # the held offer dropped
-    second = probing_core.handle(codec.encode(discover), CLIENT, 1000.5, again=True)
+    second = probing_core.handle(codec.encode(discover), CLIENT, 1000.5, probes=1)
     assert second.probe == IPv4Address("10.33.3.101")
     probing_core.probed(second.probe, False, 1001.0)
-    offer = reply(probing_core.handle(codec.encode(discover), CLIENT, 1001.0, again=True))
+    offer = reply(probing_core.handle(codec.encode(discover), CLIENT, 1001.0, probes=1))
     assert offer.yiaddr == IPv4Address("10.33.3.101")
     # The squatted address stays out of the pool, even when asked for by name...
     want = {codec.OPT_REQUESTED_IP: first.probe.packed}
@@ -526,10 +526,19 @@ def test_an_answer_for_an_address_bound_meanwhile_is_not_a_squatter(
     assert probing_core.table.holder(first.probe, 1000.5) == STRANGER
 
 
-def test_a_given_up_probe_frees_the_address_it_held(probing_core: DhcpCore) -> None:
-    first = send(probing_core, msg(STRANGER, codec.DISCOVER), 1000.0)
-    assert first.probe is not None
-    assert probing_core.table.holder(first.probe, 1000.0) == STRANGER  # held while pinged
-    probing_core.table.drop_held(first.probe)
-    assert probing_core.table.holder(first.probe, 1000.0) is None
-    assert probing_core.table.free_for(first.probe, "de:ad:be:ef:00:09", 1001.0)
+def test_a_given_up_probe_frees_the_address_it_held(dgxpod_raw: dict[str, Any]) -> None:
+    """Three pool addresses in a row answer: the DISCOVER gets no offer, and the fourth
+    address, not pinged, is not held for the client either."""
+    plan = _plan(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.110"])
+    core = DhcpCore(plan.dhcp, LeaseTable(None), 67, probing=True)
+    data = codec.encode(msg(STRANGER, codec.DISCOVER))
+    out = core.handle(data, CLIENT, 1000.0)
+    for probes in range(1, 4):
+        assert out.probe is not None
+        core.probed(out.probe, True, 1000.0)
+        out = core.handle(data, CLIENT, 1000.0, probes=probes)
+    assert out.probe is None and not out.replies and "answered a ping" in out.warning
+    assert core.counters["ping_gave_up"] == 1
+    fourth = IPv4Address("10.33.3.103")
+    assert core.table.holder(fourth, 1000.0) is None
+    assert core.table.free_for(fourth, "de:ad:be:ef:00:09", 1001.0)

@@ -23,8 +23,7 @@ from appliance.plan import DhcpPlan, build_plan
 from services.dhcp import codec
 from services.dhcp.codec import DhcpMessage, DhcpParseError
 from services.dhcp.leases import DECLINE_QUARANTINE, Binding, LeaseTable
-from services.dhcp.policy import DhcpCore, Outcome
-from services.dhcp.server import MAX_PROBES
+from services.dhcp.policy import MAX_PROBES, DhcpCore, Outcome
 from tests.helpers import CONFIG
 
 FAST = settings(
@@ -280,9 +279,10 @@ class World:
     def ping_checks(self, mac: str, data: bytes, src: tuple[str, int], out: Outcome) -> Outcome:
         """What the service does with Outcome.probe: ping (here: the drawn answer), tell
         the core, handle the datagram again; at most MAX_PROBES pings per datagram."""
-        for _ in range(MAX_PROBES):
+        for probes in range(1, MAX_PROBES + 2):
             if out.probe is None:
                 return out
+            assert probes <= MAX_PROBES, "pinged past the cap"
             assert self.probing and not out.replies and not out.commit
             assert out.probe in POOL and mac not in RESERVED
             assert self.squatted.get(out.probe, 0.0) <= self.now, "pinged while quarantined"
@@ -291,8 +291,8 @@ class World:
             event("ping answered" if answered else "ping silent")  # --hypothesis-show-statistics
             if answered:
                 self.squatted[out.probe] = self.now + DECLINE_QUARANTINE
-            out = self.core.handle(data, src, self.now, again=True)
-        return out if out.probe is None else Outcome()  # given up: no reply
+            out = self.core.handle(data, src, self.now, probes=probes)
+        raise AssertionError("unreachable")
 
     def others_holding(self, ip: IPv4Address, mac: str) -> list[str]:
         return [

@@ -439,12 +439,7 @@ def make_fast(
     def readinto(buffers: list[memoryview], offset: int) -> int:
         if reads is not None:
             reads.append(offset)
-        done = 0
-        for buf in buffers:
-            chunk = content[offset + done : offset + done + len(buf)]
-            buf[: len(chunk)] = chunk
-            done += len(chunk)
-        return done
+        return _fill(content, buffers, offset)
 
     neg = negotiate(options or {}, len(content))
     xfer = ReadTransfer(
@@ -602,12 +597,7 @@ def test_read_ahead_slots_and_a_file_that_shrinks() -> None:
 
     def readinto(buffers: list[memoryview], offset: int) -> int:
         reads.append((offset, len(buffers)))
-        done = 0
-        for buf in buffers:
-            chunk = content[offset + done : offset + done + len(buf)]
-            buf[: len(chunk)] = chunk
-            done += len(chunk)
-        return done
+        return _fill(content, buffers, offset)
 
     ahead = tx.ReadAhead(readinto, 1468)
     assert ahead.count == tx.READAHEAD_SLOTS  # 32 x 1472 bytes fit in 64 KiB
@@ -660,7 +650,7 @@ def test_lockstep_taken_records_what_on_ack_fast_would() -> None:
     assert windowed.lockstep() is None
 
 
-def _fill(content: bytes, buffers: list[memoryview], offset: int) -> int:
+def _fill(content: bytes | bytearray, buffers: list[memoryview], offset: int) -> int:
     done = 0
     for buf in buffers:
         chunk = content[offset + done : offset + done + len(buf)]
