@@ -299,6 +299,10 @@ class Inventory(_Strict):
     listen: Listen = Listen()
     kubernetes: Kubernetes = Kubernetes()
     state_dir: str = "/var/lib/appliance"
+    # Host header names the admin endpoint answers to besides its own address, IP
+    # literals, localhost and this machine's names (e.g. a DNS name of the provisioning
+    # host); any other name is refused (421), so DNS rebinding cannot reach it.
+    admin_hosts: list[DnsName] = []
 
 
 # Which transport protocols each listener uses: a clash needs a shared protocol.
@@ -387,9 +391,11 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
 def _read_install_config(path: Path) -> tuple[dict[str, Any], list[Problem]]:
     where = "cluster.install_config"
     try:
-        data = load_yaml(path.read_text())
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as exc:
         return {}, [Problem(where, f"cannot read {path}: {exc.strerror}")]
+    except UnicodeDecodeError:
+        return {}, [Problem(where, f"{path}: not UTF-8 text")]
     except YamlError as exc:
         return {}, [Problem(where, f"{path}: {exc}")]
     if not isinstance(data, dict):
@@ -424,9 +430,14 @@ def load_inventory(path: str | Path) -> LoadedInventory:
     source = Path(path)
     name = str(path)
     try:
-        text = source.read_text()
+        text = source.read_text(encoding="utf-8")
     except OSError as exc:
         raise InventoryError(name, [Problem("", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        line = source.read_bytes()[: exc.start].count(b"\n") + 1
+        raise InventoryError(
+            name, [Problem("", f"line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x})")]
+        ) from None
     try:
         raw = load_yaml(text)
     except YamlError as exc:
@@ -460,12 +471,44 @@ def parse_inventory(raw: Any, source: str, base_dir: Path) -> LoadedInventory:
     except ValidationError as exc:
         raise InventoryError(source, problems + _pydantic_problems(exc)) from None
     problems += list(_semantic_problems(inventory))
+    problems += list(_layout_problems(inventory, base_dir))
     if problems:
         raise InventoryError(source, problems)
     return LoadedInventory(inventory, Path(source), base_dir)
 
 
 # --- checks that span keys -------------------------------------------------------
+
+
+def _layout_problems(inv: Inventory, base_dir: Path) -> Iterator[Problem]:
+    """The folders served to anyone (boot.images_dir over HTTP and TFTP, boot.tftp_root)
+    must not hold the secrets: ignition (keys and tokens), the state dir (admin.token),
+    the kubeconfig. One `/srv/appliance` for everything makes that easy to get wrong."""
+
+    def real(value: str) -> str:
+        p = Path(value).expanduser()
+        return os.path.realpath(p if p.is_absolute() else base_dir / p)
+
+    served = {"boot.images_dir": inv.boot.images_dir, "boot.tftp_root": inv.boot.tftp_root}
+    secret = {"cluster.ignition_dir": inv.cluster.ignition_dir, "state_dir": inv.state_dir}
+    if inv.kubernetes.kubeconfig:
+        secret["kubernetes.kubeconfig"] = inv.kubernetes.kubeconfig
+    for skey, svalue in served.items():
+        sreal = real(svalue)
+        for key, value in secret.items():
+            kreal = real(value)
+            if kreal == sreal or kreal.startswith(sreal.rstrip(os.sep) + os.sep):
+                yield Problem(
+                    skey,
+                    f"{svalue} is served to anyone and contains {key} ({value}): "
+                    f"move {key} out of it",
+                )
+            elif sreal.startswith(kreal.rstrip(os.sep) + os.sep):
+                yield Problem(
+                    skey,
+                    f"{svalue} is inside {key} ({value}): serving it would expose "
+                    f"{key}'s neighbours; use separate folders",
+                )
 
 
 def _semantic_problems(inv: Inventory) -> Iterator[Problem]:
@@ -581,3 +624,17 @@ def _semantic_problems(inv: Inventory) -> Iterator[Problem]:
                     f"{ep} ({'/'.join(sorted(shared))}) is already used by listen.{other} ({oep})",
                 )
         bound.append((svc, ep))
+
+    # An upstream that is our own DNS listener: every forwarded question would loop.
+    dns_at = inv.listen.dns
+    if dns_at is not None:
+        own = {dns_at.host} | ({str(net.address), str(lb.address)} if dns_at.is_wildcard else set())
+        for k, up in enumerate(net.upstream_dns):
+            host = ipaddress.ip_address(up.host)
+            is_own = up.host in own or (dns_at.is_wildcard and host.is_loopback)
+            if up.port == dns_at.port and is_own:
+                yield Problem(
+                    f"network.upstream_dns[{k}]",
+                    f"{up} is this appliance's own DNS listener (listen.dns {dns_at}): "
+                    "forwarding to it would loop",
+                )

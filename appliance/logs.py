@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -29,9 +30,40 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, separators=(",", ":"))
 
 
+# C0 and C1 controls, DEL and the Unicode line breaks: what a terminal or a log reader
+# would take as the end of a line or a command. Clients choose much of what is logged
+# (DHCP classes and hostnames, TFTP names, HTTP paths): a record stays one line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    ch = match.group()
+    return _NAMED.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+
+
+def escape(text: str) -> str:
+    """`text` with every control character written as a backslash escape."""
+    return _CONTROL.sub(_escape_one, text)
+
+
 class TextFormatter(logging.Formatter):
+    """One line per record; an exception's or stack's lines follow, indented, so no
+    continuation line can pass for a record of its own."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for block in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if block:
+                text += "".join("\n  " + escape(line) for line in block.splitlines())
+        return text
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -172,6 +173,9 @@ class BootPlan:
     after_install: Literal["localboot", "reinstall"]
     nodes: tuple[NodeBoot, ...]
     by_mac: Mapping[str, NodeBoot] = field(compare=False, repr=False)
+    # Real paths the file services (TFTP, /images, /boot) never serve, whatever the
+    # layout: the ignition dir, the state dir (admin.token, the store), the kubeconfig.
+    private: tuple[str, ...] = ()
 
 
 # --- load balancer and cluster ---------------------------------------------------------
@@ -260,6 +264,7 @@ class Plan:
     load_balancer: IPv4Address
     by_name: Mapping[str, NodeInfo] = field(compare=False, repr=False)
     by_ip: Mapping[IPv4Address, NodeInfo] = field(compare=False, repr=False)
+    admin_hosts: tuple[str, ...] = ()  # extra Host names the admin endpoint answers to
 
     def frontend(self, name: str) -> Frontend:
         for fe in self.frontends:
@@ -474,6 +479,10 @@ def build_plan(loaded: LoadedInventory) -> Plan:
     domain = f"{name}.{base_domain}"
     base = _http_base(loaded)
     ignition_dir = loaded.path(inv.cluster.ignition_dir)
+    k8s = inv.kubernetes
+    kubeconfig = (
+        loaded.path(k8s.kubeconfig) if k8s.kubeconfig else ignition_dir / "auth" / "kubeconfig"
+    )
 
     nodes = tuple(
         NodeInfo(n.name, f"{n.name}.{domain}", n.role, n.mac, n.ip, n.gpu) for n in inv.nodes
@@ -522,10 +531,9 @@ def build_plan(loaded: LoadedInventory) -> Plan:
         after_install=inv.boot.after_install,
         nodes=node_boots,
         by_mac=MappingProxyType({b.mac: b for b in node_boots}),
-    )
-    k8s = inv.kubernetes
-    kubeconfig = (
-        loaded.path(k8s.kubeconfig) if k8s.kubeconfig else ignition_dir / "auth" / "kubeconfig"
+        private=tuple(
+            os.path.realpath(p) for p in (ignition_dir, loaded.path(inv.state_dir), kubeconfig)
+        ),
     )
     listen = {svc: ep for svc in type(inv.listen).model_fields if (ep := getattr(inv.listen, svc))}
     return Plan(
@@ -554,4 +562,5 @@ def build_plan(loaded: LoadedInventory) -> Plan:
         load_balancer=inv.load_balancer.address,
         by_name=MappingProxyType({n.name: n for n in nodes}),
         by_ip=MappingProxyType({n.ip: n for n in nodes}),
+        admin_hosts=tuple(inv.admin_hosts),
     )

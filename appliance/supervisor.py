@@ -37,7 +37,8 @@ from appliance.service import (
     ServiceError,
     ServiceSpec,
 )
-from appliance.store import Store, StoreError
+from appliance.store import StoreError
+from appliance.storequeue import DaemonStore
 
 log = logging.getLogger("appliance")
 
@@ -85,7 +86,7 @@ class Supervisor:
         self.bus = EventBus()
         self.running: dict[str, Service] = {}
         self.plan: Plan | None = None
-        self.store: Store | None = None
+        self.store: DaemonStore | None = None
         self.boot: BootState
         self.token = ""
         self.started_at = 0.0
@@ -147,9 +148,10 @@ class Supervisor:
     async def start(self, plan: Plan) -> None:
         """Open the store and start every enabled service; raise ServiceError on failure."""
         try:
-            # Events, install state and unknown machines: no fsync per write on the event
-            # loop (a boot storm publishes thousands of events); kill -9 still loses nothing.
-            self.store = Store.open(plan.state_dir, durable=False)
+            # Events, install state and cluster decisions: queued, and written by one
+            # thread (no write waits for a lock on the event loop), without an fsync
+            # per write (a boot storm publishes thousands); kill -9 still loses nothing.
+            self.store = DaemonStore.open(plan.state_dir)
             self.boot = BootState(self.store)
             self.token = ensure_token(plan.state_dir)
         except (StoreError, OSError) as exc:
@@ -218,10 +220,12 @@ class Supervisor:
                 await task
         self._tasks.clear()
         if self.store is not None:
-            self.store.close()
+            # Bounded: a file locked by another process must not keep the daemon up.
+            flushed = await self.store.aclose()
             log.info(
-                "state store %s flushed and closed (%d events this run)",
+                "state store %s %s and closed (%d events this run)",
                 self.store.path,
+                "flushed" if flushed else "NOT fully flushed (see above)",
                 self.bus.published,
             )
             self.store = None
@@ -243,6 +247,9 @@ class Supervisor:
             result = ReloadResult(False, ("reload failed",))
             try:
                 result = await self._reload()
+            except Exception as exc:  # a bug must not leave an unretrieved task behind
+                log.exception("reload failed: keeping the running plan")
+                result = ReloadResult(False, (f"internal error: {type(exc).__name__}: {exc}",))
             finally:
                 key = "ok" if result.ok else "failed"
                 self.reloads[key] += 1
@@ -370,6 +377,7 @@ class Supervisor:
             "services": services,
             "reloads": dict(self.reloads),
             "events": {"published": self.bus.published, "dropped": self.bus.dropped},
+            "store": self.store.stats() if self.store is not None else {},
         }
 
 

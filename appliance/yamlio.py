@@ -79,5 +79,10 @@ def load_yaml(text: str) -> Any:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise YamlError(f"{where}YAML syntax error: {exc.problem or exc.context}") from None
+    except yaml.reader.ReaderError as exc:  # a control character (NUL, ESC...) in the text
+        line = text[: exc.position].count("\n") + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise YamlError(f"line {line}: character 0x{char:02x} is not allowed in YAML") from None
     except yaml.YAMLError as exc:
-        raise YamlError(f"YAML syntax error: {exc}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise YamlError(f"YAML syntax error: {first}") from None
