@@ -12,6 +12,7 @@ import contextlib
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from tftpy.TftpPacketFactory import TftpPacketFactory
@@ -21,6 +22,7 @@ from appliance.plan import Plan
 from appliance.service import ServiceContext, bind_socket
 from services.bootconfig import IMAGES_PREFIX, client_ipv4
 from services.tftp import session as session_module
+from services.tftp.admission import Limits, Slots, TokenBuckets, drop_reason, own_endpoints
 from services.tftp.files import Refused, Source, open_source
 from services.tftp.session import Session
 from services.tftp.transfer import (
@@ -32,8 +34,18 @@ from services.tftp.transfer import (
     negotiate,
 )
 
-MAX_TRANSFERS = 512  # concurrent transfers (threads); a boot storm of hundreds of nodes fits
+MAX_TRANSFERS = Limits().max_transfers
 STOP_WAIT = 5.0  # s: how long stop() waits for the transfers' threads to end
+
+
+UDP_SERVICES = ("dns", "dhcp")  # our other UDP listeners (TCP ports are another space)
+
+
+def _own(plan: Plan) -> frozenset[tuple[str, int]]:
+    """Our other UDP services' endpoints (see admission.own_endpoints)."""
+    addresses = [str(plan.dhcp.server_id), str(plan.load_balancer), "127.0.0.1", "::1"]
+    listen = [(ep.host, ep.port) for k in UDP_SERVICES if (ep := plan.listen.get(k)) is not None]
+    return own_endpoints(listen, addresses)
 
 
 class _Listener(asyncio.DatagramProtocol):
@@ -68,17 +80,27 @@ class TftpService:
         self.sessions: set[Session] = set()
         self.factory = TftpPacketFactory()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.limits = Limits()
+        self.slots = Slots(self.limits)
+        self._admitted: dict[Session, tuple[tuple[Any, ...], bool]] = {}
+        self._by_tid: dict[tuple[Any, ...], Session] = {}  # the latest transfer to each TID
+        self.error_limit = TokenBuckets(self.limits)
+        self.listen_port = 0
+        self.own: frozenset[tuple[str, int]] = frozenset()
 
     async def start(self, plan: Plan) -> None:
         self.plan = plan
         sock = bind_socket(self.name, plan.listen["tftp"], socket.SOCK_DGRAM)
         self.loop = loop = asyncio.get_running_loop()
+        self.listen_port = int(sock.getsockname()[1])
+        self.own = _own(plan)
         self.listener, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), sock=sock)
         if session_module.NATIVE is None:
             self.log.info("lock-step transfers run in Python (services.tftp._lockstep not built)")
 
     async def reload(self, plan: Plan) -> None:
         self.plan = plan  # running transfers finish with the file they opened
+        self.own = _own(plan)
 
     async def stop(self) -> None:
         if self.listener is not None:
@@ -91,37 +113,56 @@ class TftpService:
             await asyncio.sleep(0.01)
 
     def status(self) -> dict[str, Any]:
-        return {"counters": dict(self.counters), "transfers": len(self.sessions)}
+        return {
+            "counters": dict(self.counters),
+            "transfers": len(self.sessions),
+            "transfers_to_nodes": self.slots.nodes,
+        }
 
     # --- requests ------------------------------------------------------------------
 
     def on_request(self, data: bytes, addr: tuple[Any, ...], listener: _Listener) -> None:
         self.counters["requests"] += 1
+        now = time.monotonic()
+        if drop_reason(data, addr[0], addr[1], self.listen_port, self.own) is not None:
+            # Not a request, or from a port no client uses: an answer could start a loop
+            # (our own port, another server's) or hit a victim. Nothing goes back.
+            self.counters["dropped"] += 1
+            return
         try:
             packet = self.factory.parse(data)
         except Exception:  # tftpy raises TftpException, struct.error, UnicodeDecodeError...
             self.counters["malformed"] += 1
-            if data[:2] in (b"\0\1", b"\0\2"):
-                # A request we cannot read (a NUL inside the name shifts the fields, a
-                # non-ASCII name, an odd option list): say so, as tftpd-hpa does, rather
-                # than leave the client waiting for its timeout.
-                listener.reply(error_packet(ERR_ILLEGAL_OP, "malformed request"), addr)
+            # A request we cannot read (a NUL inside the name shifts the fields, a
+            # non-ASCII name, an odd option list): say so, as tftpd-hpa does, rather
+            # than leave the client waiting for its timeout.
+            self._error(listener, addr, now, ERR_ILLEGAL_OP, "malformed request")
             return
         if isinstance(packet, TftpPacketWRQ):
             self.counters["refused"] += 1
-            listener.reply(error_packet(ERR_ACCESS, "read-only server: no writes"), addr)
+            self._error(listener, addr, now, ERR_ACCESS, "read-only server: no writes")
             return
-        if not isinstance(packet, TftpPacketRRQ):
+        if not isinstance(packet, TftpPacketRRQ):  # drop_reason lets only RRQ and WRQ by
             self.counters["malformed"] += 1
-            listener.reply(error_packet(ERR_ILLEGAL_OP, "expected a read request"), addr)
             return
         mode = packet.mode.lower()
         if mode not in ("octet", "netascii"):
-            listener.reply(error_packet(ERR_ILLEGAL_OP, f"mode {mode} is not supported"), addr)
+            self._error(listener, addr, now, ERR_ILLEGAL_OP, "mode is not supported")
             return
-        if len(self.sessions) >= MAX_TRANSFERS:
+        ip = client_ipv4(addr[0])
+        is_node = ip is not None and ip in self.plan.by_ip
+        tid = tuple(addr[:2])
+        running = self._by_tid.get(tid)
+        answered = running is not None and running.xfer is not None and running.xfer.heard
+        why = self.slots.refuse_reason(tid, is_node, answered)
+        if why == "duplicate":  # the client sent its request again: its transfer is running
+            self.counters["duplicate"] += 1
+            return
+        if why is not None:
             self.counters["busy"] += 1
-            listener.reply(error_packet(ERR_UNDEFINED, "server busy, try again"), addr)
+            self.counters[f"busy_{why}"] += 1
+            message = "too many transfers to you" if why == "per_client" else "server busy"
+            self._error(listener, addr, now, ERR_UNDEFINED, f"{message}, try again")
             return
         plan = self.plan
         try:
@@ -131,40 +172,84 @@ class TftpService:
         except Refused as exc:
             self.counters["refused" if exc.code == ERR_ACCESS else "not_found"] += 1
             if exc.code == ERR_ACCESS:
-                self.log.warning("tftp: refused %r to %s: %s", packet.filename, addr[0], exc)
-            listener.reply(error_packet(exc.code, str(exc)), addr)
+                self.log.warning("refused %r to %s: %s", packet.filename, addr[0], exc)
+            self._error(listener, addr, now, exc.code, str(exc))
             return
-        neg = negotiate(packet.options or {}, source.size)
-        readinto = source.readinto if source.fd is not None else None  # files: os.preadv
-        xfer = ReadTransfer(source.read, source.size, neg, time.monotonic(), readinto)
-        if not self._spawn(xfer, source, addr):
-            listener.reply(error_packet(ERR_UNDEFINED, "server busy, try again"), addr)
+        options = packet.options or {}
+        if source.netascii is not None:
+            # Its size (for the blocks and tsize) is counted in the transfer's thread.
+            def make() -> ReadTransfer:
+                neg = negotiate(options, source.size)
+                return ReadTransfer(source.read, source.size, neg, time.monotonic())
+
+            xfer: ReadTransfer | Callable[[], ReadTransfer] = make
+        else:
+            neg = negotiate(options, source.size)
+            readinto = source.readinto if source.raw else None  # files: os.preadv
+            xfer = ReadTransfer(source.read, source.size, neg, now, readinto)
+        if not self._spawn(xfer, source, addr, is_node):
+            self._error(listener, addr, now, ERR_UNDEFINED, "server busy, try again")
             return
         self._event(addr[0], source)
 
-    def _spawn(self, xfer: ReadTransfer, source: Source, addr: tuple[Any, ...]) -> bool:
+    def _error(
+        self, listener: _Listener, addr: tuple[Any, ...], now: float, code: int, message: str
+    ) -> None:
+        """An ERROR from the listener, unless this address (or everyone) had its share."""
+        if self.error_limit.allow(addr[0], now):
+            listener.reply(error_packet(code, message), addr)
+        else:
+            self.counters["rate_limited"] += 1
+
+    def _spawn(
+        self,
+        xfer: ReadTransfer | Callable[[], ReadTransfer],
+        source: Source,
+        addr: tuple[Any, ...],
+        is_node: bool,
+    ) -> bool:
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.bind((self.plan.listen["tftp"].host, 0))
             sock.connect(addr[:2])  # blocking: the session's thread waits in recv
+            if sock.getsockname()[:2] == tuple(addr[:2]):
+                # A spoofed request "from" the very port we just took: it would talk to
+                # itself. Nothing to serve.
+                sock.close()
+                source.close()
+                self.counters["dropped"] += 1
+                return True
         except OSError:
             sock.close()
             source.close()
             raise
-        session = Session(sock, xfer, source, addr, self._thread_done, self.log)
+        tid = tuple(addr[:2])
+        session = Session(
+            sock, xfer, source, addr, self._thread_done, self.log, lambda: self.slots.scarce
+        )
         self.sessions.add(session)
+        self.slots.admit(tid, is_node)
+        self._admitted[session] = (tid, is_node)
+        self._by_tid[tid] = session
         self.counters["transfers"] += 1
         try:
             session.start()
         except RuntimeError:  # no more threads: this transfer cannot run
-            self.sessions.discard(session)
+            self._release(session)
             sock.close()
             source.close()
             self.counters["busy"] += 1
-            self.log.warning("tftp: no thread for a transfer to %s", addr[0])
+            self.log.warning("no thread for a transfer to %s", addr[0])
             return False
         return True
+
+    def _release(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if (admitted := self._admitted.pop(session, None)) is not None:
+            self.slots.release(*admitted)
+            if self._by_tid.get(admitted[0]) is session:
+                del self._by_tid[admitted[0]]
 
     def _thread_done(self, session: Session) -> None:
         """From a session's thread: the rest happens on the event loop."""
@@ -175,18 +260,30 @@ class TftpService:
     def finished(self, session: Session) -> None:
         if session not in self.sessions:
             return
-        self.sessions.discard(session)
+        is_node = self._admitted.get(session, ((), False))[1]
+        self._release(session)
         session.close()
         session.source.close()
         xfer = session.xfer
+        if xfer is None:  # it never began: the file could not be read
+            self.counters["failed"] += 1
+            if session.crashed:
+                self.counters["errors"] += 1
+            self.log.info(
+                "%s to %s failed: %s", session.source.path, session.peer[0], session.error
+            )
+            return
         self.counters["bytes"] += xfer.bytes_sent
         if session.crashed:
             self.counters["errors"] += 1
         if xfer.error and not xfer.error.startswith("client error"):
             self.counters["failed"] += 1
-            self.log.info(
-                "tftp: %s to %s ended: %s", session.source.path, session.peer[0], xfer.error
-            )
+            if not xfer.heard and not is_node:
+                # A stranger that never answered (a spoofed request, a scan): counted, not
+                # logged, or a flood of requests would become a flood of log lines.
+                self.counters["silent"] += 1
+                return
+            self.log.info("%s to %s ended: %s", session.source.path, session.peer[0], xfer.error)
         elif not xfer.error:
             self.counters["completed"] += 1
 

@@ -28,8 +28,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from services.tftp.files import Source
-from services.tftp.transfer import FileChanged, ReadAhead, ReadTransfer
+from services.tftp.files import Refused, Source
+from services.tftp.transfer import (
+    ERR_UNDEFINED,
+    FileChanged,
+    ReadAhead,
+    ReadTransfer,
+    error_packet,
+)
 
 try:  # the lock-step loop in C: built at install where a compiler is at hand
     from services.tftp import _lockstep
@@ -60,19 +66,25 @@ class Session:
     def __init__(
         self,
         sock: socket.socket,
-        xfer: ReadTransfer,
+        xfer: ReadTransfer | Callable[[], ReadTransfer],
         source: Source,
         peer: tuple[Any, ...],
         on_done: Callable[[Session], None],
         log: logging.Logger,
+        scarce: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`xfer`, or what makes it in the thread once `source.prepare()` has run (a
+        netascii file is counted first); `scarce()`: the owner is short of slots."""
         self.sock = sock  # connected to the client, blocking
-        self.xfer = xfer
+        self._make = xfer if callable(xfer) else None
+        self.xfer = xfer if isinstance(xfer, ReadTransfer) else None
+        self.scarce = scarce
         self.source = source
         self.peer = peer
         self.on_done = on_done
         self.log = log
         self.crashed = False  # an unexpected exception ended it (logged)
+        self.error: str | None = None  # why it ended before a transfer could begin
         self._stopping = False
         self.thread = threading.Thread(target=self._run, name=f"tftp {peer[0]}", daemon=True)
 
@@ -92,10 +104,20 @@ class Session:
     # --- the thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        xfer = self.xfer
+        try:
+            xfer = self._prepare()
+        except Exception as exc:  # OSError, Refused, or a bug: the client hears, we go on
+            self.crashed = not isinstance(exc, (OSError, Refused))
+            if self.crashed:
+                self.log.exception("error preparing a transfer to %s", self.peer[0])
+            code = exc.code if isinstance(exc, Refused) else ERR_UNDEFINED
+            self.error = f"cannot read the file: {exc}"
+            self._send_quietly([error_packet(code, "cannot read the file")])
+            self.on_done(self)
+            return
         try:
             self._send(xfer.start(time.monotonic()))
-            self._loop()
+            self._loop(xfer)
         except FileChanged as exc:
             self._send_quietly(xfer.abort(str(exc)))
         except OSError as exc:
@@ -110,18 +132,26 @@ class Session:
         finally:
             self.on_done(self)
 
-    def _loop(self) -> None:
-        xfer, sock = self.xfer, self.sock
+    def _prepare(self) -> ReadTransfer:
+        if self.xfer is None:
+            assert self._make is not None
+            self.source.prepare()
+            self.xfer = self._make()
+        return self.xfer
+
+    def _loop(self, xfer: ReadTransfer) -> None:
+        sock = self.sock
         buf = bytearray(RECV_BUFFER)
         recv_into, send, mono = sock.recv_into, sock.send, time.monotonic
         fast = xfer.on_ack_fast
         timeout = xfer.neg.timeout  # the wait after a block sent on an ACK
-        wait = self._rearm(0.0)  # the socket's SO_RCVTIMEO now
-        native = NATIVE is not None and self.source.fd is not None
+        wait = self._rearm(xfer, 0.0)  # the socket's SO_RCVTIMEO now
+        native = NATIVE is not None and self.source.raw
+        scarce = self.scarce
         while True:
             n: int
             if native and (state := xfer.lockstep()) is not None:
-                n, wait = self._run_native(state, buf, wait, timeout)
+                n, wait = self._run_native(xfer, state, buf, wait, timeout)
             else:
                 try:
                     n = recv_into(buf)
@@ -135,10 +165,10 @@ class Session:
                         send(data)
                         continue
             if n < 0:  # SO_RCVTIMEO ran out: the timer
-                self._send(xfer.on_timer(mono()))
+                self._send(xfer.on_timer(mono(), scarce()))
                 if xfer.done:
                     return
-                wait = self._rearm(wait)
+                wait = self._rearm(xfer, wait)
                 continue
             if self._stopping:  # the socket was shut down: it reads as empty
                 xfer.abort("stopped")
@@ -146,10 +176,15 @@ class Session:
             self._send(xfer.on_packet(bytes(buf[:n]), mono()))
             if xfer.done:
                 return
-            wait = self._rearm(wait)
+            wait = self._rearm(xfer, wait)
 
     def _run_native(
-        self, state: tuple[int, int, ReadAhead], buf: bytearray, wait: float, timeout: float
+        self,
+        xfer: ReadTransfer,
+        state: tuple[int, int, ReadAhead],
+        buf: bytearray,
+        wait: float,
+        timeout: float,
     ) -> tuple[int, float]:
         """The fast path's ACKs in C until something else comes: (the length of the
         datagram it declined, now in `buf`, or -1 when the timer ran out; the wait)."""
@@ -160,7 +195,7 @@ class Session:
             self.sock.fileno(), self.source.fd, ahead.buffer, ahead.count, ahead.blksize,
             sent, below, ahead.first, ahead.loaded, buf, rearm,
         )  # fmt: skip
-        self.xfer.lockstep_taken(reached, first, loaded, when)
+        xfer.lockstep_taken(reached, first, loaded, when)
         if reached != sent:
             wait = timeout
         if status == NATIVE.SHORT_READ:
@@ -177,9 +212,9 @@ class Session:
         with contextlib.suppress(OSError):  # the client is gone; nothing more to tell it
             self._send(packets)
 
-    def _rearm(self, wait: float) -> float:
+    def _rearm(self, xfer: ReadTransfer, wait: float) -> float:
         """Make the socket's receive timeout end at the transfer's deadline; the new one."""
-        deadline = self.xfer.deadline
+        deadline = xfer.deadline
         if deadline is None:
             return wait
         left = max(MIN_WAIT, deadline - time.monotonic())

@@ -32,6 +32,15 @@ MAX_BLKSIZE = 65464  # RFC 2348
 MAX_WINDOW = 64  # our cap on RFC 7440 windowsize: enough to fill a fast link
 DEFAULT_TIMEOUT = 1.0
 MAX_RETRIES = 6
+# A peer that has acknowledged nothing yet may never have asked (a spoofed request aims
+# our packets at a victim): 2 resends of the first packet, 1 s then 2 s apart, whatever
+# timeout it asked for, and it is given up 5 s after the request.
+SILENT_RETRIES = 2
+SILENT_BACKOFF = 2  # the cap on the doubling, as a factor of the timeout
+# While transfer slots are scarce (the server says so at each timer tick): fewer resends.
+# And the waits count from 1 s, whatever timeout the client asked for (up to 255 s).
+SCARCE_RETRIES = 3  # a peer that went silent mid-transfer: given up after 15 s, not 39
+SCARCE_SILENT_RETRIES = 1  # a silent peer: one resend, given up after 3 s
 
 READAHEAD_BYTES = 64 * 1024  # per lock-step transfer: 512 of them hold 32 MiB at most
 READAHEAD_SLOTS = 32
@@ -133,6 +142,7 @@ class ReadTransfer:
         "_ahead",
         "_bytes_resent",
         "_fast_below",
+        "_hurry",
         "_readinto",
         "acked",
         "deadline",
@@ -168,6 +178,7 @@ class ReadTransfer:
         self.done = False
         self.error: str | None = None  # why it ended early, if it did
         self._bytes_resent = 0  # payload sent again (first sends follow from sent_upto)
+        self._hurry = False  # the last timer tick came while slots were scarce
         # on_ack_fast applies while sent_upto is below this: lock-step, past the OACK,
         # not done, and the next block a full one (the short last block goes the long way).
         self._fast_below = 0
@@ -271,12 +282,24 @@ class ReadTransfer:
         # missed a block): everything after the last block it has, again.
         return self._window(now)
 
-    def on_timer(self, now: float) -> list[bytes]:
+    @property
+    def heard(self) -> bool:
+        """The peer has acknowledged something (the OACK, or a block): it really asked."""
+        return self.acked > 0 or (bool(self.neg.accepted) and not self.oack_pending)
+
+    def on_timer(self, now: float, scarce: bool = False) -> list[bytes]:
+        """A timer tick; `scarce`: the server is short of transfer slots."""
         if self.done or self.deadline is None or now < self.deadline:
             return []
         self.retries += 1
-        if self.retries > MAX_RETRIES:
-            self._finish("timed out")
+        heard = self.heard
+        self._hurry = scarce
+        if scarce:
+            limit = SCARCE_RETRIES if heard else SCARCE_SILENT_RETRIES
+        else:
+            limit = MAX_RETRIES if heard else SILENT_RETRIES
+        if self.retries > limit:
+            self._finish("timed out" if heard else "timed out: no answer to the first packet")
             return []
         if self.oack_pending:
             self._arm(now)
@@ -332,4 +355,10 @@ class ReadTransfer:
 
     def _arm(self, now: float) -> None:
         # Back off on retries so a slow client is not flooded: 1x, 2x, 4x ... capped at 8x.
-        self.deadline = now + self.neg.timeout * min(8, 2**self.retries)
+        if self.heard and not (self.retries and self._hurry):
+            self.deadline = now + self.neg.timeout * min(8, 2**self.retries)
+        elif self.heard:  # a resend while slots are scarce: see SCARCE_RETRIES
+            self.deadline = now + min(self.neg.timeout, DEFAULT_TIMEOUT) * min(8, 2**self.retries)
+        else:  # see SILENT_RETRIES: a resend before the client's own timeout is harmless
+            base = min(self.neg.timeout, DEFAULT_TIMEOUT)
+            self.deadline = now + base * min(SILENT_BACKOFF, 2**self.retries)

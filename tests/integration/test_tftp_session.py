@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from services.tftp import session as session_module
-from services.tftp.files import Source
+from services.tftp.files import Netascii, Source
 from services.tftp.session import Session
 from services.tftp.transfer import (
     MAX_RETRIES,
@@ -339,3 +339,68 @@ def test_file_that_shrinks_ends_with_an_error(runs: list[Run], tmp_path: Path) -
         assert payload == content[(block - 1) * 512 : block * 512]  # never stale bytes
     assert packet is not None and b"shrank" in packet
     assert run.ended.wait(5) and "shrank" in (run.xfer.error or "")
+
+
+def _pair() -> tuple[socket.socket, Peer]:
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    client.bind(("127.0.0.1", 0))
+    server.connect(client.getsockname())
+    client.connect(server.getsockname())
+    return server, Peer(client)
+
+
+def test_netascii_is_counted_in_the_session_thread_and_streamed(
+    tmp_path: Path, loop: CountingNative | None
+) -> None:
+    """A netascii source: its size counted by `prepare()` in the thread, the transfer made
+    there, never the C loop or preadv (the bytes are converted), same bytes as converted
+    in one go."""
+    text = b"a\nb\r\n" * 20000 + b"\r"
+    (tmp_path / "t.txt").write_bytes(text)
+    fd = os.open(tmp_path / "t.txt", os.O_RDONLY)
+    source = Source(0, fd=fd, path="t.txt", netascii=Netascii(fd, len(text)))
+    server, peer = _pair()
+    ended = threading.Event()
+    made: list[ReadTransfer] = []
+
+    def make() -> ReadTransfer:
+        neg = Negotiated(512, 1, 5.0, {})
+        made.append(ReadTransfer(source.read, source.size, neg, time.monotonic()))
+        return made[0]
+
+    session = Session(server, make, source, peer.sock.getsockname(), lambda s: ended.set(), LOG)
+    assert session.xfer is None
+    session.start()
+    out = bytearray()
+    while True:
+        block, payload = data(peer.recv())
+        out += payload
+        peer.ack(block)
+        if len(payload) < 512:
+            break
+    assert ended.wait(5) and session.xfer is made[0] and made[0].error is None
+    assert bytes(out) == text.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+    assert loop is None or loop.calls == 0  # never the C loop: it reads the raw file
+    session.close()
+    peer.sock.close()
+    source.close()
+
+
+def test_a_file_that_cannot_be_prepared_is_an_error_to_the_client(tmp_path: Path) -> None:
+    source = Source(0, fd=-1, path="gone.txt", netascii=Netascii(-1, 1000))  # EBADF
+    server, peer = _pair()
+    ended = threading.Event()
+
+    def make() -> ReadTransfer:
+        raise AssertionError("no transfer without a size")
+
+    session = Session(server, make, source, peer.sock.getsockname(), lambda s: ended.set(), LOG)
+    session.start()
+    packet = peer.recv()
+    assert packet is not None and OP_HEAD.unpack_from(packet)[0] == OP_ERROR
+    assert ended.wait(5) and session.xfer is None and not session.crashed
+    assert "cannot read the file" in (session.error or "")
+    session.close()
+    peer.sock.close()

@@ -21,6 +21,7 @@ import pytest
 from appliance.inventory import parse_inventory
 from appliance.plan import BootPlan, NodeBoot, Plan, build_plan
 from services import bootconfig
+from services.tftp import files as files_module
 from services.tftp import transfer as tx
 from services.tftp.files import Refused, jailed, open_source, to_netascii
 from services.tftp.transfer import Negotiated, ReadTransfer, negotiate
@@ -316,15 +317,18 @@ def test_duplicate_ack_sends_nothing_windowed() -> None:
 
 
 def test_timer_retransmits_with_backoff_and_gives_up_after_max_retries() -> None:
+    """A peer that has acknowledged a block, then goes silent."""
     content = pattern(5000)
-    xfer, first = make(content)
+    xfer, _ = make(content)
+    first = xfer.on_packet(ack(1), T0)
+    assert blocks(first) == [2]
     assert xfer.deadline == T0 + 1.0
     assert xfer.on_timer(T0 + 0.5) == []  # early ticks do nothing
     now = T0 + 1.0
     delays = []
     for retry in range(1, tx.MAX_RETRIES + 1):
         out = xfer.on_timer(now)
-        assert out == first, f"retry {retry} resends block 1 unchanged"
+        assert out == first, f"retry {retry} resends block 2 unchanged"
         assert xfer.retries == retry
         assert xfer.deadline is not None
         delays.append(xfer.deadline - now)
@@ -333,7 +337,41 @@ def test_timer_retransmits_with_backoff_and_gives_up_after_max_retries() -> None
     assert delays == [min(8.0, 2.0**r) for r in range(1, tx.MAX_RETRIES + 1)]
     assert xfer.on_timer(now) == []
     assert xfer.done and xfer.error == "timed out" and xfer.deadline is None
-    assert xfer.on_packet(ack(1), now) == []
+    assert xfer.on_packet(ack(2), now) == []
+
+
+@pytest.mark.parametrize("options", [{}, {"blksize": "1024", "tsize": "0", "timeout": "255"}])
+def test_a_peer_that_never_answers_gets_two_resends_within_5_s(options: dict[str, str]) -> None:
+    """Reflection (issue 14): a spoofed request must not earn the victim a long series of
+    packets, nor hold a slot for minutes, whatever timeout it asked for."""
+    xfer, first = make(pattern(5000), options)
+    sent, now = [first], T0
+    while not xfer.done:
+        assert xfer.deadline is not None
+        now = xfer.deadline
+        if out := xfer.on_timer(now):
+            sent.append(out)
+    assert len(sent) == 1 + tx.SILENT_RETRIES == 3
+    assert all(p == first for p in sent)
+    assert now - T0 == 5.0  # sends at 0, 1 and 3 s; given up at 5 s
+    assert xfer.error == "timed out: no answer to the first packet"
+
+
+def test_scarce_slots_give_up_on_silent_peers_sooner() -> None:
+    xfer, first = make(pattern(5000))
+    assert xfer.on_timer(T0 + 1.0, scarce=True) == first
+    assert xfer.on_timer(T0 + 3.0, scarce=True) == []
+    assert xfer.done  # one resend, 3 s
+    heard, _ = make(pattern(50 * 512), {"timeout": "255"})  # its timeout: not while scarce
+    heard.on_packet(ack(0), T0)
+    heard.on_packet(ack(1), T0)
+    now, resends = T0 + 255.0, 0  # the first wait was armed by an ACK: its timeout
+    assert heard.deadline == now
+    while not heard.done:
+        assert heard.deadline is not None
+        now = heard.deadline
+        resends += bool(heard.on_timer(now, scarce=True))
+    assert resends == tx.SCARCE_RETRIES and now - T0 == 255 + 2 + 4 + 8
 
 
 def test_progress_resets_the_retries() -> None:
@@ -358,13 +396,13 @@ def test_timer_resends_the_whole_unacknowledged_window() -> None:
 def test_lost_oack_is_resent_then_given_up() -> None:
     xfer, first = make(pattern(5000), {"blksize": "1024"})
     now = T0
-    for _ in range(tx.MAX_RETRIES):
+    for _ in range(tx.SILENT_RETRIES):  # the OACK never acknowledged: a silent peer
         assert xfer.deadline is not None
         now = xfer.deadline
         assert xfer.on_timer(now) == first  # the OACK again
     assert xfer.deadline is not None
     assert xfer.on_timer(xfer.deadline) == []
-    assert xfer.done and xfer.error == "timed out"
+    assert xfer.done and xfer.error == "timed out: no answer to the first packet"
 
 
 # --- block-number rollover --------------------------------------------------------------
@@ -875,12 +913,77 @@ def test_netascii_conversion() -> None:
 
 def test_open_source_netascii(boot_plan: BootPlan) -> None:
     src = open_source(boot_plan, "text.txt", never, netascii=True)
+    assert not src.raw  # never preadv or the C loop: the bytes are converted
+    src.prepare()  # the count pass (in the transfer's thread)
     assert src.read(0, 1000) == b"line 1\r\nline 2\r\0\r\nend"
     assert src.size == len(b"line 1\r\nline 2\r\0\r\nend")
     gen = open_source(boot_plan, "pxelinux.cfg/01-52-54-00-00-00-50", never, netascii=True)
     raw = open_source(boot_plan, "pxelinux.cfg/01-52-54-00-00-00-50", never)
     assert raw.content is not None and gen.content == to_netascii(raw.content)
     assert b"\r\n" in gen.read(0, gen.size) and b"\r\n" not in raw.read(0, raw.size)
+
+
+@pytest.mark.parametrize("blksize", [8, 512, 1000, 65464])
+def test_netascii_streams_in_chunks_with_the_same_bytes(
+    boot_plan: BootPlan, monkeypatch: pytest.MonkeyPatch, blksize: int
+) -> None:
+    """Small chunks (100 raw bytes) so blocks straddle them; CR and LF at the edges;
+    reads in order, again (a resend) and backwards: always to_netascii's bytes."""
+    monkeypatch.setattr(files_module, "NETASCII_CHUNK", 100)
+    raw = (b"\n" * 99 + b"\r" + b"x\r\n" * 70 + bytes(range(256))) * 7 + b"\r"
+    (boot_plan.tftp_root / "chunks.txt").write_bytes(raw)
+    want = to_netascii(raw)
+    src = open_source(boot_plan, "chunks.txt", never, netascii=True)
+    src.prepare()
+    assert src.netascii is not None and src.size == len(want)
+    assert len(src.netascii.starts) == len(raw) // 100 + 2  # an offset per chunk: small
+    got = b"".join(src.read(o, blksize) for o in range(0, src.size + blksize, blksize))
+    assert got == want
+    for offset in (src.size - 1, 0, 150, 99, 100, 101, src.size, src.size + 5):
+        assert src.read(offset, blksize) == want[offset : offset + blksize]
+    again = open_source(boot_plan, "chunks.txt", never, netascii=True)
+    again.prepare()  # the same file unchanged: its count is reused, not read again
+    assert again.netascii is not None and again.netascii.starts is src.netascii.starts
+    again.close()
+    (boot_plan.tftp_root / "chunks.txt").write_bytes(raw + b"\n")  # changed: counted again
+    grown = open_source(boot_plan, "chunks.txt", never, netascii=True)
+    grown.prepare()
+    assert grown.size == len(want) + 2
+    grown.close()
+    xfer = ReadTransfer(src.read, src.size, negotiate({}, src.size), T0)
+    out, packets = b"", xfer.start(T0)
+    while packets:
+        out += packets[0][4:]
+        packets = xfer.on_packet(ack(data(packets[0])[0]), T0)
+    assert out == want and xfer.done and xfer.error is None
+    src.close()
+
+
+def test_netascii_too_large_is_refused_before_reading(boot_plan: BootPlan) -> None:
+    path = boot_plan.tftp_root / "huge.txt"
+    with path.open("wb") as fh:
+        fh.truncate(files_module.NETASCII_LIMIT + 1)  # sparse: nothing is read
+    with pytest.raises(Refused) as err:
+        open_source(boot_plan, "huge.txt", never, netascii=True)
+    assert err.value.code == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("A" * 512, 0),  # ENAMETOOLONG: "File name too long", as tftpd-hpa
+        ("B" * 5000, 0),
+        ("exists.bin/x", 1),  # ENOTDIR
+        ("loop1", 0),  # ELOOP
+    ],
+)
+def test_open_source_os_errors_are_refusals(boot_plan: BootPlan, name: str, code: int) -> None:
+    (boot_plan.tftp_root / "exists.bin").write_bytes(b"x")
+    (boot_plan.tftp_root / "loop1").symlink_to("loop2")
+    (boot_plan.tftp_root / "loop2").symlink_to("loop1")
+    with pytest.raises(Refused) as err:
+        open_source(boot_plan, name, never)
+    assert err.value.code == code and str(err.value)
 
 
 def test_open_source_generated_configs(boot_plan: BootPlan) -> None:
