@@ -50,6 +50,7 @@ class LeaseTable:
         self._first = int(pool[0]) if pool else 0
         self._size = int(pool[1]) - int(pool[0]) + 1 if pool else 0
         self._cursor = 0
+        self._full_until = 0.0
 
     def in_pool(self, ip: IPv4Address) -> bool:
         return self.pool is not None and self.pool[0] <= ip <= self.pool[1]
@@ -64,6 +65,8 @@ class LeaseTable:
         old = self.by_mac.get(b.mac)
         if old is not None and self.by_ip.get(old.ip) is old:
             del self.by_ip[old.ip]
+            if old.ip != b.ip:
+                self._full_until = 0.0  # the client moved: its old address is free
         prior = self.by_ip.get(b.ip)
         if prior is not None and prior.mac != b.mac:
             del self.by_mac[prior.mac]  # the address moved on: the old binding is over
@@ -91,20 +94,31 @@ class LeaseTable:
             return previous.ip
         if requested is not None and self.free_for(requested, mac, now):
             return requested
+        if now < self._full_until:
+            # Full at the last scan, and nothing freed since: a flood of DISCOVERs on an
+            # exhausted pool must not cost a scan of the pool each.
+            return None
         # Scan from a moving cursor: allocation is O(1) amortised while the pool fills.
         for step in range(self._size):
             offset = (self._cursor + step) % self._size
             ip = IPv4Address(self._first + offset)
             if self.free_for(ip, mac, now):
                 b = self.by_ip.get(ip)
-                # Prefer addresses no one held: an expired binding may come back to its owner.
-                if b is None or b.mac == mac:
+                # Prefer addresses no one held: an expired lease may come back to its
+                # owner (an offer past its hold binds no one).
+                if b is None or b.mac == mac or b.state == "offered":
                     self._cursor = offset + 1
                     return ip
+        soonest = float("inf")  # when the next address comes free by time alone
         for step in range(self._size):  # no never-used address left: reuse expired ones
             ip = IPv4Address(self._first + step)
             if self.free_for(ip, mac, now):
                 return ip
+            if ip not in self.reserved:
+                b = self.by_ip.get(ip)
+                held = b.expires if b is not None and b.active(now) else now
+                soonest = min(soonest, max(held, self.quarantine.get(ip, now)))
+        self._full_until = soonest
         return None
 
     def offer(self, mac: str, ip: IPv4Address, now: float, hostname: str | None) -> Binding:
@@ -120,7 +134,8 @@ class LeaseTable:
     ) -> Binding:
         b = Binding(mac, ip, now + lease_time, "bound", hostname)
         self._put(b)
-        self.quarantine.pop(ip, None)
+        if self.quarantine.pop(ip, None) is not None:
+            self._full_until = 0.0
         return b
 
     def release(self, mac: str, now: float) -> Binding | None:
@@ -129,14 +144,17 @@ class LeaseTable:
             return None
         released = replace(b, state="released", expires=now)
         self._put(released)
+        self._full_until = 0.0
         return released
 
     def decline(self, mac: str, ip: IPv4Address, now: float) -> Binding | None:
-        """The client found `ip` in use: keep it out of the pool for a while."""
-        self.quarantine[ip] = now + DECLINE_QUARANTINE
+        """The client found `ip` in use: keep it out of the pool for a while. Only the
+        client `ip` was offered or leased to may say so (None, and nothing kept, for
+        anyone else): the quarantine holds no more than the addresses we give out."""
         b = self.by_mac.get(mac)
-        if b is None or b.ip != ip:
+        if b is None or b.ip != ip or not b.active(now):
             return None
+        self.quarantine[ip] = now + DECLINE_QUARANTINE
         declined = replace(b, state="declined", expires=now + DECLINE_QUARANTINE)
         self._put(declined)
         return declined
@@ -174,6 +192,7 @@ class LeaseTable:
             del self.by_mac[mac]
             if self.by_ip.get(b.ip) is b:
                 del self.by_ip[b.ip]
+            self._full_until = 0.0
 
     def expire(self, now: float) -> list[Binding]:
         """Forget offers past their hold and quarantines past their time; return bindings gone."""

@@ -12,7 +12,8 @@ Time is an argument; nothing here touches a socket, a clock or the disk.
 
 from __future__ import annotations
 
-from collections import Counter
+import re
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
@@ -37,6 +38,14 @@ from services.dhcp.leases import DECLINE_QUARANTINE, Binding, LeaseTable
 
 BROADCAST = "255.255.255.255"
 MAX_PROBES = 3  # pool addresses pinged for one DISCOVER; all answered: no offer this time
+MAX_HOPS = 16  # RFC 1542 4.1.1: a request relayed more often than this is in a loop
+# NAKs (and INFORM answers) answer whatever a client claims, so garbage could make us a
+# flood source: per sender (its address, or its relay; for INFORM, per destination), a
+# burst then a steady rate; the oldest of at most NAK_SOURCES senders is forgotten first.
+NAK_BURST, NAK_RATE, NAK_SOURCES = 10.0, 10.0, 1024
+HOSTNAME_MAX = 253  # a DNS name's longest text form
+_PRINTABLE = bytes(b if 0x20 <= b < 0x7F else ord("?") for b in range(256))
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
 # Option 93 (RFC 4578 and the IANA registry) -> which loader
 ARCH_NAMES = {
@@ -128,6 +137,14 @@ class DhcpCore:
         self.server_port = server_port
         self.client_port = server_port + 1  # 67 -> 68; an alternate port pair in tests
         self.counters: Counter[str] = counters if counters is not None else Counter()
+        # Senders we never answer: ourselves (a reply would come back to us). On a
+        # loopback subnet (tests, the embedded default) clients share our addresses.
+        self.own_addresses: frozenset[IPv4Address] = (
+            frozenset() if plan.subnet.is_loopback else frozenset({plan.server_id})
+        )
+        self._own_text = frozenset(str(a) for a in self.own_addresses)
+        self._broadcast_text = frozenset({BROADCAST, str(plan.subnet.broadcast_address)})
+        self.nak_limit: OrderedDict[str, tuple[float, float]] = OrderedDict()
         reserved = {r.ip for r in plan.reservations} | {plan.server_id}
         if plan.router is not None:
             reserved.add(plan.router)
@@ -173,6 +190,10 @@ class DhcpCore:
         if msg.giaddr != ZERO and msg.giaddr not in self.plan.subnet:
             counters["foreign_relay"] += 1
             return Outcome(log=f"relay {msg.giaddr} is outside {self.plan.subnet}: ignored")
+        looped = self._reflection(msg, src)
+        if looped:
+            counters["reflection"] += 1
+            return Outcome(log=f"{msg.mac} from {src[0]}:{src[1]}: {looped}: ignored")
         counters[codec.MESSAGE_NAMES.get(mtype, f"type{mtype}").lower()] += 1
         if self.plan.mode == "proxy":
             return self._proxy(msg, src, pxe_port)
@@ -189,6 +210,46 @@ class DhcpCore:
         if mtype == DISCOVER:
             return self._discover(msg, src, now, probes)
         return handler(msg, src, now)
+
+    def _reflection(self, msg: DhcpMessage, src: tuple[str, int]) -> str:
+        """Why answering this request could bounce off ourselves, another server or a
+        bystander ("" when it cannot). A reply goes to giaddr at the server port, to
+        ciaddr or the broadcast address at the client port, or back to the sender."""
+        # Text, not IPv4Address: this runs for every datagram of a flood.
+        host, port = src
+        own = self.own_addresses
+        if host in self._own_text:
+            return "sent from our own address"
+        first = host.partition(".")[0]
+        if host in self._broadcast_text or (first.isdigit() and 224 <= int(first) <= 239):
+            return "a broadcast or multicast sender address"
+        if msg.hops > MAX_HOPS:
+            return f"relayed {msg.hops} times (a relay loop)"
+        if msg.giaddr != ZERO:
+            return "the relay address is ours" if msg.giaddr in own else ""
+        if port == self.server_port:
+            return "from a server port without a relay address (another server or a loop)"
+        if host != "0.0.0.0" and port not in (self.client_port, 68) and port < 1024:
+            # Clients send from port 68; a reply to another well-known port (echo, DNS,
+            # TFTP...) is what a spoofed request wants from us.
+            return f"from service port {port}"
+        if msg.ciaddr in own:
+            return "its client address is ours"
+        return ""
+
+    def _nak_allowed(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> bool:
+        """A token bucket per sender (its relay, else its address; all clients without
+        an address share 0.0.0.0), bounded in senders."""
+        return self._allowed(str(msg.giaddr) if msg.giaddr != ZERO else src[0], now)
+
+    def _allowed(self, key: str, now: float) -> bool:
+        tokens, then = self.nak_limit.pop(key, (NAK_BURST, now))
+        tokens = min(NAK_BURST, tokens + max(0.0, now - then) * NAK_RATE)
+        allowed = tokens >= 1.0
+        self.nak_limit[key] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self.nak_limit) > NAK_SOURCES:
+            self.nak_limit.popitem(last=False)
+        return allowed
 
     # --- server mode ------------------------------------------------------------------
 
@@ -220,8 +281,9 @@ class DhcpCore:
                 return Outcome(probe=ip, log=f"{mac}: pinging {ip} before offering it")
         else:
             return self._unknown(msg)
-        self.table.offer(mac, ip, now, node.hostname if node else None)
-        reply, boot = self._lease_reply(msg, OFFER, ip, node)
+        hostname = node.hostname if node else self._client_hostname(msg)
+        self.table.offer(mac, ip, now, hostname)
+        reply, boot = self._lease_reply(msg, OFFER, ip, node, hostname)
         out = Outcome(replies=[self._to_client(reply, msg, src)], log=f"OFFER {ip} to {mac}")
         if node is not None:
             out.events.append((node.node, "dhcp-offer", _detail(ip, boot)))
@@ -257,22 +319,27 @@ class DhcpCore:
         if node is None and self.plan.pool is None:
             return self._unknown(msg)
         if ip is None:
-            return self._nak(msg, src, "no address requested")
+            return self._nak(msg, src, now, "no address requested")
         if ip not in self.plan.subnet:
-            return self._nak(msg, src, f"{ip} is not on this network")
+            return self._nak(msg, src, now, f"{ip} is not on this network")
         if node is not None:
             holder = self.table.holder(ip, now)
             if ip != node.ip:
-                return self._nak(msg, src, f"{mac} is reserved {node.ip}, not {ip}")
+                return self._nak(msg, src, now, f"{mac} is reserved {node.ip}, not {ip}")
             if holder not in (None, mac):
                 self.counters["conflicts"] += 1
-                return self._nak(msg, src, f"{ip} is still leased to {holder}")
+                return self._nak(msg, src, now, f"{ip} is still leased to {holder}")
         elif not self.table.free_for(ip, mac, now):
-            return self._nak(msg, src, f"{ip} is not available to {mac}")
-        binding = self.table.bind(
-            mac, ip, now, self.plan.lease_time, node.hostname if node else None
-        )
-        reply, boot = self._lease_reply(msg, ACK, ip, node)
+            return self._nak(msg, src, now, f"{ip} is not available to {mac}")
+        if node is not None:
+            hostname: str | None = node.hostname
+        else:
+            hostname = self._client_hostname(msg)
+            held = self.table.by_mac.get(mac)
+            if hostname is None and held is not None and held.ip == ip:
+                hostname = held.hostname  # told in its DISCOVER, not repeated now
+        binding = self.table.bind(mac, ip, now, self.plan.lease_time, hostname)
+        reply, boot = self._lease_reply(msg, ACK, ip, node, hostname)
         out = Outcome(
             replies=[self._to_client(reply, msg, src)],
             commit=[binding],
@@ -285,13 +352,23 @@ class DhcpCore:
     def _decline(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
         server_id = msg.ip_option(codec.OPT_SERVER_ID)
         ip = msg.ip_option(codec.OPT_REQUESTED_IP)
-        if ip is None or (server_id is not None and server_id != self.plan.server_id):
+        # RFC 2131 4.3.3 and table 5: a DECLINE names our server id and the address we
+        # offered or leased to that client. Anything else would let anyone empty the
+        # pool; it is dropped and leaves no state behind.
+        if ip is None or server_id != self.plan.server_id:
+            self.counters["decline_refused"] += 1
             return Outcome(log=f"{msg.mac}: DECLINE not for us")
         declined = self.table.decline(msg.mac, ip, now)
+        if declined is None:
+            self.counters["decline_refused"] += 1
+            return Outcome(log=f"{msg.mac}: DECLINE of {ip}, which we did not give it: ignored")
         self.counters["declined"] += 1
         return Outcome(
-            commit=[declined] if declined else [],
-            log=f"{msg.mac} DECLINEd {ip}: address in use on the network; quarantined",
+            commit=[declined],
+            log=f"{msg.mac} DECLINEd {ip}",
+            warning=f"{msg.mac} found {ip} in use on the network (DHCPDECLINE): a machine "
+            f"holds it without a lease from us; kept out of the pool for "
+            f"{DECLINE_QUARANTINE:.0f} s",
         )
 
     def _release(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
@@ -305,18 +382,35 @@ class DhcpCore:
 
     def _inform(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
         node = self.plan.by_mac.get(msg.mac)
+        dest = msg.ciaddr if msg.ciaddr != ZERO else IPv4Address(src[0])
+        if msg.giaddr == ZERO and dest not in self.plan.subnet:
+            # The ACK goes to ciaddr: a forged INFORM would aim it anywhere.
+            self.counters["ignored"] += 1
+            return Outcome(log=f"{msg.mac}: INFORM from {dest}, outside {self.plan.subnet}")
+        if not self._allowed(f"inform {dest}", now):  # one bucket per destination
+            self.counters["inform_limited"] += 1
+            return Outcome(log=f"{msg.mac}: INFORM answer to {dest} not sent (too many)")
         reply = self._base(msg, ACK)
         self._add_config(reply, msg, node)
-        dest = msg.ciaddr if msg.ciaddr != ZERO else IPv4Address(src[0])
         host, port = self._dest(msg, src, unicast=dest)
         return Outcome(replies=[Outgoing(self._encode(reply, msg), host, port)])
+
+    def _client_hostname(self, msg: DhcpMessage) -> str | None:
+        raw = msg.options.get(codec.OPT_HOSTNAME)
+        hostname = clean_hostname(raw, self.plan.domain)
+        if raw is not None and hostname is None:
+            self.counters["bad_hostname"] += 1
+        return hostname
 
     def _unknown(self, msg: DhcpMessage) -> Outcome:
         self.counters["unknown"] += 1
         info = client_info(msg)
         return Outcome(unknown=info, log=f"unknown machine {msg.mac} ({info.describe()})")
 
-    def _nak(self, msg: DhcpMessage, src: tuple[str, int], why: str) -> Outcome:
+    def _nak(self, msg: DhcpMessage, src: tuple[str, int], now: float, why: str) -> Outcome:
+        if not self._nak_allowed(msg, src, now):
+            self.counters["nak_limited"] += 1
+            return Outcome(log=f"NAK {msg.mac} not sent (too many to {src[0]}): {why}")
         self.counters["nak"] += 1
         reply = self._base(msg, NAK)
         reply.options[codec.OPT_MESSAGE] = why.encode()[:255]
@@ -369,7 +463,12 @@ class DhcpCore:
         return reply
 
     def _lease_reply(
-        self, msg: DhcpMessage, mtype: int, ip: IPv4Address, node: DhcpReservation | None
+        self,
+        msg: DhcpMessage,
+        mtype: int,
+        ip: IPv4Address,
+        node: DhcpReservation | None,
+        hostname: str | None = None,
     ) -> tuple[DhcpMessage, BootChoice | None]:
         reply = self._base(msg, mtype)
         reply.yiaddr = ip
@@ -379,18 +478,25 @@ class DhcpCore:
         reply.options[codec.OPT_LEASE_TIME] = codec.u32(lease)
         reply.options[codec.OPT_T1] = codec.u32(lease // 2)
         reply.options[codec.OPT_T2] = codec.u32(lease * 7 // 8)
-        self._add_config(reply, msg, node)
+        self._add_config(reply, msg, node, hostname)
         boot = self.boot_choice(msg, node)
         if boot is not None:
             self._add_boot(reply, msg, boot)
         return reply, boot
 
     def _add_config(
-        self, reply: DhcpMessage, msg: DhcpMessage, node: DhcpReservation | None
+        self,
+        reply: DhcpMessage,
+        msg: DhcpMessage,
+        node: DhcpReservation | None,
+        hostname: str | None = None,
     ) -> None:
         available = self.config_options
         if node is not None:
             available = {**available, codec.OPT_HOSTNAME: node.hostname.encode()}
+        elif hostname is not None and codec.OPT_HOSTNAME in msg.options:
+            # A pool client's own name, echoed when it sent one (as dnsmasq does).
+            available = {**available, codec.OPT_HOSTNAME: hostname.encode()}
         requested = list(msg.options.get(codec.OPT_PARAMS, b""))
         # The client's order first (RFC 2132 9.8), then what every client gets.
         for code in [*requested, *ALWAYS]:
@@ -490,7 +596,34 @@ def client_info(msg: DhcpMessage) -> ClientInfo:
 
 
 def _text(value: bytes | None) -> str:
-    return value.decode("ascii", "replace")[:64] if value else ""
+    """A client's string for logs and the admin API: printable ASCII only (no line
+    breaks or terminal escapes from a stranger), at most 64 characters."""
+    if not value:
+        return ""
+    return value[:64].rstrip(b"\0").translate(_PRINTABLE).decode("ascii")
+
+
+def clean_hostname(raw: bytes | None, domain: str) -> str | None:
+    """A client's host name (option 12) if it is a valid DNS name, else None.
+
+    Attacker-controlled: only letters, digits and inner hyphens in labels of 1-63
+    octets, at most 253 in all, pass. A trailing NUL (some firmware sends one) and our
+    own domain (a client that sends its FQDN) are taken off, as dnsmasq does.
+    """
+    if not raw:
+        return None
+    try:
+        name = raw.rstrip(b"\0").decode("ascii").removesuffix(".")
+    except UnicodeDecodeError:
+        return None
+    suffix = f".{domain}"
+    if domain and name.lower().endswith(suffix.lower()):
+        name = name[: -len(suffix)]
+    if not name or len(name) > HOSTNAME_MAX:
+        return None
+    if not all(_LABEL.match(label) for label in name.split(".")):
+        return None
+    return name
 
 
 def _detail(ip: IPv4Address, boot: BootChoice | None) -> str:

@@ -4,6 +4,10 @@ An ACK is sent only after its lease is on disk. Leases decided while the disk
 was busy are written together in one transaction (one fsync), then their ACKs
 leave: the throughput of a batch, the durability of one write per lease.
 
+While another process holds the state file's lock (an operator's `sqlite3` shell),
+the batch waits and is retried with backoff: ACKs are late, never sent unstored, and
+the event loop (DNS in the same process) never waits for the lock.
+
 A pool address is pinged before its first offer when the core asks (Outcome.probe):
 the DISCOVER waits meanwhile and is handled again with the result.
 """
@@ -12,7 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import socket
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,15 +31,24 @@ from typing import Any
 from appliance.inventory import Endpoint
 from appliance.plan import Plan
 from appliance.service import BindError, ServiceContext, ServiceError, grow_buffers
-from appliance.store import Lease, Store
+from appliance.store import UNKNOWN_MACHINES_KEEP, Lease, Store, UnknownMachine
+from appliance.storequeue import is_busy
 from services.dhcp.arp import ArpCache
 from services.dhcp.leases import Binding, LeaseTable
 from services.dhcp.ping import Pinger
 from services.dhcp.policy import BROADCAST, ClientInfo, DhcpCore, Outcome, Outgoing
+from services.dhcp.strangers import Strangers
 
 PXE_PORT = 4011  # proxyDHCP boot server port
+LEASE_BUSY_MS = 200  # a lease commit waits this long for a lock, then is retried
+COMMIT_RETRY_FIRST = 0.05  # seconds before retrying a commit the lock refused
+COMMIT_RETRY_MAX = 1.0
+STOP_COMMIT_WAIT = 5.0  # seconds a stop keeps trying to store decided leases
+PENDING_MAX = 10_000  # replies waiting for their commit (a locked file) before new ones drop
 SWEEP_EVERY = 30.0  # seconds between expiry sweeps of offers and quarantines
-UNKNOWN_NOTE_EVERY = 60.0  # write an unknown machine to the store at most this often
+UNKNOWN_WRITE_EVERY = 1.0  # seconds between batched writes of unknown machines
+UNKNOWN_WRITE_BATCH = 1024  # sightings that make the writer go before its second is up
+STRANGER_WARN_EVERY = 60.0  # s between two "state file busy" lines of that writer
 
 
 def _binding_to_lease(b: Binding, now: float) -> Lease:
@@ -117,7 +133,10 @@ class DhcpService:
         self.store: Store | None = None  # our own connection, used only in the executor
         self.pending = _Pending()
         self.wake = asyncio.Event()
-        self.unknown_seen: dict[str, float] = {}
+        self._locked_since: float | None = None  # monotonic: since a commit found a lock
+        self.strangers = Strangers()
+        self.stranger_warned = float("-inf")  # monotonic time of the last "busy" line
+        self.stranger_wake = asyncio.Event()
         self.endpoints: tuple[Endpoint, ...] = ()
         self.pinger: Pinger | None = None
         self.arp: ArpCache | None = None
@@ -128,7 +147,8 @@ class DhcpService:
 
     async def start(self, plan: Plan) -> None:
         loop = asyncio.get_running_loop()
-        self.store = await loop.run_in_executor(self.executor, Store.open, plan.state_dir)
+        open_store = functools.partial(Store.open, plan.state_dir, busy_timeout_ms=LEASE_BUSY_MS)
+        self.store = await loop.run_in_executor(self.executor, open_store)
         leases = await loop.run_in_executor(self.executor, self.store.leases)
         self.table.load(_lease_to_binding(lease) for lease in leases)
         self._open_pinger(plan)
@@ -156,6 +176,7 @@ class DhcpService:
         self.endpoints = tuple(eps)
         self.tasks.append(loop.create_task(self._committer(), name="dhcp-commit"))
         self.tasks.append(loop.create_task(self._sweeper(), name="dhcp-sweep"))
+        self.tasks.append(loop.create_task(self._stranger_writer(), name="dhcp-strangers"))
         self.log.info(
             "%s mode, %d reservations, %s, %d leases loaded",
             plan.dhcp.mode,
@@ -199,7 +220,23 @@ class DhcpService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.tasks.clear()
-        await self._flush()  # decided leases still reach the disk (their ACKs are not sent)
+        # Decided leases still reach the disk (their ACKs are not sent), waiting a bounded
+        # time for a lock another process holds.
+        deadline = time.monotonic() + STOP_COMMIT_WAIT
+        while not await self._flush() and time.monotonic() < deadline:
+            await asyncio.sleep(COMMIT_RETRY_FIRST)
+        if self.pending.leases:
+            self.log.error(
+                "%d decided leases not stored at the stop: the state file stayed locked",
+                len(self.pending.leases),
+            )
+        sightings, lost = self.strangers.take()
+        notes = [UnknownMachine(*dataclasses.astuple(n)) for n in sightings]
+        if (notes or lost) and self.store is not None:
+            with contextlib.suppress(Exception):  # a record only: stopping goes on
+                await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.store.note_unknowns, notes, UNKNOWN_MACHINES_KEEP, lost
+                )
         if self.store is not None:
             store, self.store = self.store, None
             await asyncio.get_running_loop().run_in_executor(self.executor, store.close)
@@ -211,7 +248,7 @@ class DhcpService:
         return {
             "counters": dict(self.counters),
             "leases_bound": bound,
-            "unknown_machines": len(self.unknown_seen),
+            "unknown_machines": len(self.strangers.last_noted),
         }
 
     # --- packets ----------------------------------------------------------------------
@@ -246,6 +283,11 @@ class DhcpService:
             self._send(outcome, transport)
 
         if outcome.commit:
+            if len(self.pending.after) >= PENDING_MAX:
+                # The file has been locked for long, and a flood of REQUESTs must not grow
+                # memory: this reply is dropped (nothing was promised; the client asks again).
+                self.counters["commit_backlog_full"] += 1
+                return
             self.pending.leases.extend(_binding_to_lease(b, now) for b in outcome.commit)
             self.pending.after.append(send)
             self.wake.set()
@@ -306,59 +348,116 @@ class DhcpService:
             self.counters["send_errors"] += 1
 
     def _note_unknown(self, info: ClientInfo, now: float) -> None:
-        last = self.unknown_seen.get(info.mac)
-        if last is None:
-            self.log.warning(
-                "unknown machine %s is network-booting (%s): not in the inventory",
-                info.mac,
-                info.describe(),
-            )
-        if last is not None and now - last < UNKNOWN_NOTE_EVERY:
-            return
-        self.unknown_seen[info.mac] = now
-        store = self.store
-        if store is not None:
-            arch = "" if info.arch is None else str(info.arch)
-            self.executor.submit(
-                store.note_unknown,
-                info.mac,
-                now,
-                vendor_class=info.vendor_class,
-                arch=arch,
-                user_class=info.user_class,
-                hostname=info.hostname,
-            )
+        evicted = self.strangers.evicted
+        line = self.strangers.seen(info, now)
+        if len(self.strangers.pending) >= UNKNOWN_WRITE_BATCH:
+            self.stranger_wake.set()  # a flood: write now rather than drop sightings
+        self.counters["unknown_evicted"] += self.strangers.evicted - evicted
+        if line:
+            self.log.warning("%s", line)
+
+    async def _stranger_writer(self) -> None:
+        """Unknown machines reach the store in one transaction a second, never one
+        write per packet (a random-MAC flood must not queue work behind the leases)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(UNKNOWN_WRITE_EVERY):
+                    await self.stranger_wake.wait()
+            self.stranger_wake.clear()
+            line = self.strangers.tick(time.time())
+            if line:
+                self.log.warning("%s", line)
+            sightings, lost = self.strangers.take()
+            notes = [UnknownMachine(*dataclasses.astuple(n)) for n in sightings]
+            if not (notes or lost) or self.store is None:
+                continue
+            try:
+                evicted = await loop.run_in_executor(
+                    self.executor, self.store.note_unknowns, notes, UNKNOWN_MACHINES_KEEP, lost
+                )
+            except sqlite3.OperationalError as exc:  # locked (an operator's sqlite3 shell)
+                self.counters["unknown_write_failures"] += 1
+                self.strangers.put_back(sightings, lost)  # they wait for the next round
+                now = time.monotonic()
+                if now - self.stranger_warned >= STRANGER_WARN_EVERY:
+                    self.stranger_warned = now
+                    self.log.warning(
+                        "unknown machines wait in memory: the state file is busy (%s)", exc
+                    )
+                continue
+            except Exception:  # a record, not state: the next sightings try again
+                self.counters["unknown_write_failures"] += 1
+                self.log.exception("could not store %d unknown machines", len(notes))
+                continue
+            self.counters["unknown_rows_evicted"] += evicted
 
     # --- group commit -----------------------------------------------------------------
 
     async def _committer(self) -> None:
+        delay = COMMIT_RETRY_FIRST
         while True:
             await self.wake.wait()
             self.wake.clear()
-            await self._flush()
+            if await self._flush():
+                delay = COMMIT_RETRY_FIRST
+                continue
+            # Locked: the batch is back in pending (new leases join it); try again soon.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, COMMIT_RETRY_MAX)
+            self.wake.set()
 
-    async def _flush(self) -> None:
+    def _give_back(self, batch: _Pending) -> None:
+        self.pending.leases[:0] = batch.leases
+        self.pending.after[:0] = batch.after
+
+    async def _flush(self) -> bool:
+        """Store the pending leases, then send their replies; False when the file was
+        locked (the batch waits in pending for the next try)."""
         batch, self.pending = self.pending, _Pending()
         if not batch.leases or self.store is None:
-            return
+            return True
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self.executor, self.store.save_leases, batch.leases)
         except asyncio.CancelledError:
             # stop() cancelled the committer mid-commit: give the batch back, so stop's
             # own flush writes it (the upsert is idempotent if this write went through).
-            self.pending.leases[:0] = batch.leases
-            self.pending.after[:0] = batch.after
+            self._give_back(batch)
             raise
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                return self._commit_failed(batch)
+            self._give_back(batch)
+            self.counters["commit_busy"] += 1
+            if self._locked_since is None:
+                self._locked_since = time.monotonic()
+                self.log.warning(
+                    "the state file is locked by another process: %d leases wait, their "
+                    "ACKs leave once they are on disk",
+                    len(self.pending.leases),
+                )
+            return False
         except Exception:
-            # Not on disk, so not promised: the clients ask again and we try again.
-            self.counters["commit_failures"] += 1
-            self.log.exception("could not store %d leases; ACKs withheld", len(batch.leases))
-            return
+            return self._commit_failed(batch)
+        if self._locked_since is not None:
+            self.log.info(
+                "the state file is writable again after %.1f s: %d leases stored",
+                time.monotonic() - self._locked_since,
+                len(batch.leases),
+            )
+            self._locked_since = None
         self.counters["commits"] += 1
         self.counters["leases_committed"] += len(batch.leases)
         for send in batch.after:
             send()
+        return True
+
+    def _commit_failed(self, batch: _Pending) -> bool:
+        # Not on disk, so not promised: the clients ask again and we try again.
+        self.counters["commit_failures"] += 1
+        self.log.exception("could not store %d leases; ACKs withheld", len(batch.leases))
+        return True
 
     async def _sweeper(self) -> None:
         while True:
