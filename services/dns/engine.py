@@ -9,6 +9,7 @@ patches the ID, flags and the question's case. dnslib does everything else.
 from __future__ import annotations
 
 import ipaddress
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
@@ -26,7 +27,10 @@ from services.dns.authority import (
 from services.dns.wire import (
     CLASS_IN,
     Query,
+    find_opt,
+    has_opt,
     labels_key,
+    options_ok,
     parse_query,
     patch_reply,
     truncate,
@@ -37,8 +41,19 @@ OUR_UDP_SIZE = 1232  # the DNS flag day 2020 default: no IP fragmentation
 # label is written as \DDD, so the label keeps its boundaries and never matches by accident.
 _PLAIN = b"abcdefghijklmnopqrstuvwxyz0123456789-_*"
 TYPE_AXFR, TYPE_IXFR, CLASS_ANY = 252, 251, 255
+OPCODE_UPDATE = 5
 SEEN_LIMIT = 50_000  # distinct query shapes kept whole (clients differ in flags, cookies)
 TEMPLATE_LIMIT = 20_000  # lazily cached answers (wildcard names, NODATA, NXDOMAIN)
+# An OPT record for error replies built by hand: root owner, our UDP size, no flags.
+_OPT = b"\x00" + struct.pack("!HHIH", 41, OUR_UDP_SIZE, 0, 0)
+# UDP services that answer anything (echo, daytime, chargen, time) and port 0: a query
+# "from" them is spoofed, and answering would start a reply loop (BIND drops them too).
+_REFLECTOR_PORTS = frozenset({0, 7, 13, 17, 19, 37})
+
+
+def unsafe_source(port: int) -> bool:
+    """A UDP source port no real client uses and a reply to which could loop."""
+    return port in _REFLECTOR_PORTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,17 +190,29 @@ class DnsEngine:
     # --- the slow path ----------------------------------------------------------------
 
     def _slow(self, data: bytes, client: str, query: Query | None, tcp: bool) -> Decision:
+        # Byte tests first: no header, or a response (QR): never answered, never parsed.
+        # Answering a response is how two servers (or one, spoofed) reply to each other
+        # forever; the fast path never gets here for them (it takes QR=0 queries only).
+        if len(data) < 12 or data[2] & 0x80:
+            self.counters["dropped"] += 1
+            if len(data) >= 12:
+                self.counters["responses_dropped"] += 1
+            return None
         self.counters["slow"] += 1
         try:
             request = DNSRecord.parse(data)
         except (DNSError, ValueError, IndexError, KeyError, TypeError, UnicodeError):
+            request = None
+        if data[2] & 0x78:  # an opcode other than QUERY: NOTIMP, with that opcode echoed
+            self.counters["notimp"] += 1
+            if request is None or request.header.opcode == OPCODE_UPDATE:
+                # An UPDATE's "question" is its zone, which clients check as such (dnspython
+                # refuses a reply whose zone is not an SOA question): send the header only.
+                return Reply(self._header_error(data, NOTIMP))
+            return Reply(self._error(request, NOTIMP))
+        if request is None:
             return self._formerr_or_drop(data)
         header = request.header
-        if header.qr:
-            self.counters["dropped"] += 1  # a response sent to us: never answer it
-            return None
-        if header.opcode != 0:
-            return Reply(self._error(request, NOTIMP))
         if len(request.questions) != 1 or request.rr or request.auth:
             return self._formerr_or_drop(data)
         q = request.questions[0]
@@ -195,9 +222,14 @@ class DnsEngine:
         edns = bool(opt)
         if edns and (opt[0].ttl >> 16) & 0xFF:
             return Reply(self._badvers(request))
-        if q.qclass not in (CLASS_IN, CLASS_ANY):
+        if edns and not _options_ok(data):
             self.counters["malformed"] += 1
             return Reply(self._error(request, FORMERR))
+        if q.qclass not in (CLASS_IN, CLASS_ANY):
+            # Well formed, just not a class we serve (CH version.bind, HS): REFUSED, as
+            # BIND and dnsmasq do; FORMERR would say the client broke the protocol.
+            self.counters["refused"] += 1
+            return Reply(self._error(request, REFUSED))
         qname = lookup_name(tuple(q.qname.label))
         if q.qtype in (TYPE_AXFR, TYPE_IXFR):
             self.counters["refused"] += 1
@@ -239,19 +271,38 @@ class DnsEngine:
             )
         return Reply(reply)
 
+    def refused(self, data: bytes) -> bytes:
+        """REFUSED for a plain query (one the engine decided to forward)."""
+        self.counters["refused"] += 1
+        return self._error(DNSRecord.parse(data), REFUSED)
+
     def _formerr_or_drop(self, data: bytes) -> Decision:
         self.counters["malformed"] += 1
         if len(data) < 12 or data[2] & 0x80:
             self.counters["dropped"] += 1
             return None  # no usable header, or a response: say nothing
-        # FORMERR with the header only (RFC 1035 4.1.1): we could not read the rest.
-        return Reply(data[0:2] + bytes([0x80 | (data[2] & 0x79), 0x00 | FORMERR]) + b"\x00" * 8)
+        # FORMERR with the header only (RFC 1035 4.1.1): we could not read the rest. No
+        # bigger than the query (no amplification); QR set, so no peer answers it back.
+        return Reply(self._header_error(data, FORMERR))
+
+    @staticmethod
+    def _header_error(data: bytes, rcode: int) -> bytes:
+        """An error reply from the header alone: ID, opcode and RD echoed, OPT if asked."""
+        edns = has_opt(data)
+        head = data[0:2] + bytes([0x80 | (data[2] & 0x79), rcode])
+        return head + (b"\x00\x00\x00\x00\x00\x00\x00\x01" + _OPT if edns else b"\x00" * 8)
 
     @staticmethod
     def _error(request: DNSRecord, rcode: int) -> bytes:
         reply = DNSRecord(
-            DNSHeader(id=request.header.id, qr=1, rd=request.header.rd, rcode=rcode),
-            q=request.questions[0] if request.questions else None,
+            DNSHeader(
+                id=request.header.id,
+                qr=1,
+                opcode=request.header.opcode,  # clients match replies by ID and opcode
+                rd=request.header.rd,
+                rcode=rcode,
+            ),
+            q=request.questions[0] if len(request.questions) == 1 else None,
         )
         if any(rr.rtype == QTYPE.OPT for rr in request.ar):
             reply.add_ar(EDNS0(udp_len=OUR_UDP_SIZE))
@@ -302,6 +353,13 @@ def _udp_limit(client_size: int) -> int:
     on a 1500-byte path, and fragments get lost; TC sends the client to TCP instead.
     """
     return min(max(512, client_size), OUR_UDP_SIZE)
+
+
+def _options_ok(data: bytes) -> bool:
+    """The OPT's options are whole, with at most one COOKIE of a length RFC 7873 allows
+    (else FORMERR, 5.2.2). On the bytes: dnslib drops empty options when it parses."""
+    span = find_opt(data)
+    return span is None or (span[1] <= len(data) and options_ok(data, *span))
 
 
 def cache_reply(request: bytes, cached: DNSRecord, age: int) -> bytes | None:

@@ -15,6 +15,7 @@ import secrets
 import struct
 import time
 from collections import Counter
+from typing import Any
 
 from dnslib import EDNS0, QTYPE, DNSError, DNSHeader, DNSRecord
 
@@ -36,10 +37,12 @@ class _OneShot(asyncio.DatagramProtocol):
         self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        # connect()ed socket: only the upstream's address reaches us. Check ID and question.
+        # connect()ed socket: only the upstream's address reaches us. Check that it is a
+        # response (QR, opcode QUERY: an echo of our query is not), its ID and question.
         if (
             self.done.done()
             or len(data) < 12
+            or data[2] & 0xF8 != 0x80
             or struct.unpack_from("!H", data)[0] != self.expect_id
         ):
             return
@@ -50,6 +53,10 @@ class _OneShot(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         if not self.done.done():
             self.done.set_exception(exc)
+
+
+def _source(sockname: Any) -> tuple[str, int]:
+    return (str(sockname[0]), int(sockname[1])) if sockname else ("", -1)
 
 
 def _question_bytes(data: bytes) -> bytes:
@@ -72,6 +79,12 @@ class Forwarder:
         self.cache = cache or ForwardCache()
         self.counters = counters
         self._inflight: dict[CacheKey, asyncio.Future[DNSRecord | None]] = {}
+        # The local (address, port) of each exchange in progress: a query from one of
+        # them reaching our listener means the upstream is ourselves.
+        self._sources: set[tuple[str, int]] = set()
+
+    def is_own_source(self, addr: tuple[Any, ...]) -> bool:
+        return bool(self._sources) and (addr[0], addr[1]) in self._sources
 
     def set_upstreams(self, upstreams: tuple[Endpoint, ...]) -> None:
         if upstreams != self.picker.upstreams:
@@ -138,30 +151,38 @@ class Forwarder:
         transport, proto = await loop.create_datagram_endpoint(
             lambda: _OneShot(qid, question), remote_addr=(ep.host, ep.port)
         )
+        source = _source(transport.get_extra_info("sockname"))
+        self._sources.add(source)
         try:
             transport.sendto(data)
             reply = await asyncio.wait_for(proto.done, timeout)
         finally:
+            self._sources.discard(source)
             transport.close()
         if reply[2] & 0x02:  # TC: the whole answer needs TCP
             self.counters["upstream_tcp"] += 1
-            reply = await asyncio.wait_for(self._tcp_exchange(ep, data), timeout)
+            reply = await asyncio.wait_for(self._tcp_exchange(ep, data, question), timeout)
         return reply
 
-    @staticmethod
-    async def _tcp_exchange(ep: Endpoint, data: bytes) -> bytes:
+    async def _tcp_exchange(self, ep: Endpoint, data: bytes, question: bytes) -> bytes:
         reader, writer = await asyncio.open_connection(ep.host, ep.port)
+        source = _source(writer.get_extra_info("sockname"))
+        self._sources.add(source)
         try:
             writer.write(struct.pack("!H", len(data)) + data)
             await writer.drain()
             (length,) = struct.unpack("!H", await reader.readexactly(2))
             reply = await reader.readexactly(length)
         finally:
+            self._sources.discard(source)
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-        if reply[:2] != data[:2]:
-            raise ValueError("upstream TCP reply with another ID")
+        # The same checks as over UDP: a response, to our ID, for our question.
+        if len(reply) < 12 or reply[2] & 0xF8 != 0x80 or reply[:2] != data[:2]:
+            raise ValueError("upstream TCP reply is not the response to our query")
+        if reply[12 : 12 + len(question)].lower() != question:
+            raise ValueError("upstream TCP reply for another question")
         return reply
 
     def _fit(self, reply: bytes, fwd: Forward, tcp: bool) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 import struct
 from collections import Counter
@@ -11,11 +12,13 @@ from typing import Any
 
 from appliance.plan import Plan
 from appliance.service import ServiceContext, bind_socket
-from services.dns.engine import DnsEngine, Forward, Reply
+from services.dns.engine import DnsEngine, Forward, Reply, unsafe_source
 from services.dns.forwarder import Forwarder
+from services.dns.tcpslots import TcpLimits, TcpSlots
 
-TCP_IDLE = 10.0  # seconds a TCP client may stay silent (RFC 7766 suggests seconds, not minutes)
-TCP_MAX_CONNECTIONS = 256
+# 256 connections; 64 per client and 10 s idle (RFC 7766 suggests seconds, not minutes)
+# while at most half are used, shrinking to 4 per client and 1 s idle at full.
+TCP_LIMITS = TcpLimits()
 MAX_FORWARDS = 1024  # questions in flight upstream at once; more are refused
 RCODE_NAMES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
 
@@ -30,6 +33,10 @@ class _Udp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         svc = self.service
+        port = addr[1]
+        # Two integer tests on the hot path; the rare hit is judged in unsafe_source.
+        if (port < 64 or port == svc.port) and svc.unsafe_source(addr):
+            return
         try:
             decision = svc.engine.handle(data, addr[0])
         except Exception:  # the service never dies on a packet
@@ -42,6 +49,9 @@ class _Udp(asyncio.DatagramProtocol):
         if isinstance(decision, Reply):
             svc.rcodes[decision.data[3] & 15] += 1  # a list index: no cost worth a branch
             self.transport.sendto(decision.data, addr)
+        elif svc.forwarder.is_own_source(addr):
+            # Our own question to an upstream came back to us: the upstream is us.
+            self._send(svc.forward_loop(decision), addr)
         else:
             svc.spawn_forward(decision, lambda out: self._send(out, addr))
 
@@ -65,7 +75,13 @@ class DnsService:
         self.udp: asyncio.DatagramTransport | None = None
         self.tcp: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
-        self.connections = 0
+        self.port = -1  # our listener's port; a datagram from it may be from ourselves
+        self.host = ""  # our listener's address; "" when it is a wildcard
+        self._local: dict[str, bool] = {}  # address -> is it one of this host's
+        self.slots = TcpSlots(TCP_LIMITS)
+        self._tcp_timer: asyncio.TimerHandle | None = None
+        self._tcp_tasks: set[asyncio.Task[Any]] = set()
+        self._loop_logged = False
         self._last_error_log = 0.0
         self.rcodes = [0] * 16  # replies sent, by the RCODE in their header
 
@@ -73,12 +89,14 @@ class DnsService:
         endpoint = plan.listen["dns"]
         self.engine = DnsEngine(plan.dns, self.counters)
         self.forwarder = Forwarder(plan.dns.upstreams, self.counters)
+        self.slots = TcpSlots(TCP_LIMITS)
         udp_sock = bind_socket(self.name, endpoint, socket.SOCK_DGRAM)
         try:
             tcp_sock = bind_socket(self.name, endpoint, socket.SOCK_STREAM)
         except Exception:
             udp_sock.close()
             raise
+        self._listening_on(udp_sock.getsockname())
         loop = asyncio.get_running_loop()
         self.udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp_sock)
         self.tcp = await asyncio.start_server(self._tcp_client, sock=tcp_sock)
@@ -89,10 +107,20 @@ class DnsService:
         self.forwarder.set_upstreams(plan.dns.upstreams)
 
     async def stop(self) -> None:
+        if self._tcp_timer is not None:
+            self._tcp_timer.cancel()
+            self._tcp_timer = None
         if self.udp is not None:
             self.udp.close()
         if self.tcp is not None:
             self.tcp.close()
+            # Open connections end now (an answer being written is cut): stop is a stop.
+            for transport in self.slots.connections():
+                transport.abort()  # type: ignore[attr-defined]
+            handlers = list(self._tcp_tasks)
+            if handlers:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait(handlers, timeout=2)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.tcp.wait_closed(), 2)
         for task in list(self.tasks):
@@ -105,7 +133,7 @@ class DnsService:
         return {
             "counters": dict(self.counters),
             "cache_entries": len(self.forwarder.cache) if hasattr(self, "forwarder") else 0,
-            "tcp_connections": self.connections,
+            "tcp_connections": len(self.slots),
             "rcodes": {
                 RCODE_NAMES[i] if i < len(RCODE_NAMES) else str(i): n
                 for i, n in enumerate(self.rcodes)
@@ -118,6 +146,58 @@ class DnsService:
         if now - self._last_error_log > 10:  # a flood of bad packets must not flood the log
             self._last_error_log = now
             self.ctx.log.exception(msg, *args)
+
+    # --- who not to answer -------------------------------------------------------------
+
+    def _listening_on(self, sockname: tuple[Any, ...]) -> None:
+        host = sockname[0]
+        self.port = sockname[1]
+        self.host = "" if ipaddress.ip_address(host).is_unspecified else host
+        self._local.clear()
+
+    def unsafe_source(self, addr: tuple[Any, ...]) -> bool:
+        """Drop a datagram whose reply could start a loop: from a port of the UDP
+        services that answer anything, or from our own listener (spoofed)."""
+        if unsafe_source(addr[1]):
+            self.counters["reflector_dropped"] += 1
+            self.counters["dropped"] += 1
+            return True
+        if addr[1] == self.port and self._is_us(addr[0]):
+            self.counters["self_dropped"] += 1
+            self.counters["dropped"] += 1
+            return True
+        return False
+
+    def _is_us(self, host: str) -> bool:
+        if self.host:
+            return host == self.host
+        local = self._local.get(host)
+        if local is None:
+            # A wildcard listener is every local address: an address is local if it can
+            # be bound. Only datagrams from our own port number get here; bounded cache.
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                    probe.bind((host, 0))
+                local = True
+            except OSError:
+                local = False
+            if len(self._local) > 4096:
+                self._local.clear()
+            self._local[host] = local
+        return local
+
+    def forward_loop(self, fwd: Forward) -> bytes:
+        """The reply to our own forwarded question: REFUSED, so that the forwarder
+        moves on at once (instead of waiting for itself until the timeout)."""
+        self.counters["forward_loop"] += 1
+        if not self._loop_logged:
+            self._loop_logged = True
+            self.ctx.log.error(
+                "dns: an upstream in network.upstream_dns is this appliance's own DNS "
+                "listener (a forwarding loop); its questions are refused"
+            )
+        return self.engine.refused(fwd.data)
 
     # --- forwarding -----------------------------------------------------------------
 
@@ -139,41 +219,90 @@ class DnsService:
     # --- TCP ------------------------------------------------------------------------
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.connections >= TCP_MAX_CONNECTIONS:
-            self.counters["tcp_refused"] += 1
-            writer.close()
-            return
-        self.connections += 1
+        loop = asyncio.get_running_loop()
+        transport = writer.transport
         peer = writer.get_extra_info("peername")
         client = peer[0] if peer else ""
+        admit = self.slots.open(transport, client, loop.time())
+        task = asyncio.current_task()
+        if task is not None:
+            self._tcp_tasks.add(task)
+            task.add_done_callback(self._tcp_tasks.discard)
+        for victim in admit.evict:
+            self.counters["tcp_evicted"] += 1
+            victim.close()  # type: ignore[attr-defined]
+        if not admit.ok:
+            self.counters["tcp_refused_" + admit.reason] += 1
+            transport.close()
+            return
+        self._arm_tcp_timer()
+        stalled = False
         try:
             while True:
+                # No timeout here: the slot table's timer closes idle connections, with a
+                # timeout that shrinks as the table fills.
                 try:
-                    async with asyncio.timeout(TCP_IDLE):
-                        head = await reader.readexactly(2)
+                    head = await reader.readexactly(2)
                     (length,) = struct.unpack("!H", head)
-                    async with asyncio.timeout(TCP_IDLE):
-                        data = await reader.readexactly(length)
-                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    data = await reader.readexactly(length)
+                except (asyncio.IncompleteReadError, ConnectionError):
                     return
-                out = await self._answer_tcp(data, client)
-                if out is None:
-                    continue
-                self.rcodes[out[3] & 15] += 1
-                writer.write(struct.pack("!H", len(out)) + out)
-                await writer.drain()
+                idle_since = self.slots.busy(transport, loop.time())
+                out = await self._answer_tcp(data, client, peer)
+                if out is not None:
+                    self.rcodes[out[3] & 15] += 1
+                    writer.write(struct.pack("!H", len(out)) + out)
+                    try:
+                        # A client that does not read its answers holds a slot and our
+                        # buffer: it gets as long as an idle one, then it is cut off.
+                        async with asyncio.timeout(self.slots.idle_timeout()):
+                            await writer.drain()
+                    except TimeoutError:
+                        self.counters["tcp_write_timeouts"] += 1
+                        stalled = True
+                        return
+                    idle_since = loop.time()
+                self.slots.idle(transport, idle_since)
+                self._arm_tcp_timer()  # cheap; earlier only when the message got no answer
         except ConnectionError:
             pass
         finally:
-            self.connections -= 1
-            writer.close()
+            self.slots.close(transport)
+            if stalled:
+                transport.abort()  # close() would wait to flush what the client won't read
+            else:
+                writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _answer_tcp(self, data: bytes, client: str) -> bytes | None:
+    def _arm_tcp_timer(self) -> None:
+        """One timer for all TCP connections, at the slot table's next idle deadline."""
+        when = self.slots.deadline()
+        timer = self._tcp_timer
+        if timer is not None:
+            if when is not None and timer.when() <= when:
+                return  # already due earlier: it re-arms when it fires
+            timer.cancel()
+            self._tcp_timer = None
+        if when is not None:
+            loop = asyncio.get_running_loop()
+            self._tcp_timer = loop.call_at(when, self._tcp_timeout, when)
+
+    def _tcp_timeout(self, when: float) -> None:
+        self._tcp_timer = None
+        # The loop may run a timer a clock tick early: judge at its due time at least.
+        now = max(asyncio.get_running_loop().time(), when)
+        for transport in self.slots.expired(now):
+            self.counters["tcp_idle_closed"] += 1
+            transport.close()  # type: ignore[attr-defined]
+        self._arm_tcp_timer()
+
+    async def _answer_tcp(self, data: bytes, client: str, peer: Any) -> bytes | None:
         try:
             decision = self.engine.handle(data, client, tcp=True)
             if isinstance(decision, Forward):
+                if peer and self.forwarder.is_own_source(peer):
+                    return self.forward_loop(decision)
                 return await self.forwarder.resolve(decision, tcp=True)
         except Exception:
             self.counters["errors"] += 1

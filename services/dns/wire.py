@@ -16,11 +16,14 @@ OPT_FIXED = struct.Struct(
     "!HHIH"
 )  # type, class (= UDP size), ttl (= ext-rcode/version/flags), rdlen
 
+OPTION = struct.Struct("!HH")  # EDNS option code, length
+
 TYPE_OPT = 41
 CLASS_IN = 1
 FLAG_QR = 0x8000
 OPCODE_MASK = 0x7800
 DO_BIT = 0x8000  # in the low 16 bits of the OPT TTL
+OPTION_COOKIE = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +96,87 @@ def parse_query(data: bytes) -> Query | None:
         # EDNS version other than 0 must get BADVERS: the slow path does that.
         if rtype != TYPE_OPT or (ttl >> 16) & 0xFF:
             return None
+        end = pos + 11 + rdlen
+        if end != size or (rdlen and not options_ok(data, pos + 11, end)):
+            return None
         pos += 11 + rdlen
         edns, udp_size, do = True, max(512, rclass), bool(ttl & DO_BIT)
     if pos != size:
         return None
     return Query(qid, flags, qname_end, qtype, qclass, edns, udp_size, do)
+
+
+def cookie_ok(size: int) -> bool:
+    """RFC 7873 5.2.2: a client cookie (8 bytes), alone or with a server cookie (8-32)."""
+    return size == 8 or 16 <= size <= 40
+
+
+def options_ok(data: bytes, pos: int, end: int) -> bool:
+    """The OPT rdata in data[pos:end] is whole options, with at most one well-formed COOKIE.
+
+    Only queries that carry options pay for this (dig sends a COOKIE by default).
+    """
+    if end > len(data):
+        return False
+    cookies = 0
+    while pos < end:
+        if pos + 4 > end:
+            return False
+        code, size = OPTION.unpack_from(data, pos)
+        pos += 4 + size
+        if code == OPTION_COOKIE:
+            cookies += 1
+            if cookies > 1 or not cookie_ok(size):
+                return False
+    return pos == end
+
+
+def _skip_name(data: bytes, pos: int) -> int:
+    """The offset after the name at pos (labels, then a root or a pointer); -1 if cut."""
+    size = len(data)
+    while pos < size:
+        length = data[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            return pos + 2 if pos + 2 <= size else -1
+        if length > 63:
+            return -1
+        pos += length + 1
+    return -1
+
+
+def find_opt(data: bytes) -> tuple[int, int] | None:
+    """Where the first OPT record's rdata is (start, end), read leniently; None: no OPT.
+
+    For messages dnslib cannot parse or whose options it drops (empty ones): the error
+    reply to an EDNS query needs the OPT (RFC 6891 7: a FORMERR without it reads as "no
+    EDNS here"), and a COOKIE is checked on the bytes. An OPT found in any section counts,
+    even when the counts lie; `end` may lie past the data when the record is cut.
+    """
+    if len(data) < 12:
+        return None
+    qd, an, ns, ar = struct.unpack_from("!HHHH", data, 4)
+    pos = 12
+    for _ in range(qd):
+        pos = _skip_name(data, pos)
+        if pos < 0 or pos + 4 > len(data):
+            return None
+        pos += 4
+    for _ in range(an + ns + ar):
+        name_at = pos
+        pos = _skip_name(data, pos)
+        if pos < 0 or pos + 10 > len(data):
+            return None
+        rtype, _, _, rdlen = OPT_FIXED.unpack_from(data, pos)
+        if rtype == TYPE_OPT and data[name_at] == 0:
+            return pos + 10, pos + 10 + rdlen
+        pos += 10 + rdlen
+    return None
+
+
+def has_opt(data: bytes) -> bool:
+    return find_opt(data) is not None
 
 
 def patch_reply(template: bytes, data: bytes, query: Query, ra: bool) -> bytes:
