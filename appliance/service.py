@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from appliance import httpd
 from appliance.inventory import Endpoint
 from appliance.plan import Plan
 
 if TYPE_CHECKING:
     from appliance.bootstate import BootState
     from appliance.events import EventBus
-    from appliance.store import Store
+    from appliance.storequeue import DaemonStore
 
 
 class ServiceError(Exception):
@@ -70,7 +71,7 @@ class ServiceContext:
     """What the supervisor hands every service: the event bus, the store and a logger."""
 
     bus: EventBus
-    store: Store
+    store: DaemonStore  # writes are queued, reads never wait for a lock on the loop
     log: logging.Logger
     # Services look each other up here (e.g. the cluster loop drains LB backends).
     services: dict[str, Service]
@@ -153,10 +154,15 @@ async def start_tcp_server(
     return await asyncio.start_server(handler, sock=sock, **kwargs)
 
 
-async def start_web(service: str, endpoint: Endpoint, app: web.Application) -> web.AppRunner:
-    """Serve an aiohttp application on a socket we bound (bind errors read cleanly)."""
+async def start_web(
+    service: str,
+    endpoint: Endpoint,
+    app: web.Application,
+    counters: dict[str, int] | None = None,
+) -> web.AppRunner:
+    """Serve an aiohttp application on a socket we bound (bind errors read cleanly), with
+    appliance.httpd's guards: request-head deadline and size bound, keep-alive timeout,
+    505 for other HTTP versions, malformed requests counted in `counters` and logged
+    quietly."""
     sock = bind_socket(service, endpoint, socket.SOCK_STREAM)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
-    return runner
+    return await httpd.serve(service, sock, app, counters if counters is not None else {})

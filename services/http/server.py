@@ -1,28 +1,32 @@
 """The http service (aiohttp): boot images, boot loaders, boot configs and ignition.
 
-Images go out with sendfile, Content-Length, Range, HEAD, ETag and Last-Modified
-(aiohttp's FileResponse). Ignition holds cluster secrets (bootstrap.ign above all),
-so it is served only to the addresses of the nodes that own it; anyone else gets
-403 and an audit line. A node's first ignition fetch marks it installed: its next
-network boot boots from disk (boot once).
+Images go out with sendfile, Content-Length, Range (multipart too), HEAD, ETag and
+Last-Modified; generated configs and ignition get the same conditionals and ranges
+(services/http/ranges.py decides, RFC 9110). Ignition holds cluster secrets
+(bootstrap.ign above all), so it is served only to the addresses of the nodes that own
+it; anyone else gets 403 and an audit line. A node's first ignition fetch marks it
+installed: its next network boot boots from disk (boot once).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import secrets
 import time
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from appliance.plan import Plan
 from appliance.service import ServiceContext, start_web
 from services import bootconfig
 from services.bootconfig import client_ipv4
+from services.http.ranges import Validators, content_range, evaluate, multipart
 from services.http.sendfile import SendfileResponse
-from services.tftp.files import Refused, jailed
+from services.tftp.files import Refused, jailed, served
 
 audit = logging.getLogger("audit")
 BIG_CHUNK, SMALL_CHUNK = 4 << 20, 1 << 20
@@ -44,7 +48,7 @@ class HttpService:
 
     async def start(self, plan: Plan) -> None:
         self.plan = plan
-        self.runner = await start_web(self.name, plan.listen["http"], self.app())
+        self.runner = await start_web(self.name, plan.listen["http"], self.app(), self.counters)
 
     async def reload(self, plan: Plan) -> None:
         self.plan = plan
@@ -83,9 +87,9 @@ class HttpService:
         if request.method != "HEAD" and response.content_length:
             self.bytes += response.content_length
 
-    def _file(self, root: Path, rel: str) -> web.FileResponse:
+    def _file(self, root: Path, rel: str) -> SendfileResponse:
         try:
-            path = jailed(root, rel)
+            path = served(root, rel, self.plan.boot.private)
         except Refused as exc:
             self._count("refused")
             raise web.HTTPForbidden(text=f"{exc}\n") from None
@@ -103,7 +107,7 @@ class HttpService:
         chunk = BIG_CHUNK if busy < MANY_DOWNLOADS else SMALL_CHUNK
         return SendfileResponse(path, chunk_size=chunk)
 
-    async def images(self, request: web.Request) -> web.FileResponse:
+    async def images(self, request: web.Request) -> SendfileResponse:
         rel = request.match_info["path"]
         response = self._file(self.plan.boot.images_dir, rel)
         node = self._node(request)
@@ -115,7 +119,7 @@ class HttpService:
                 self._event(node.name, "initramfs", f"http /images/{rel}")
         return response
 
-    async def loaders(self, request: web.Request) -> web.FileResponse:
+    async def loaders(self, request: web.Request) -> SendfileResponse:
         """tftp_root over HTTP: UEFI HTTP boot fetches its loader here."""
         rel = request.match_info["path"]
         response = self._file(self.plan.boot.tftp_root, rel)
@@ -133,7 +137,7 @@ class HttpService:
             raise web.HTTPNotFound(text="not found\n")
         text, _node = found
         self._count("configs")
-        return web.Response(text=text, content_type="text/plain")
+        return generated_response(request, text.encode(), "text/plain; charset=utf-8")
 
     # --- ignition -------------------------------------------------------------------
 
@@ -185,7 +189,7 @@ class HttpService:
             self._event(node.name, "ignition", f"http {filename}")
             if self.plan.boot.after_install == "localboot":
                 self.ctx.boot.mark_installed(node.name, time.time())
-        return web.Response(body=data, content_type="application/vnd.coreos.ignition+json")
+        return generated_response(request, data, "application/vnd.coreos.ignition+json")
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -195,3 +199,27 @@ class HttpService:
 
     def _event(self, node: str, stage: str, detail: str) -> None:
         self.ctx.bus.publish(node, stage, detail, source="http")
+
+
+def generated_response(request: web.Request, body: bytes, content_type: str) -> web.Response:
+    """A body made in memory, with the same conditionals and ranges as a file: its ETag is
+    a digest of the content (no Last-Modified: the content has no file time)."""
+    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    outcome = evaluate(request.method, request.headers, len(body), Validators(etag))
+    headers = {hdrs.ETAG: etag, hdrs.ACCEPT_RANGES: "bytes"}
+    if outcome.status in (304, 412, 416):
+        if outcome.status == 416:
+            headers[hdrs.CONTENT_RANGE] = f"bytes */{len(body)}"
+        return web.Response(status=outcome.status, headers=headers)
+    if outcome.status == 200:
+        return web.Response(body=body, headers={**headers, hdrs.CONTENT_TYPE: content_type})
+    if len(outcome.ranges) == 1:
+        first, last = outcome.ranges[0]
+        headers[hdrs.CONTENT_RANGE] = content_range(first, last, len(body))
+        headers[hdrs.CONTENT_TYPE] = content_type
+        return web.Response(status=206, body=body[first : last + 1], headers=headers)
+    boundary = secrets.token_hex(12)
+    parts, tail, _total = multipart(outcome.ranges, len(body), content_type, boundary)
+    data = b"".join(head + body[a : b + 1] for head, a, b in parts) + tail
+    headers[hdrs.CONTENT_TYPE] = f"multipart/byteranges; boundary={boundary}"
+    return web.Response(status=206, body=data, headers=headers)

@@ -1,0 +1,58 @@
+"""The pure decisions under both HTTP ports: request-head deadline and budget, log rate."""
+
+from __future__ import annotations
+
+from appliance.httpd import HeadClock, Hush
+
+
+def test_new_connection_must_send_its_head_in_time() -> None:
+    clock = HeadClock(timeout=10, limit=100)
+    assert clock.opened(now=0) == 10
+    assert not clock.expired(9.9) and clock.expired(10)
+
+
+def test_a_slowloris_is_not_saved_by_its_drip() -> None:
+    clock = HeadClock(timeout=10, limit=1000)
+    clock.opened(0)
+    for t in range(1, 10):
+        assert clock.received(float(t), 1, parsed=0) is None
+    assert clock.expired(10)  # the deadline counts from the open, not the last byte
+
+
+def test_a_complete_head_stops_the_clock_until_the_response_is_done() -> None:
+    clock = HeadClock(timeout=10, limit=1000)
+    clock.opened(0)
+    clock.received(1, 40, parsed=1)
+    assert clock.due is None and not clock.expired(100)
+    clock.received(2, 5000, parsed=1)  # a request body: no deadline, no head budget
+    assert clock.due is None
+    clock.done()
+    assert not clock.expired(1000)  # idle keep-alive: aiohttp's keep-alive timeout applies
+    assert clock.received(200, 3, parsed=1) is None  # the next request starts
+    assert clock.due == 210 and clock.expired(210)
+
+
+def test_pipelined_heads_queued_behind_a_long_response() -> None:
+    clock = HeadClock(timeout=10, limit=1000)
+    clock.opened(0)
+    clock.received(1, 80, parsed=2)  # two heads at once
+    clock.done()
+    assert not clock.expired(500)  # the second is still being answered
+    clock.done()
+    assert not clock.expired(600)
+
+
+def test_head_budget() -> None:
+    clock = HeadClock(timeout=10, limit=100)
+    clock.opened(0)
+    assert clock.received(1, 60, parsed=0) is None
+    assert clock.received(2, 60, parsed=0) == "too large"
+
+
+def test_hush_one_line_per_interval_with_the_count() -> None:
+    hush = Hush(every=10)
+    assert hush.event(0) == 1
+    assert [hush.event(t) for t in (1, 2, 3)] == [0, 0, 0]
+    assert hush.event(10) == 4  # this line stands for the three held back and itself
+    assert hush.event(15) == 0
+    assert hush.event(30) == 2
