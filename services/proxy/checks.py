@@ -12,14 +12,16 @@ import contextlib
 import ssl
 
 from appliance.plan import HealthCheck
+from services.proxy.relay import LOCAL_ERRNOS  # this host's errors, not the backend's
 
 _TLS = ssl.create_default_context()
 _TLS.check_hostname = False
 _TLS.verify_mode = ssl.CERT_NONE
 
 
-async def probe(check: HealthCheck, host: str, backend_port: int) -> tuple[bool, str]:
-    """(ok, detail) for one check of one backend; never raises."""
+async def probe(check: HealthCheck, host: str, backend_port: int) -> tuple[bool | None, str]:
+    """(ok, detail) for one check of one backend; never raises. ok is None when the
+    check could not be made here (out of descriptors): that says nothing of the backend."""
     port = check.port or backend_port
     try:
         # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancel that
@@ -29,7 +31,10 @@ async def probe(check: HealthCheck, host: str, backend_port: int) -> tuple[bool,
     except TimeoutError:
         return False, f"{check.kind} :{port} timed out after {check.timeout:g} s"
     except (OSError, ssl.SSLError, asyncio.IncompleteReadError, ValueError) as exc:
-        return False, f"{check.kind} :{port} {type(exc).__name__}: {exc}"
+        detail = f"{check.kind} :{port} {type(exc).__name__}: {exc}"
+        if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
+            return None, detail
+        return False, detail
 
 
 async def _probe(check: HealthCheck, host: str, port: int) -> tuple[bool, str]:

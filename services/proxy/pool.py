@@ -38,6 +38,9 @@ class BackendState:
     bytes_out: int = 0  # backend -> client
     history: deque[tuple[float, bool, str]] = field(default_factory=lambda: deque(maxlen=HISTORY))
     changed_at: float = 0.0
+    # Why this backend is refused as one of the proxy's own listeners (limits.py): it
+    # stays down and unprobed while this is set.
+    self_loop: str | None = None
     # connect()'s argument, made once: a backend keeps its address (pool.update matches on it)
     sockaddr: tuple[str, int] = field(init=False)
 
@@ -55,6 +58,8 @@ class BackendState:
     def check_result(self, ok: bool, now: float, detail: str = "") -> Health | None:
         """Record an active check; return the new health when it changes."""
         self.history.append((now, ok, detail))
+        if self.self_loop is not None:  # a check that was in flight when it was refused
+            return None
         if self.health == "unknown":
             return self._set("up" if ok else "down", now)
         if ok == (self.health == "up"):
@@ -73,6 +78,19 @@ class BackendState:
         self.history.append((now, False, f"connect: {detail}"))
         return self._set("down", now) if self.health != "down" else None
 
+    def set_self_loop(self, reason: str | None, now: float) -> bool:
+        """Refuse the backend as our own listener (`reason`), or take it back (None):
+        down while refused; back to unknown, so its next check decides at once."""
+        if reason == self.self_loop:
+            return False
+        self.self_loop = reason
+        if reason is not None:
+            self.history.append((now, False, reason))
+            self._set("down", now)
+        else:
+            self._set("unknown", now)
+        return True
+
     def _set(self, health: Health, now: float) -> Health:
         self.health = health
         self.streak = 0
@@ -86,6 +104,7 @@ class BackendState:
             "health": self.health,
             "admin": self.admin,
             "removed": self.removed,
+            "self_loop": self.self_loop,
             "active": self.active,
             "total": self.total,
             "failures": self.failures,

@@ -19,6 +19,10 @@ import contextlib
 import fcntl
 import os
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.proxy.limits import Ledger
 
 CHUNK = 1 << 16  # recv/send buffer
 PIPE_SIZE = 1 << 20  # bytes a pipe may hold in flight per direction (splice moves pages)
@@ -45,6 +49,7 @@ class Direction:
         "dst",
         "eof",
         "error",
+        "ledger",
         "moved",
         "peer_shut",
         "pending",
@@ -54,8 +59,11 @@ class Direction:
         "src",
     )
 
-    def __init__(self, src: socket.socket, dst: socket.socket, splice: bool) -> None:
+    def __init__(
+        self, src: socket.socket, dst: socket.socket, splice: bool, ledger: Ledger | None = None
+    ) -> None:
         self.src, self.dst = src, dst
+        self.ledger = ledger  # the proxy's descriptors: a pipe is taken from them
         self.buf = b""  # read, not yet written (buffer path)
         self.pending = 0  # bytes in the pipe, not yet written (splice path)
         self.pipe: tuple[int, int] | None = None
@@ -150,9 +158,14 @@ class Direction:
 
     def _open_pipe(self) -> None:
         self.splice_wanted = False
+        ledger = self.ledger
+        if ledger is not None and not ledger.take_pipe():
+            return  # the proxy's descriptors are mostly spent: stay on recv/send
         try:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
+            if ledger is not None:
+                ledger.give_pipe()
             return  # out of descriptors or pipe memory: stay on recv/send
         with contextlib.suppress(OSError):  # a smaller default pipe still works
             fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
@@ -171,3 +184,5 @@ class Direction:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self.pipe = None
+            if self.ledger is not None:
+                self.ledger.give_pipe()

@@ -119,14 +119,15 @@ class Connection:
             pass
         self.upstream, self.upstream_fd = sock, sock.fileno()
         self.trying, self.connecting = backend, True
-        splice = self.fe.service.splice
+        service = self.fe.service
+        splice, ledger = service.splice, service.ledger
         if self.up is None or self.down is None:
-            self.up = Direction(self.client, sock, splice)
-            self.down = Direction(sock, self.client, splice)
+            self.up = Direction(self.client, sock, splice, ledger)
+            self.down = Direction(sock, self.client, splice, ledger)
         else:  # a retry: the client's bytes read so far are still in self.up
             self.up.dst = sock
             self.up.done, self.up.error = False, None
-            self.down = Direction(sock, self.client, splice)
+            self.down = Direction(sock, self.client, splice, ledger)
         try:
             self.poller.add(self.upstream_fd, self._on_upstream)
         except OSError as exc:  # out of memory or epoll watches: this host's trouble
@@ -184,7 +185,7 @@ class Connection:
     def _local_error(self, exc: OSError) -> None:
         # Out of descriptors or ports here: the backend is not to blame.
         self.fe.counters["local_errors"] += 1
-        self.fe.service.ctx.log.warning("%s: connection from %s: %s", self.fe.name, self.peer, exc)
+        self.fe.warn("local", "connection from %s: %s", self.peer, exc)  # not one per client
         self.close()
 
     # --- readiness -------------------------------------------------------------------
@@ -318,4 +319,5 @@ class Connection:
         if self.connecting:
             fe.connecting.pop(self, None)
         fe.connections.discard(self)
+        fe.gate.release(self.peer)
         fe.service.release_poller_if_idle()

@@ -5,7 +5,9 @@ Per frontend: a listening socket, a pool (pool.py decides), active health checks
 epoll set (poller.py) and whose bytes pump.py moves. A connect that fails is retried
 on the next eligible backend, and that backend leaves the pool at once.
 Reload keeps every established connection: listeners that move are re-bound,
-backends gone from the plan drain.
+backends gone from the plan drain. Connections are admitted against caps derived from
+the open-files limit (limits.py; the rest of the daemon keeps a reserve), and a
+backend that is one of our own listeners is refused (a connect to it would loop).
 
 APPLIANCE_NO_SPLICE=1 in the environment turns the splice() pump off (recv/send
 instead), for tests and for comparing the two paths.
@@ -24,10 +26,13 @@ from collections import Counter
 from ipaddress import IPv4Address, ip_address
 from typing import Any
 
+from appliance.fdbudget import FdBudget, budget, nofile_limit
 from appliance.inventory import Endpoint
-from appliance.plan import LB_FRONTENDS, Frontend, Plan
+from appliance.plan import LB_FRONTENDS, Frontend, HealthCheck, Plan
 from appliance.service import BindError, ServiceContext, ServiceError, bind_socket
 from services.proxy.checks import probe
+from services.proxy.limits import Gate, Ledger, derive, own_endpoint
+from services.proxy.localaddr import local_ipv4
 from services.proxy.poller import Poller, make_poller
 from services.proxy.pool import BackendState, Pool
 from services.proxy.pump import HAVE_SPLICE
@@ -37,7 +42,9 @@ ACCEPT_BATCH = 64  # connections accepted per wakeup
 SWEEP_EVERY = 1.0  # seconds between idle-timeout sweeps
 EVENT_EVERY = 30.0  # at most one machine-config event per node this often
 ACCEPT_PAUSE = 0.1  # seconds a listener rests after accept() ran out of descriptors
-FDS_PER_CONNECTION = 6  # two sockets, and two pipes (two descriptors each) with splice
+FDS_SPLICED = 6  # a connection spliced both ways: two sockets, two pipes of two
+WARN_EVERY = 10.0  # seconds between two warnings of one kind per frontend
+SELF_CHECK_EVERY = 5.0  # seconds between looks for backends that became our own address
 
 
 class FrontendRunner:
@@ -53,7 +60,8 @@ class FrontendRunner:
         self.checks: dict[int, asyncio.Task[None]] = {}
         self.last_event: dict[str, float] = {}
         self.paused: asyncio.TimerHandle | None = None
-        self.last_accept_warning = 0.0
+        self.warned: dict[str, float] = {}  # kind of warning -> when it was last logged
+        self.gate: Gate = service.ledger.gate(self.name)  # its caps (limits.py)
         # Connects in progress and their deadlines, checked by one timer (not one each).
         # One frontend has one timeout, so deadlines come in start order (a retry moves
         # to the back) and the first is due first; a reload that shortens the timeout
@@ -112,6 +120,7 @@ class FrontendRunner:
             return
         # The connections' clock (idle times, connect deadlines): read once per batch.
         poller.now = time.monotonic()
+        counters, gate = self.counters, self.gate
         for _ in range(ACCEPT_BATCH):
             try:
                 # The descriptor alone: socket.accept() would build the same object.
@@ -121,33 +130,63 @@ class FrontendRunner:
             except OSError as exc:  # EMFILE and friends: keep the listener alive
                 self._accept_failed(exc)
                 return
-            self.counters["accepted"] += 1
+            counters["accepted"] += 1
+            peer = addr[0]
+            refused = gate.admit(peer)
+            if refused is not None:  # over a cap: closed at once, the others go on
+                counters[refused] += 1
+                os.close(fd)
+                self._refused(refused, peer)
+                continue
             try:
                 client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except OSError:
                 os.close(fd)
-                continue
-            if len(self.connections) >= self.frontend.max_connections:
-                self.counters["over_limit"] += 1
-                client.close()
+                gate.release(peer)
                 continue
             client.setblocking(False)
             try:  # noqa: SIM105 (per connection: suppress() would cost an object)
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass  # the client may be gone (reset) already: its first read says so
-            conn = Connection(self, client, addr[0])
+            conn = Connection(self, client, peer)
             self.connections.add(conn)
             conn.start()
-            self._event(addr[0])
+            self._event(peer)
+
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        """A warning of this kind at most every WARN_EVERY seconds: not a line per client."""
+        now = time.monotonic()
+        if now - self.warned.get(kind, -WARN_EVERY) >= WARN_EVERY:
+            self.warned[kind] = now
+            self.service.ctx.log.warning("%s: " + message, self.name, *args)
+
+    def _refused(self, reason: str, peer: str) -> None:
+        gate = self.gate
+        if reason == "client_limit":
+            self.warn(
+                reason,
+                "refusing connections from %s: it holds %d, the most one client may hold "
+                "(more warnings of this kind suppressed for %g s)",
+                peer,
+                gate.per_client,
+                WARN_EVERY,
+            )
+        elif reason == "over_limit":
+            self.warn(reason, "refusing connections: %d open, its cap", gate.active)
+        else:
+            ledger = gate.ledger
+            self.warn(
+                reason,
+                "refusing connections: the proxy holds %d of its %d descriptors",
+                ledger.fds_used,
+                ledger.fds,
+            )
 
     def _accept_failed(self, exc: OSError) -> None:
         assert self.listener is not None
         self.counters["accept_errors"] += 1
-        now = time.monotonic()
-        if now - self.last_accept_warning >= 10.0:  # not a line per wakeup
-            self.last_accept_warning = now
-            self.service.ctx.log.warning("%s: accept failed: %s", self.name, exc)
+        self.warn("accept", "accept failed: %s", exc)  # not a line per wakeup
         if exc.errno in LOCAL_ERRNOS and self.paused is None:
             # The connection stays in the backlog and the listener stays readable:
             # without a pause this would spin. Rest until descriptors free up.
@@ -246,8 +285,14 @@ class FrontendRunner:
         log = self.service.ctx.log
         while True:
             check = self.frontend.check
-            if backend.admin != "disabled":
+            # A backend that is our own listener is not probed: the proxy would answer.
+            if backend.admin != "disabled" and backend.self_loop is None:
                 ok, detail = await probe(check, str(backend.spec.address), backend.spec.port)
+                if ok is None:  # out of descriptors here: no verdict on the backend
+                    self.counters["check_local_errors"] += 1
+                    self.warn("check", "health check of %s: %s", backend.spec.name, detail)
+                    await asyncio.sleep(check.interval)
+                    continue
                 change = backend.check_result(ok, time.time(), detail)
                 if change is not None:
                     log.info(
@@ -271,6 +316,7 @@ class FrontendRunner:
             "active": len(self.connections),
             "balance": self.frontend.balance,
             "counters": dict(self.counters),
+            "limits": self.gate.stats(),
             "backends": [b.stats() for b in self.pool.backends],
         }
 
@@ -302,19 +348,83 @@ class ProxyService:
         self.poller: Poller | None = None
         # Frontends switched off by a reload: no listener, their connections finish.
         self.retired: list[FrontendRunner] = []
+        # Descriptors: the limit's split (fdbudget), the caps derived from it, and what
+        # every frontend's connections and pipes hold against them (limits.py).
+        self.fd_budget = budget(0)
+        self.caps = derive(0, {}, 0)
+        self.ledger = Ledger(self.caps)
+        self.local: frozenset[str] = frozenset()  # this host's addresses (self-loops)
+        self.local_known = True  # False once reading them failed (said once)
 
     async def start(self, plan: Plan) -> None:
         self.loop = asyncio.get_running_loop()
         self.plan = plan
+        self._raise_nofile(plan)  # first: the caps derive from the limit it leaves
         await self._apply(plan)
-        self._raise_nofile(plan)
+        self._retune(plan)
+        self._refuse_own_backends()
         self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self.ctx.log.info("zero-copy splice(): %s", "on" if self.splice else "off (recv/send)")
 
     async def reload(self, plan: Plan) -> None:
+        self._raise_nofile(plan)
         await self._apply(plan)
         self.plan = plan
-        self._raise_nofile(plan)
+        self._retune(plan)
+        self._refuse_own_backends()
+
+    def _retune(self, plan: Plan) -> None:
+        """Caps from the open-files limit as it is now; said in the log when they change."""
+        self.fd_budget = fds = budget(nofile_limit())
+        listening = {fe.name: fe.max_connections for fe in plan.frontends if fe.listen}
+        checks = sum(len(fe.backends) for fe in plan.frontends if fe.listen)
+        caps = derive(fds.spendable, listening, checks)
+        self.ledger.retune(caps)
+        if caps != self.caps:
+            self.caps = caps
+            self.ctx.log.info(
+                "descriptors: limit %d, %d kept for the other services and the health "
+                "checks; the proxy: %s",
+                fds.limit,
+                fds.reserve,
+                caps.describe(),
+            )
+
+    def _refuse_own_backends(self) -> None:
+        """Refuse backends that are our own listeners (or take back those no longer)."""
+        try:
+            self.local = local_ipv4()
+            self.local_known = True
+        except OSError as exc:
+            if self.local_known:
+                self.ctx.log.warning(
+                    "cannot read this host's addresses (%s): only loopback and exact "
+                    "listener addresses are recognised as the proxy's own",
+                    exc,
+                )
+            self.local_known = False
+        listeners = {
+            r.endpoint: name
+            for name, r in self.frontends.items()
+            if r.endpoint is not None and r.listener is not None
+        }
+        now = time.time()
+        for runner in self.frontends.values():
+            for backend in runner.pool.backends:
+                if backend.removed:
+                    continue
+                reason = _own(backend, runner.frontend.check, listeners, self.local)
+                if backend.set_self_loop(reason, now):
+                    if reason is not None:
+                        self.ctx.log.warning(
+                            "%s: backend %s refused: %s", runner.name, backend.spec.name, reason
+                        )
+                    else:
+                        self.ctx.log.info(
+                            "%s: backend %s is no longer one of the proxy's own listeners",
+                            runner.name,
+                            backend.spec.name,
+                        )
 
     def _raise_nofile(self, plan: Plan) -> None:
         """Lift the soft descriptor limit to what max_connections needs (as HAProxy does).
@@ -322,9 +432,7 @@ class ProxyService:
         The usual soft limit is 1024: a few hundred spliced connections would exhaust
         it. The hard limit (systemd: LimitNOFILE=) is the ceiling; never lowered.
         """
-        need = 1024 + sum(
-            fe.max_connections * FDS_PER_CONNECTION for fe in plan.frontends if fe.listen
-        )
+        need = 1024 + sum(fe.max_connections * FDS_SPLICED for fe in plan.frontends if fe.listen)
         try:
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             if soft == resource.RLIM_INFINITY or soft >= need:
@@ -366,6 +474,7 @@ class ProxyService:
                 for task in runner.checks.values():
                     task.cancel()
                 runner.checks.clear()
+                runner.gate.retired = True  # no new connections count against it
                 self.retired.append(runner)  # still swept, closed at stop
         for name, fe in wanted.items():
             runner = self.frontends.get(name)
@@ -428,14 +537,22 @@ class ProxyService:
                 await self.sweeper
         self.frontends.clear()
         self.retired.clear()
+        self.ledger.gates.clear()  # every connection is closed: a new start counts afresh
 
     async def _sweep(self) -> None:
+        looked = time.monotonic()
         while True:
             await asyncio.sleep(SWEEP_EVERY)
             now = time.monotonic()
             for runner in [*self.frontends.values(), *self.retired]:
                 runner.sweep(now)
+            for runner in self.retired:
+                if not runner.connections:
+                    self.ledger.drop(runner.gate)
             self.retired = [r for r in self.retired if r.connections]
+            if now - looked >= SELF_CHECK_EVERY:  # an address may have come to this host
+                looked = now
+                self._refuse_own_backends()
 
     # --- the poller ----------------------------------------------------------------------
 
@@ -482,10 +599,33 @@ class ProxyService:
         return found
 
     def status(self) -> dict[str, Any]:
+        fds: FdBudget = self.fd_budget
         return {
             "splice": self.splice,
+            "descriptors": {"limit": fds.limit, "reserve": fds.reserve, **self.ledger.stats()},
             "frontends": {name: r.stats() for name, r in self.frontends.items()},
         }
+
+
+def _own(
+    backend: BackendState,
+    check: HealthCheck,
+    listeners: dict[Endpoint, str],
+    local: frozenset[str],
+) -> str | None:
+    """Why connecting to the backend (or probing it) would reach our own listener."""
+    address = str(backend.spec.address)
+    targets = [("", backend.spec.port)]
+    if check.port is not None and check.port != backend.spec.port:
+        targets.append(("its health check ", check.port))
+    for what, port in targets:
+        own = own_endpoint(address, port, listeners, local)
+        if own is not None:
+            return (
+                f"{what}{address}:{port} is this proxy's own listener "
+                f"({listeners[own]} on {own}): connecting would loop"
+            )
+    return None
 
 
 def proxy_enabled(plan: Plan) -> bool:

@@ -600,6 +600,7 @@ def test_thousand_concurrent_connections(
     daemons: Callable[..., Daemon], backends: Backends, tmp_path: Path
 ) -> None:
     n = 1000
+    sources = 8
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 4 * n:
         pytest.skip(f"hard RLIMIT_NOFILE {hard} is too low for {n} connections")
@@ -625,9 +626,13 @@ def test_thousand_concurrent_connections(
     async def run() -> tuple[list[str], int, int, Counter[str]]:
         gate = asyncio.Semaphore(200)  # open in waves: listen backlogs are finite
 
-        async def open_one() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+        async def open_one(i: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+            # From several client addresses: one address may hold a share of the cap only.
+            source = (f"127.0.0.{1 + i % sources}", 0)
             async with gate:
-                r, w = await asyncio.wait_for(asyncio.open_connection(LB, lb_port), IO_TIMEOUT)
+                r, w = await asyncio.wait_for(
+                    asyncio.open_connection(LB, lb_port, local_addr=source), IO_TIMEOUT
+                )
                 w.write(b"ECHO\n")
                 name = await asyncio.wait_for(r.readline(), IO_TIMEOUT)
                 if not name.endswith(b"\n"):
@@ -635,7 +640,7 @@ def test_thousand_concurrent_connections(
                     raise ConnectionError(f"no answer: {name!r}")
                 return r, w, name.decode().strip()
 
-        opened = await asyncio.gather(*(open_one() for _ in range(n)), return_exceptions=True)
+        opened = await asyncio.gather(*(open_one(i) for i in range(n)), return_exceptions=True)
         conns = [c for c in opened if not isinstance(c, BaseException)]
         failures = [repr(c) for c in opened if isinstance(c, BaseException)]
         # All of them open at the same time, here and in the proxy.

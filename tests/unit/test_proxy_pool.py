@@ -26,6 +26,7 @@ from typing import Literal
 import pytest
 
 from appliance.plan import Backend, Frontend, HealthCheck
+from services.proxy.limits import Ledger, derive
 from services.proxy.pool import BackendState, Pool
 from services.proxy.server import FrontendRunner
 
@@ -375,7 +376,9 @@ async def test_connect_timeouts_fire_when_due_even_after_a_reload_shortens_them(
     new connect is due before older ones. It fires when due (here 0.2 s, not the old
     connects' 30 s); a connect that finished never fires; nothing fires twice; once the
     older connects are gone, the timer waits for the first one again."""
-    service = SimpleNamespace(loop=asyncio.get_running_loop(), poller=None)
+    service = SimpleNamespace(
+        loop=asyncio.get_running_loop(), poller=None, ledger=Ledger(derive(0, {}, 0))
+    )
     runner = FrontendRunner(service, replace(frontend(), connect_timeout=30.0))  # type: ignore[arg-type]
     fired: dict[str, float] = {}
     try:

@@ -31,6 +31,7 @@ from appliance.plan import build_plan
 from appliance.service import ServiceContext
 from appliance.store import Store
 from services.proxy import poller as poller_module
+from services.proxy.limits import Ledger, derive
 from services.proxy.pump import CHUNK, DST_ERROR, EOF, HAVE_SPLICE, SPLICE_AFTER, WAIT, Direction
 from services.proxy.server import ProxyService
 from tests.helpers import free_port, loopback_inventory, write_inventory
@@ -170,6 +171,37 @@ def test_switches_to_splice_after_the_threshold(chain: Any) -> None:
     assert hashlib.sha256(got).digest() == hashlib.sha256(blob).digest()
     way.close()
     assert way.pipe is None
+
+
+@pytest.mark.skipif(not HAVE_SPLICE, reason="no splice() on this platform")
+def test_no_pipe_past_the_descriptor_budget(chain: Any) -> None:
+    """A direction turning bulk takes its pipe from the proxy's descriptors: when they are
+    mostly spent it stays on recv/send, and the bytes still arrive."""
+    client, proxy_in, proxy_out, server = chain
+    ledger = Ledger(derive(64, {"a": 100}, 0))
+    while ledger.take_pipe():
+        pass
+    full = ledger.fds_used
+    way = Direction(proxy_in, proxy_out, True, ledger)
+    blob = os.urandom(SPLICE_AFTER + (1 << 20))
+    got = bytearray()
+    sent = 0
+    deadline = time.monotonic() + 20
+    while len(got) < len(blob) and time.monotonic() < deadline:
+        with contextlib.suppress(BlockingIOError):
+            if sent < len(blob):
+                sent += client.send(blob[sent : sent + (256 << 10)])
+        way.readable = True
+        way.pump()
+        got += drain(server, 0.01)
+    assert way.pipe is None and ledger.fds_used == full
+    assert bytes(got) == blob
+    ledger.give_pipe()  # one pipe's room: the next bulk direction splices
+    way2 = Direction(proxy_out, proxy_in, True, ledger)
+    way2._open_pipe()
+    assert way2.pipe is not None and ledger.fds_used == full
+    way2.close()
+    assert ledger.fds_used == full - 2
 
 
 def test_a_reset_receiver_is_a_write_error(chain: Any) -> None:
