@@ -1,20 +1,33 @@
 """Boot once: which nodes have fetched their install ignition (shared by the boot services).
 
 Kept in memory for the hot path (every boot config consults it) and written
-through to the store, so a restart still boots installed nodes from disk.
+through to the store, so a restart still boots installed nodes from disk. In the
+daemon the store is the DaemonStore, whose writes are queued: marking never waits
+for the file's lock on the event loop.
 """
 
 from __future__ import annotations
 
 import logging
-
-from appliance.store import Store
+from typing import Any, Protocol
 
 log = logging.getLogger("appliance.boot")
 
 
+class InstallStore(Protocol):
+    """What boot-once needs of a store (Store, or the daemon's queued DaemonStore)."""
+
+    def install_state(self) -> dict[str, dict[str, float | None]]: ...
+
+    def cluster_state(self, key: str) -> Any: ...
+
+    def mark_installed(self, node: str, time: float) -> None: ...
+
+    def request_reinstall(self, node: str, time: float) -> None: ...
+
+
 class BootState:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: InstallStore) -> None:
         self.store = store
         self._installed = {
             node for node, state in store.install_state().items() if state["installed_at"]

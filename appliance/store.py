@@ -96,6 +96,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 4: refused attempts (ok = 0) are recorded as events without reaching the stage
     ("ALTER TABLE events ADD COLUMN ok INTEGER NOT NULL DEFAULT 1",),
+    # 5: unknown machines are a bounded table (the least recently seen go first, counted)
+    (
+        "CREATE INDEX unknown_machines_last_seen ON unknown_machines (last_seen, mac)",
+        """CREATE TABLE unknown_machines_evicted (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            count INTEGER NOT NULL)""",
+        "INSERT INTO unknown_machines_evicted (id, count) VALUES (1, 0)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -119,6 +127,22 @@ class Lease:
 
 
 _LEASE_COLUMNS = "mac, ip, hostname, expires, state, updated"
+
+UNKNOWN_MACHINES_KEEP = 4096  # rows of unknown_machines; the least recently seen go first
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownMachine:
+    """A sighting of a machine outside the inventory (`seen`: requests it stands for)."""
+
+    mac: str
+    first_seen: float
+    last_seen: float
+    seen: int
+    vendor_class: str = ""
+    arch: str = ""
+    user_class: str = ""
+    hostname: str = ""
 
 
 def _lease(row: tuple[object, ...]) -> Lease:
@@ -144,11 +168,21 @@ class Store:
         self.path = path
 
     @classmethod
-    def open(cls, state_dir: Path, *, durable: bool = True) -> Store:
+    def open(
+        cls,
+        state_dir: Path,
+        *,
+        durable: bool = True,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        check_same_thread: bool = True,
+    ) -> Store:
         """Open (and migrate) the store; `durable=False` trades power-loss safety for speed.
 
         WAL with synchronous=NORMAL still survives kill -9; only a power cut may lose
         the last commits. The DHCP leases always use a durable connection of their own.
+        The daemon's connections wait briefly for a lock (`busy_timeout_ms`) and retry
+        on their own schedule (appliance/storequeue.py); `check_same_thread=False` lets
+        a connection opened here be used by one other thread.
         """
         path = Path(state_dir) / DB_NAME
         try:
@@ -158,13 +192,13 @@ class Store:
         conn: sqlite3.Connection | None = None
         try:
             # isolation_level=None: no implicit transactions; _transaction() decides.
-            conn = sqlite3.connect(path, isolation_level=None)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread)
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"cannot open state store {path}: WAL mode refused ({mode})")
             conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             store = cls(conn, path)
             store._migrate()
         except sqlite3.Error as exc:
@@ -206,6 +240,10 @@ class Store:
             raise
         finally:
             cur.close()
+
+    def set_busy_timeout(self, ms: int) -> None:
+        """How long a statement waits for another connection's lock before SQLITE_BUSY."""
+        self._conn.execute(f"PRAGMA busy_timeout={int(ms)}")
 
     def close(self) -> None:
         self._conn.close()  # idempotent in sqlite3
@@ -289,8 +327,10 @@ class Store:
         return result
 
     async def persist(self, bus: EventBus) -> None:
-        """Write the bus's events in batches until cancelled.
+        """Write the bus's events in batches until cancelled, on the caller's loop.
 
+        The daemon uses DaemonStore.persist (appliance/storequeue.py), which queues to
+        a writer thread: a lock held by another process must not stall the loop.
         Subscribes when the task first runs: start it before the services publish.
         On cancellation, whatever is already queued is written before exiting.
         """
@@ -401,25 +441,60 @@ class Store:
         self, mac: str, time: float, *, vendor_class: str = "", arch: str = "",
         user_class: str = "", hostname: str = "",
     ) -> None:  # fmt: skip
+        self.note_unknowns(
+            [UnknownMachine(mac, time, time, 1, vendor_class, arch, user_class, hostname)]
+        )
+
+    def note_unknowns(
+        self, machines: Sequence[UnknownMachine], keep: int = UNKNOWN_MACHINES_KEEP, lost: int = 0
+    ) -> int:
+        """Record sightings in one transaction (`seen`: requests since the last note);
+        keep at most `keep` machines, the least recently seen go first. Returns how many
+        went; their count, plus `lost` (machines the caller could not keep until this
+        write), is kept: unknown_machine_counts."""
         with self._transaction() as cur:
-            cur.execute(
-                """INSERT INTO unknown_machines
-                    (mac, first_seen, last_seen, vendor_class, arch, user_class, hostname)
-                VALUES (?, ?, ?, ?, ?, ?, ?)
+            cur.executemany(
+                """INSERT INTO unknown_machines (mac, first_seen, last_seen, seen,
+                    vendor_class, arch, user_class, hostname)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (mac) DO UPDATE SET
-                    last_seen = excluded.last_seen, seen = seen + 1,
+                    last_seen = max(last_seen, excluded.last_seen),
+                    seen = seen + excluded.seen,
                     vendor_class = excluded.vendor_class, arch = excluded.arch,
                     user_class = excluded.user_class, hostname = excluded.hostname""",
-                (mac, time, time, vendor_class, arch, user_class, hostname),
+                [dataclasses.astuple(m) for m in machines],
             )
+            total = int(cur.execute("SELECT count(*) FROM unknown_machines").fetchone()[0])
+            evicted = max(0, total - keep)
+            if evicted:
+                cur.execute(
+                    """DELETE FROM unknown_machines WHERE mac IN (SELECT mac FROM
+                    unknown_machines ORDER BY last_seen, mac LIMIT ?)""",
+                    (evicted,),
+                )
+            if evicted or lost:
+                cur.execute(
+                    "UPDATE unknown_machines_evicted SET count = count + ? WHERE id = 1",
+                    (evicted + lost,),
+                )
+        return evicted
 
-    def unknown_machines(self) -> list[dict[str, object]]:
+    def unknown_machines(self, limit: int = -1, offset: int = 0) -> list[dict[str, object]]:
+        """Machines outside the inventory, the most recently seen first; a page of
+        `limit` (-1: all) after skipping `offset`."""
         cur = self._conn.execute(
             """SELECT mac, first_seen, last_seen, seen, vendor_class, arch, user_class, hostname
-            FROM unknown_machines ORDER BY last_seen DESC"""
+            FROM unknown_machines ORDER BY last_seen DESC, mac LIMIT ? OFFSET ?""",
+            (limit, offset),
         )
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur]
+
+    def unknown_machine_counts(self) -> tuple[int, int]:
+        """(machines listed, machines evicted to keep the list bounded, ever)."""
+        total = self._conn.execute("SELECT count(*) FROM unknown_machines").fetchone()[0]
+        row = self._conn.execute("SELECT count FROM unknown_machines_evicted").fetchone()
+        return int(total), int(row[0]) if row else 0
 
     # --- install state (boot once) ----------------------------------------------------
 
@@ -498,6 +573,11 @@ class Store:
                     value = excluded.value, updated = excluded.updated""",
                 (key, json.dumps(value, sort_keys=True), time),
             )
+
+    def cluster_states(self) -> dict[str, str]:
+        """Every key's value as its stored JSON text (the daemon keeps them in memory)."""
+        rows = self._conn.execute("SELECT key, value FROM cluster_state")
+        return {str(key): str(value) for key, value in rows}
 
     def cluster_state(self, key: str) -> Any:
         """The value kept under `key`, or None."""

@@ -67,6 +67,15 @@ def status_lines(status: Mapping[str, Any]) -> list[str]:
     lines.append(
         f"events: {events.get('published', 0)} published, {events.get('dropped', 0)} dropped"
     )
+    store = status.get("store")
+    if store:
+        line = f"store: {store.get('written', 0)} writes, {store.get('queued', 0)} waiting"
+        if store.get("locked_for"):
+            line += f", locked by another process for {duration(store['locked_for'])}"
+        for key in ("lost", "failed"):
+            if store.get(key):
+                line += f", {store[key]} {key}"
+        lines.append(line)
     return lines
 
 

@@ -253,6 +253,23 @@ def test_metric_families_from_status_and_store() -> None:
     assert not any(name.startswith("appliance_tftp_") for name, _ in got)
 
 
+def test_metric_families_show_the_store_queue() -> None:
+    """A state file locked by another process: the writes waiting, the busy retries."""
+    store = {"queued": 12, "queue_peak": 40, "oldest_wait": 3.5, "locked_for": 3.6,
+             "written": 100, "commits": 7, "busy": 30, "retries": 31, "errors": 1,
+             "failed": 0, "overflow": 2, "lost": 0}  # fmt: skip
+    got = _scrape(families({**STATUS, "store": store}, StoreFacts()))
+    assert got[("appliance_store_queue_depth", ())] == 12
+    assert got[("appliance_store_queue_peak", ())] == 40
+    assert got[("appliance_store_locked_seconds", ())] == 3.6
+    assert got[("appliance_store_oldest_write_seconds", ())] == 3.5
+    assert got[("appliance_store_busy_total", ())] == 30
+    assert got[("appliance_store_retries_total", ())] == 31
+    assert got[("appliance_store_writes_total", ())] == 100
+    assert got[("appliance_store_overflow_total", ())] == 2
+    assert got[("appliance_store_lost_total", ())] == 0
+
+
 def test_metric_families_survive_an_empty_status() -> None:
     got = _scrape(families({}, StoreFacts()))
     assert got[("appliance_uptime_seconds", ())] == 0
@@ -304,6 +321,10 @@ def test_status_lines() -> None:
     assert "10 queries" in dns
     proxy = next(line for line in lines if line.startswith("proxy "))
     assert "1/1 backends up" in proxy
+    store = {"written": 100, "queued": 12, "locked_for": 75.0, "lost": 0, "failed": 1}
+    lines = status_lines({**STATUS, "store": store})
+    locked = "locked by another process for 1m15s"
+    assert lines[-1] == f"store: 100 writes, 12 waiting, {locked}, 1 failed"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,542 @@
+"""The running daemon's state store: no store call waits for a lock on the event loop.
+
+SQLite lets one connection write at a time, and another process may hold the lock for
+minutes: an operator's `sqlite3` shell with `BEGIN EXCLUSIVE;` left open, a backup
+tool. A write on the event loop would wait out the busy timeout there, and every
+service of the process (DNS first) with it.
+
+Writes are queued in memory, in order, and written by one thread with a connection of
+its own: events in batches (one transaction each), the rest one transaction per call.
+SQLITE_BUSY is retried with backoff for as long as the lock is held, and counted;
+nothing is dropped while the daemon runs. Past QUEUE_SOFT waiting writes the overflow
+is counted and logged and memory keeps it; only past QUEUE_HARD do the oldest waiting
+*events* go (counted as lost), so a lock held for days cannot exhaust memory. A
+graceful stop flushes the queue, waiting a bounded time for the lock.
+
+Reads: what the hot paths and the cluster loop ask for is kept in memory (install
+marks, cluster state, node progress). The admin API's reads run in a reader thread on
+a connection with a short busy timeout, after waiting (bounded) for the writes queued
+before them: a reader sees its own writes, unless the file is locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from appliance.events import Event, EventBus
+from appliance.store import Lease, Store, StoreError, _stage_order
+
+log = logging.getLogger("appliance.store")
+
+WRITE_BUSY_MS = 100  # the writer thread's wait for a lock per attempt (then it backs off)
+READ_BUSY_MS = 100  # a read waits this long for a lock at most (WAL readers rarely wait)
+START_BUSY_MS = 5000  # opening (and migrating) at start may wait longer: it is before READY
+BACKOFF_FIRST = 0.02  # seconds before the first retry of a write refused with SQLITE_BUSY
+BACKOFF_MAX = 1.0  # the longest pause between retries
+ERROR_GIVE_UP = 300.0  # seconds a write failing with another error (disk full) is retried
+BUSY_WARN_AFTER = 2.0  # seconds of lock before the log says so
+BUSY_REMIND_EVERY = 60.0  # and then again every this many seconds while it lasts
+QUEUE_SOFT = 100_000  # waiting writes before they count as overflow (kept, logged)
+QUEUE_HARD = 2_000_000  # waiting writes before the oldest events are dropped (lost)
+EVENT_BATCH = 1000  # events per transaction
+READ_SYNC_WAIT = 0.2  # seconds a read waits for the writes queued before it
+STOP_FLUSH = 5.0  # seconds a graceful stop waits for the queue to reach the file
+PERSIST_QUEUE = 100_000  # the persist task's bus subscription (drained at every wake-up)
+
+T = TypeVar("T")
+
+
+class StoreBusy(StoreError):
+    """A read found the file locked beyond its short wait: try again shortly."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    name: str
+    fn: Callable[[Store], object]
+
+
+_Item = Event | _Op
+
+
+def is_busy(exc: sqlite3.Error) -> bool:
+    code = int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF  # the primary result code
+    if code:
+        return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+class StoreWriter:
+    """One thread, one connection, one queue: every write of the daemon, in order.
+
+    `submit` never blocks and never fails; `close` flushes (bounded) and stops the
+    thread. `on_progress(done)` is called from the writer thread after each batch with
+    the number of items finished so far (written, or given up and counted).
+    """
+
+    def __init__(self, store: Store, on_progress: Callable[[int], None] | None = None) -> None:
+        self.store = store  # its connection is used by the writer thread only
+        self._on_progress = on_progress
+        self._queue: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._seq = 0  # items accepted
+        self._done = 0  # items finished, in queue order
+        self._inflight = 0  # items taken by the thread and not finished
+        self._closing = False
+        self._deadline = 0.0  # monotonic: when a closing writer gives up
+        self._overflowing = False
+        self._times: deque[float] = deque()  # queue times, parallel to _queue
+        self._locked_since = 0.0  # monotonic, 0 when not locked
+        self._reminded = 0.0
+        self.counters: Counter[str] = Counter()
+        self.peak = 0
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    # --- the loop's side ------------------------------------------------------------
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    @property
+    def done(self) -> int:
+        return self._done
+
+    def submit(self, item: _Item) -> int:
+        """Queue one write; returns its sequence number (see `done`)."""
+        with self._cond:
+            if self._closing and not self._thread.is_alive():
+                self.counters["lost"] += 1  # after the stop: nobody is left to write it
+                log.error("state store: a write after the stop is not stored (%s)", item)
+                return self._seq
+            depth = len(self._queue) + self._inflight
+            if depth >= QUEUE_HARD:
+                self._drop_oldest_event()
+            if depth >= QUEUE_SOFT:
+                self.counters["overflow"] += 1
+                if not self._overflowing:
+                    self._overflowing = True
+                    log.warning(
+                        "state store %s: more than %d writes wait (locked for %.0f s); "
+                        "memory keeps them until the file can be written",
+                        self.store.path,
+                        QUEUE_SOFT,
+                        self._locked_for(),
+                    )
+            self._queue.append(item)
+            self._times.append(time.monotonic())
+            self._seq += 1
+            self.peak = max(self.peak, len(self._queue) + self._inflight)
+            self._cond.notify()
+            return self._seq
+
+    def _drop_oldest_event(self) -> None:
+        for i, item in enumerate(self._queue):
+            if isinstance(item, Event):
+                del self._queue[i]
+                del self._times[i]
+                # Dropped items count as finished, or `done` would never reach their seq.
+                self._done += 1
+                self.counters["lost"] += 1
+                if self.counters["lost"] == 1 or self.counters["lost"] % 10_000 == 0:
+                    log.error(
+                        "state store %s: %d writes wait; the oldest events are dropped (%d so far)",
+                        self.store.path,
+                        QUEUE_HARD,
+                        self.counters["lost"],
+                    )
+                return
+
+    def _locked_for(self) -> float:
+        since = self._locked_since
+        return time.monotonic() - since if since else 0.0
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            oldest = time.monotonic() - self._times[0] if self._times else 0.0
+            return {
+                "queued": len(self._queue) + self._inflight,
+                "queue_peak": self.peak,
+                "oldest_wait": round(oldest if self._queue or self._inflight else 0.0, 3),
+                "locked_for": round(self._locked_for(), 3),
+                **{
+                    k: self.counters[k]
+                    for k in (
+                        "written",
+                        "commits",
+                        "busy",
+                        "retries",
+                        "errors",
+                        "failed",
+                        "overflow",
+                        "lost",
+                    )
+                },
+            }
+
+    def close(self, timeout: float = STOP_FLUSH) -> bool:
+        """Write what is queued (waiting up to `timeout` for a lock), then stop the thread
+        and close the connection. True when everything queued reached the file."""
+        with self._cond:
+            self._closing = True
+            self._deadline = time.monotonic() + timeout
+            self._cond.notify_all()
+        self._thread.join(timeout + 2.0)
+        flushed = not self._thread.is_alive() and self._done == self._seq
+        if not self._thread.is_alive():
+            self.store.close()
+        return flushed and self.counters["lost"] == 0
+
+    # --- the writer thread ----------------------------------------------------------
+
+    def _take(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            first = self._queue.popleft()
+            batch: list[_Item] = [first]
+            if isinstance(first, Event):
+                while (
+                    self._queue and isinstance(self._queue[0], Event) and len(batch) < EVENT_BATCH
+                ):
+                    batch.append(self._queue.popleft())
+            for _ in batch:
+                self._times.popleft()
+            self._inflight = len(batch)
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            self._write(batch)
+            with self._cond:
+                self._inflight = 0
+                self._done += len(batch)
+                if self._overflowing and len(self._queue) < QUEUE_SOFT // 2:
+                    self._overflowing = False
+                self._cond.notify_all()
+            if self._on_progress is not None:
+                self._on_progress(self._done)
+
+    def _apply(self, batch: list[_Item]) -> None:
+        if isinstance(batch[0], Event):
+            self.store.record_events([e for e in batch if isinstance(e, Event)])
+        else:
+            op = batch[0]
+            assert isinstance(op, _Op)
+            op.fn(self.store)
+
+    def _write(self, batch: list[_Item]) -> None:
+        """Write `batch`, retrying while the file is locked; never raises."""
+        delay = BACKOFF_FIRST
+        failing_since = 0.0
+        while True:
+            try:
+                self._apply(batch)
+            except sqlite3.OperationalError as exc:
+                now = time.monotonic()
+                if is_busy(exc):
+                    self.counters["busy"] += 1
+                    if not self._locked_since:
+                        self._locked_since = now
+                        self._reminded = now - BUSY_REMIND_EVERY + BUSY_WARN_AFTER
+                    if now - self._reminded >= BUSY_REMIND_EVERY:
+                        self._reminded = now
+                        log.warning(
+                            "state store %s is locked by another process (an open sqlite3 "
+                            "shell?) for %.0f s: %d writes wait in memory, retrying",
+                            self.store.path,
+                            now - self._locked_since,
+                            len(self._queue) + len(batch),
+                        )
+                else:
+                    self.counters["errors"] += 1
+                    failing_since = failing_since or now
+                    if now - failing_since > ERROR_GIVE_UP:
+                        self._give_up(batch, exc)
+                        return
+                    if self.counters["errors"] == 1 or delay >= BACKOFF_MAX:
+                        log.warning("state store %s: %s; retrying", self.store.path, exc)
+                if self._closing and now >= self._deadline:
+                    self._abandon(batch)
+                    return
+                self.counters["retries"] += 1
+                with self._cond:
+                    pause = delay
+                    if self._closing:
+                        pause = min(pause, max(0.0, self._deadline - now))
+                    self._cond.wait(pause)  # a stop wakes it to keep its deadline
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            except Exception as exc:  # a write that can never succeed: it alone is lost
+                if len(batch) > 1:
+                    for item in batch:
+                        self._write([item])
+                    return
+                self._give_up(batch, exc)
+                return
+            break
+        self.counters["written"] += len(batch)
+        self.counters["commits"] += 1
+        if self._locked_since:
+            locked = time.monotonic() - self._locked_since
+            if locked >= BUSY_WARN_AFTER:  # said when it was said that it is locked
+                log.info(
+                    "state store %s is writable again after %.1f s; %d writes still wait",
+                    self.store.path,
+                    locked,
+                    len(self._queue),
+                )
+            self._locked_since = 0.0
+
+    def _give_up(self, batch: list[_Item], exc: BaseException) -> None:
+        self.counters["failed"] += len(batch)
+        what = batch[0].name if isinstance(batch[0], _Op) else f"{len(batch)} events"
+        log.error("state store %s: %s not stored: %s", self.store.path, what, exc)
+
+    def _abandon(self, batch: list[_Item]) -> None:
+        """The stop's deadline passed with the file still locked: count what is left."""
+        with self._cond:
+            left = len(batch) + len(self._queue)
+            self._done += len(self._queue)
+            self._queue.clear()
+            self._times.clear()
+        self.counters["lost"] += left
+        log.error(
+            "state store %s: still locked at the stop: %d writes not stored",
+            self.store.path,
+            left,
+        )
+
+
+class DaemonStore:
+    """The store as the running daemon's services see it (ServiceContext.store)."""
+
+    def __init__(self, writer: Store, db: Store, reader: Store) -> None:
+        self.path = db.path
+        self._db = db  # the loop thread's reads: start-up and tests (short busy timeout)
+        self._reader = reader  # used in the reader thread only
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # What is kept in memory (and written through).
+        self._install = db.install_state()
+        self._cluster = db.cluster_states()
+        self._progress = db.progress()
+        self.writer = StoreWriter(writer, self._progressed)
+
+    @classmethod
+    def open(cls, state_dir: Path) -> DaemonStore:
+        """Open three connections: the writer's (migrates), the loop's and the reader's."""
+        writer = Store.open(
+            state_dir, durable=False, busy_timeout_ms=START_BUSY_MS, check_same_thread=False
+        )
+        opened = [writer]
+        try:
+            writer.set_busy_timeout(WRITE_BUSY_MS)
+            db = Store.open(state_dir, durable=False, busy_timeout_ms=READ_BUSY_MS)
+            opened.append(db)
+            reader = Store.open(
+                state_dir, durable=False, busy_timeout_ms=READ_BUSY_MS, check_same_thread=False
+            )
+            opened.append(reader)
+            return cls(writer, db, reader)
+        except sqlite3.Error as exc:
+            for store in opened:
+                store.close()
+            raise StoreError(f"cannot open state store {writer.path}: {exc}") from exc
+        except BaseException:
+            for store in opened:
+                store.close()
+            raise
+
+    # --- the writer's progress, on the loop -------------------------------------------
+
+    def _bind_loop(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+
+    def _progressed(self, done: int) -> None:
+        loop = self._loop
+        if loop is None or not self._waiters:
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(self._wake, done)
+
+    def _wake(self, done: int) -> None:
+        keep = []
+        for target, fut in self._waiters:
+            if target <= done:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((target, fut))
+        self._waiters = keep
+
+    async def synced(self, timeout: float = READ_SYNC_WAIT) -> bool:
+        """Wait (at most `timeout`) for every write queued so far; True when they landed."""
+        self._bind_loop()
+        target = self.writer.seq
+        if self.writer.done >= target:
+            return True
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append((target, fut))
+        if self.writer.done >= target:  # it landed between the check and the append
+            fut.set_result(None)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiters = [(t, f) for t, f in self._waiters if f is not fut]
+
+    # --- reads ----------------------------------------------------------------------
+
+    async def read(self, fn: Callable[[Store], T], *, sync_wait: float = READ_SYNC_WAIT) -> T:
+        """Run `fn` on the reader's connection in its thread; StoreBusy when locked."""
+        await self.synced(sync_wait)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, fn, self._reader)
+        except sqlite3.OperationalError as exc:
+            if is_busy(exc):
+                raise StoreBusy(f"state store {self.path} is locked: {exc}") from None
+            raise
+
+    def install_state(self) -> dict[str, dict[str, float | None]]:
+        return {node: dict(state) for node, state in sorted(self._install.items())}
+
+    def cluster_state(self, key: str) -> Any:
+        raw = self._cluster.get(key)
+        return None if raw is None else json.loads(raw)
+
+    def progress(self) -> dict[str, dict[str, tuple[float, float, str]]]:
+        return {
+            node: dict(sorted(stages.items(), key=lambda kv: _stage_order(kv[0])))
+            for node, stages in sorted(self._progress.items())
+        }
+
+    # From the file, on the loop's connection (start-up and tests: the admin API and the
+    # metrics use `read`).
+
+    def events(
+        self, *, node: str | None = None, after_id: int = 0, limit: int = 1000
+    ) -> list[Event]:
+        return self._db.events(node=node, after_id=after_id, limit=limit)
+
+    def last_event_id(self) -> int:
+        return self._db.last_event_id()
+
+    def csr_decisions(self, limit: int = 500) -> list[dict[str, object]]:
+        return self._db.csr_decisions(limit)
+
+    def leases(self, now: float | None = None) -> list[Lease]:
+        return self._db.leases(now)
+
+    # --- writes (queued; they never block and never raise) ----------------------------
+
+    def _submit(self, name: str, fn: Callable[[Store], object]) -> None:
+        self.writer.submit(_Op(name, fn))
+
+    def record_events(self, evs: Sequence[Event]) -> None:
+        for ev in evs:
+            if ev.ok:
+                stages = self._progress.setdefault(ev.node, {})
+                old = stages.get(ev.stage)
+                if old is None:
+                    stages[ev.stage] = (ev.time, ev.time, ev.detail)
+                else:  # as the store does: the latest event decides the detail
+                    first, last, detail = old
+                    stages[ev.stage] = (
+                        min(first, ev.time),
+                        max(last, ev.time),
+                        ev.detail if ev.time >= last else detail,
+                    )
+            self.writer.submit(ev)
+
+    def record_event(self, ev: Event) -> None:
+        self.record_events([ev])
+
+    def mark_installed(self, node: str, time: float) -> None:
+        self._install.setdefault(node, {"installed_at": None, "reinstall_requested": None})
+        self._install[node]["installed_at"] = time
+        self._submit(f"install mark of {node}", lambda s: s.mark_installed(node, time))
+
+    def request_reinstall(self, node: str, time: float) -> None:
+        self._install[node] = {"installed_at": None, "reinstall_requested": time}
+        self._submit(f"reinstall of {node}", lambda s: s.request_reinstall(node, time))
+
+    def set_cluster_state(self, key: str, value: object, time: float) -> None:
+        self._cluster[key] = json.dumps(value, sort_keys=True)  # fails here, not in the thread
+        self._submit(f"cluster state {key!r}", lambda s: s.set_cluster_state(key, value, time))
+
+    def record_csr_decision(
+        self, *, time: float, csr: str, kind: str, decision: str, reason: str,
+        uid: str = "", node: str = "", requestor: str = "",
+    ) -> None:  # fmt: skip
+        def write(s: Store) -> None:
+            s.record_csr_decision(
+                time=time, csr=csr, kind=kind, decision=decision, reason=reason,
+                uid=uid, node=node, requestor=requestor,
+            )  # fmt: skip
+
+        self._submit(f"CSR decision on {csr}", write)
+
+    async def persist(self, bus: EventBus) -> None:
+        """Queue the bus's events until cancelled (then what the bus still holds).
+
+        Subscribes when the task first runs: start it before the services publish.
+        """
+        self._bind_loop()
+        with bus.subscribe(PERSIST_QUEUE) as sub:
+            try:
+                while True:
+                    first = await sub.get()
+                    self.record_events([first, *sub.drain()])
+            except asyncio.CancelledError:
+                self.record_events(sub.drain())
+                raise
+
+    # --- status and stop --------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return self.writer.stats()
+
+    async def aclose(self, timeout: float = STOP_FLUSH) -> bool:
+        """Flush the queue (waiting up to `timeout` for a lock) and close; True if flushed."""
+        flushed = await asyncio.to_thread(self.writer.close, timeout)
+        self._pool.shutdown(wait=True)
+        self._reader.close()
+        self._db.close()
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+        return flushed
+
+    def close(self) -> None:
+        """Synchronous close (tests outside a loop): flush with the default wait."""
+        self.writer.close()
+        self._pool.shutdown(wait=True)
+        self._reader.close()
+        self._db.close()
