@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     render = sub.add_parser(
         "render", parents=[common], help="print the equivalent classic configuration"
     )
-    render.add_argument("--as", dest="kind", choices=("dnsmasq", "haproxy", "hosts"), required=True)
+    render.add_argument(
+        "--as", dest="kind", choices=("dnsmasq", "haproxy", "hosts", "rbac"), required=True
+    )
     reinstall = sub.add_parser(
         "reinstall", parents=[common], help="install NODE again at its next network boot"
     )

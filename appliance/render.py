@@ -9,7 +9,7 @@ timestamps) so renders can be diffed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 from appliance.inventory import Endpoint
 from appliance.plan import (
@@ -17,13 +17,15 @@ from appliance.plan import (
     BootFiles,
     DnsZone,
     Frontend,
+    HealthCheck,
+    NsRecord,
     Plan,
     PtrRecord,
     SrvRecord,
     reverse_name,
 )
 
-KINDS = ("dnsmasq", "haproxy", "hosts")
+KINDS = ("dnsmasq", "haproxy", "hosts", "rbac")
 
 
 def render(plan: Plan, kind: str) -> str:
@@ -168,26 +170,124 @@ def _upstream(ep: Endpoint) -> str:
     return f"server={ep.host}" if ep.port == 53 else f"server={ep.host}#{ep.port}"
 
 
+def _origin_net(origin: str) -> IPv4Network:
+    """The subnet a reverse zone covers: 3.33.10.in-addr.arpa -> 10.33.3.0/24."""
+    octets = origin.removesuffix(".in-addr.arpa").split(".")[::-1]
+    return IPv4Network(f"{'.'.join(octets + ['0'] * (4 - len(octets)))}/{8 * len(octets)}")
+
+
+def _name_server(plan: Plan) -> tuple[str, IPv4Address | None]:
+    """The forward zone's NS name and its address."""
+    zone = _forward_zone(plan)
+    ns = next((r.target for r in zone.records if isinstance(r, NsRecord)), zone.soa.mname)
+    address = next(
+        (r.address for r in zone.records if isinstance(r, ARecord) and r.name == ns), None
+    )
+    return ns, address
+
+
+def _dnsmasq_authority(plan: Plan) -> list[str]:
+    """auth-zone/auth-server/auth-soa: SOA and NS, AA set, SOA on negative answers."""
+    dns = plan.dns
+    assert dns.listen is not None
+    forward = _forward_zone(plan)
+    soa = forward.soa
+    ns, ns_address = _name_server(plan)
+    nets = [str(_origin_net(z.origin)) for z in dns.zones if z.origin.endswith(".in-addr.arpa")]
+    # dnsmasq answers authoritatively (AA, SOA/NS) only queries that arrive at an auth-server
+    # address, and there it never forwards.
+    if dns.upstreams:
+        where = ""
+        lines = [
+            "# with upstreams, queries must also be forwarded, which dnsmasq does not do at an",
+            "# auth-server address: the zones are answered from the same data, but without AA",
+            "# and without SOA on negative answers (the appliance sets both)",
+        ]
+    else:
+        host = dns.listen.host if not dns.listen.is_wildcard else str(ns_address or "")
+        where = f",{host}" if host else ""
+        lines = []
+        if dns.listen.is_wildcard:
+            lines.append(
+                f"# authoritative for queries to {host or 'no address'}; others get AA clear"
+            )
+    lines += [
+        f"auth-server={ns}{where}",
+        f"auth-zone={','.join([forward.origin, *nets])}",
+        f"auth-soa={soa.serial},{soa.rname},{soa.refresh},{soa.retry},{soa.expire}",
+        f"auth-ttl={dns.ttl}",
+        f"# dnsmasq's SOA minimum and negative TTL are auth-ttl; the appliance's are {soa.minimum}",
+    ]
+    return lines
+
+
+def _ptr_order(plan: Plan) -> dict[str, list[str]]:
+    """Reverse name -> the names its PTR records answer, in plan order."""
+    out: dict[str, list[str]] = {}
+    for zone in plan.dns.zones:
+        for rec in zone.records:
+            if isinstance(rec, PtrRecord):
+                out.setdefault(rec.name, []).append(rec.target)
+    return out
+
+
+def _dnsmasq_records(plan: Plan) -> list[str]:
+    """A, PTR, wildcard and SRV records of the plan, as dnsmasq's auth zones serve them."""
+    forward = _forward_zone(plan)
+    names: dict[IPv4Address, list[str]] = {}
+    for rec in forward.records:
+        if isinstance(rec, ARecord) and not rec.name.startswith("*."):
+            names.setdefault(rec.address, []).append(rec.name)
+    ptrs = _ptr_order(plan)
+    lines = []
+    for ip, at in sorted(names.items()):
+        rev = reverse_name(ip)
+        targets = [t for t in ptrs.get(rev, []) if t in at]
+        if not targets:
+            # host-record would add a PTR the plan does not have: a bare A record instead.
+            lines.append(f"# {', '.join(at)}: A {ip} without PTR")
+            lines += [f"dns-rr={name},1,{ip.packed.hex()}" for name in at]
+            continue
+        # The first name of a host-record is the one its address's PTR answers.
+        first = targets[0]
+        lines.append(f"host-record={','.join([first, *(n for n in at if n != first)])},{ip}")
+        if len(targets) > 1:
+            also = ", ".join(targets[1:])
+            lines.append(
+                f"# dnsmasq answers one PTR per address: {rev} also names {also} in the appliance"
+            )
+    for rec in forward.records:
+        if isinstance(rec, ARecord) and rec.name.startswith("*."):
+            # In an auth zone dnsmasq has wildcards only as CNAMEs (address=/d/ answers d
+            # itself too, and is not served there): point it at a name with the same address.
+            target = next(iter(names.get(rec.address, [])), None)
+            if target is None:
+                lines.append(f"# {rec.name} -> {rec.address}: no name to point a CNAME at")
+                continue
+            lines.append(
+                f"# {rec.name}: A {rec.address} in the appliance, a CNAME to {target} here"
+            )
+            lines.append(f"cname={rec.name},{target}")
+    lines += [
+        f"srv-host={r.name},{r.target},{r.port},{r.priority},{r.weight}" for r in _srv_records(plan)
+    ]
+    return lines
+
+
 def _dnsmasq_dns(plan: Plan) -> list[str]:
     dns = plan.dns
     if dns.listen is None:
         return ["# DNS is off in the plan", "port=0"]
     lines = [f"port={dns.listen.port}", "no-hosts"]  # the plan's names only, not this host's
-    lines += [f"local=/{zone.origin}/" for zone in dns.zones]
-    lines.append(f"local-ttl={dns.ttl}")
+    lines += _dnsmasq_authority(plan)
+    lines += [f"local=/{zone.origin}/" for zone in dns.zones]  # never forwarded
     # Empty upstreams mean "no forwarding": without no-resolv dnsmasq would use resolv.conf.
     lines.append("no-resolv")
     lines += [_upstream(ep) for ep in dns.upstreams]
     if dns.upstreams:
         allowed = ", ".join(str(n) for n in dns.forward_allowed)
         lines.append(f"# the plan forwards only for {allowed}; dnsmasq cannot restrict that")
-    # host-record gives A and PTR; its first name is the one a reverse lookup returns.
-    lines += [f"host-record={','.join(names)},{ip}" for ip, names in host_entries(plan)]
-    # address=/d/ also answers d itself, a name the plan leaves without records.
-    lines += [f"address=/{name}/{ip}" for name, ip in _wildcards(plan)]
-    lines += [
-        f"srv-host={r.name},{r.target},{r.port},{r.priority},{r.weight}" for r in _srv_records(plan)
-    ]
+    lines += _dnsmasq_records(plan)
     return lines
 
 
@@ -295,62 +395,93 @@ def render_dnsmasq(plan: Plan) -> str:
 
 # --- haproxy -------------------------------------------------------------------------------
 
-_HAPROXY_HEAD = """\
-global
-    log stdout format raw local0
 
-defaults
-    mode tcp
-    log global
-    option tcplog
-    option dontlognull
-    # a failed connect is retried on another backend, as the appliance's proxy does
-    retries 3
-    option redispatch
-    timeout connect 5s
-    # long enough for API watches
-    timeout client 1h
-    timeout server 1h
-    timeout check 5s"""
+def _seconds(value: float) -> str:
+    """A haproxy time: whole seconds as `5s`, anything finer in milliseconds."""
+    ms = max(1, round(value * 1000))  # haproxy counts in ms; 0 would mean "none"
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
-_RISE_FALL = "inter 2s rise 2 fall 3"  # the appliance's check interval and thresholds
-INGRESS_HEALTH_PORT = 1936  # the OpenShift router's health endpoint, plain HTTP
 
-# How the appliance's proxy checks each pool: HTTP GET, expecting 200. The API and the
-# machine-config server answer over TLS with the cluster's own CA, hence "verify none";
-# the router answers plain HTTP on its stats port, not on the traffic port.
-_TLS_CHECK = "check check-ssl verify none"
-_HEALTH = {
-    "api": ("GET /readyz", _TLS_CHECK),
-    "machine_config": ("GET /healthz", _TLS_CHECK),
-    "ingress_http": ("GET /healthz/ready", f"check port {INGRESS_HEALTH_PORT}"),
-    "ingress_https": ("GET /healthz/ready", f"check port {INGRESS_HEALTH_PORT}"),
-}
+def _haproxy_head(plan: Plan) -> list[str]:
+    enabled = [fe for fe in plan.frontends if fe.listen is not None]
+    stop = max((fe.stop_timeout for fe in enabled), default=0.0)
+    # No global maxconn: haproxy then sizes it from the descriptor limit it can get (a fixed
+    # one it cannot reach refuses to start); each frontend has its own, as in the plan.
+    lines = ["global", "    log stdout format raw local0"]
+    if stop > 0:
+        # Graceful stop (SIGUSR1 here; SIGTERM in the appliance) lets connections finish.
+        lines.append(f"    hard-stop-after {_seconds(stop)}")
+    lines += [
+        "",
+        "defaults",
+        "    mode tcp",
+        "    log global",
+        "    option tcplog",
+        "    option dontlognull",
+        # (the default redispatches on the last retry only)
+        "    # a failed connect is retried on another backend, as the appliance's proxy does",
+        "    option redispatch 1",
+    ]
+    return lines
+
+
+def _check_options(check: HealthCheck) -> tuple[list[str], str]:
+    """(backend lines, server keywords) for the plan's health check of a pool."""
+    lines: list[str] = []
+    server = "check"
+    if check.kind in ("http", "https"):
+        lines = [f"option httpchk GET {check.path}", "http-check expect status 200"]
+    if check.kind == "https":
+        # The API and the machine-config server present the cluster's own CA.
+        server += " check-ssl verify none"
+    if check.port is not None:
+        server += f" port {check.port}"
+    server += f" inter {_seconds(check.interval)} rise {check.rise} fall {check.fall}"
+    # A failed connect takes the server out at once, as in the appliance (passive check);
+    # the active checks bring it back after `rise` good ones.
+    server += " observe layer4 error-limit 1 on-error mark-down"
+    return lines, server
 
 
 def _haproxy_proxy(fe: Frontend, listen: Endpoint) -> list[str]:
     name = fe.name.replace("_", "-")
-    request, server_check = _HEALTH.get(fe.name, ("", "check"))  # unknown: TCP connect
-    checks = [f"option httpchk {request}", "http-check expect status 200"] if request else []
-    lines = ["", f"frontend {name}", f"    bind {listen}", f"    default_backend {name}"]
-    lines += ["", f"backend {name}", "    balance roundrobin", *(f"    {c}" for c in checks)]
+    checks, server = _check_options(fe.check)
+    lines = ["", f"frontend {name}", f"    bind {listen}", f"    maxconn {fe.max_connections}"]
+    lines += [f"    timeout client {_seconds(fe.idle_timeout)}", f"    default_backend {name}"]
     lines += [
-        f"    server {b.name} {b.address}:{b.port} {server_check} {_RISE_FALL}" for b in fe.backends
+        "",
+        f"backend {name}",
+        f"    balance {fe.balance}",
+        # The appliance tries each eligible backend once.
+        f"    retries {max(len(fe.backends) - 1, 0)}",
+        f"    timeout connect {_seconds(fe.connect_timeout)}",
+        f"    timeout server {_seconds(fe.idle_timeout)}",
+        f"    timeout check {_seconds(fe.check.timeout)}",
+        *(f"    {c}" for c in checks),
     ]
+    lines += [f"    server {b.name} {b.address}:{b.port} {server}" for b in fe.backends]
     return lines
 
 
 def render_haproxy(plan: Plan) -> str:
     """An haproxy.cfg with one frontend and backend per enabled LB frontend of the plan."""
-    lines = [_header(plan, "haproxy.cfg"), _HAPROXY_HEAD]
+    lines = [_header(plan, "haproxy.cfg"), *_haproxy_head(plan)]
     for fe in plan.frontends:
         if fe.listen is not None:  # a frontend set to null is off
             lines += _haproxy_proxy(fe, fe.listen)
     return _lines(lines)
 
 
+def render_rbac(plan: Plan) -> str:
+    """The cluster loop's least-privilege RBAC objects (built by services.cluster.rbac)."""
+    from services.cluster import rbac  # only this render needs the service
+
+    return rbac.render(plan)
+
+
 _RENDERERS: dict[str, Callable[[Plan], str]] = {
     "dnsmasq": render_dnsmasq,
     "haproxy": render_haproxy,
     "hosts": render_hosts,
+    "rbac": render_rbac,
 }

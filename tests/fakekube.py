@@ -16,7 +16,14 @@ cluster loop relies on:
   (only status.conditions taken; Approved and Denied exclusive, 422 otherwise),
   Nodes, ConfigMaps, Namespaces, Pods with phases and /log, OperatorGroups,
   Subscriptions and CSVs (operators.coreos.com) with phases, NodeFeatureDiscovery,
-  ClusterPolicy with status.state, and operator.openshift.io Etcd.
+  ClusterPolicy with status.state, and operator.openshift.io Etcd;
+- RBAC as the API server enforces it: the admin token (system:masters) may do
+  anything; every other identity (a ServiceAccount token, filled into its
+  kubernetes.io/service-account-token Secret as the token controller does) only what
+  its ClusterRoleBindings and RoleBindings grant (verbs, API groups, resources,
+  subresources, resourceNames incl. list/watch by fieldSelector metadata.name), with
+  the apiserver's 403 Status; approving a CSR also needs `approve` on
+  `signers/<signerName>` (the CertificateApproval admission check).
 The test plays the cluster's controllers (kubelet, OLM, NFD, the GPU operator) with
 the methods below: set a CSV phase, label a node, end a pod with a log, ...
 """
@@ -81,13 +88,26 @@ KINDS = [
     Kind("nfd.openshift.io", "v1", "nodefeaturediscoveries", "NodeFeatureDiscovery", True),
     Kind("nvidia.com", "v1", "clusterpolicies", "ClusterPolicy", False),
     Kind("operator.openshift.io", "v1", "etcds", "Etcd", False),
+    Kind("", "v1", "serviceaccounts", "ServiceAccount", True),
+    Kind("", "v1", "secrets", "Secret", True),
+    Kind("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
+    Kind("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False),
+    Kind("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
+    Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
 ]
+BY_KIND = {k.kind: k for k in KINDS}
 BY_PATH = {(k.group, k.version, k.plural): k for k in KINDS}
 BY_PLURAL = {k.plural: k for k in KINDS}
 # Built in, or installed with the cluster (OLM is part of OpenShift); the rest are CRDs
 # that appear when their operator is installed.
 SERVED = {"namespaces", "nodes", "configmaps", "pods", "certificatesigningrequests"}
 SERVED |= {"operatorgroups", "subscriptions", "clusterserviceversions"}
+SERVED |= {"serviceaccounts", "secrets", "clusterroles", "clusterrolebindings", "roles"}
+SERVED |= {"rolebindings"}
+SA_TOKEN = "kubernetes.io/service-account-token"
+ADMIN = ("system:admin", ("system:masters", "system:authenticated"))
+Identity = tuple[str, tuple[str, ...]]  # user, groups
+IDENTITY = web.RequestKey("identity", Identity)
 INITIAL_NAMESPACES = ("default", "kube-system", "openshift-marketplace")
 
 
@@ -108,14 +128,69 @@ def status_body(code: int, reason: str, message: str) -> dict[str, Any]:
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str) -> None:
+    def __init__(
+        self, code: int, reason: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.code, self.reason, self.message = code, reason, message
+        self.details = details
 
     def response(self) -> web.Response:
-        return web.json_response(
-            status_body(self.code, self.reason, self.message), status=self.code
-        )
+        body = status_body(self.code, self.reason, self.message)
+        if self.details is not None:
+            body["details"] = self.details
+        return web.json_response(body, status=self.code)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the authorizer is asked about one request (the apiserver's attributes)."""
+
+    user: str
+    groups: tuple[str, ...]
+    verb: str
+    group: str
+    resource: str
+    subresource: str = ""
+    namespace: str = ""
+    name: str = ""
+
+
+def rule_allows(rule: dict[str, Any], req: Request) -> bool:
+    """One PolicyRule against one request, as the RBAC authorizer matches them."""
+    verbs = rule.get("verbs") or []
+    if "*" not in verbs and req.verb not in verbs:
+        return False
+    groups = rule.get("apiGroups") or []
+    if "*" not in groups and req.group not in groups:
+        return False
+    resources = rule.get("resources") or []
+    full = f"{req.resource}/{req.subresource}" if req.subresource else req.resource
+    if not (
+        "*" in resources
+        or full in resources
+        or (req.subresource and f"*/{req.subresource}" in resources)
+    ):
+        return False
+    names = rule.get("resourceNames") or []
+    return not names or (bool(req.name) and req.name in names)
+
+
+def forbidden(req: Request, prefix: str | None = None) -> ApiError:
+    """The apiserver's 403: `etcds.operator.openshift.io "cluster" is forbidden: User ...`."""
+    resource = f"{req.resource}/{req.subresource}" if req.subresource else req.resource
+    where = f'in the namespace "{req.namespace}"' if req.namespace else "at the cluster scope"
+    why = (
+        f'User "{req.user}" cannot {req.verb} resource "{resource}" in API group '
+        f'"{req.group}" {where}'
+    )
+    qualified = f"{req.resource}.{req.group}" if req.group else req.resource
+    if prefix is None:
+        prefix = f'{qualified} "{req.name}"' if req.name else qualified
+    details: dict[str, Any] = {"group": req.group, "kind": req.resource}
+    if req.name:
+        details["name"] = req.name
+    return ApiError(403, "Forbidden", f"{prefix} is forbidden: {why}", details)
 
 
 @dataclass
@@ -201,6 +276,9 @@ class FakeKube:
         self.approval_puts: Counter[str] = Counter()  # successful approval PUTs per CSR
         self.approved: Counter[str] = Counter()  # transitions to Approved per CSR
         self.list_delay: dict[str, float] = {}  # plural -> seconds a list takes (a slow API)
+        # token -> (user, groups); the admin token is in system:masters (no RBAC check).
+        self.identities: dict[str, tuple[str, tuple[str, ...]]] = {token: ADMIN}
+        self.refused: list[Request] = []  # every request answered 403
         self.runner: web.AppRunner | None = None
         self.port = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -243,7 +321,8 @@ class FakeKube:
         """Listen again on the same port after `stop()`."""
         await self.start(self.port)
 
-    def kubeconfig(self, path: Path) -> Path:
+    def kubeconfig(self, path: Path, token: str | None = None) -> Path:
+        """A kubeconfig for the admin (or for the identity of `token`)."""
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -256,7 +335,7 @@ class FakeKube:
                     },
                 }
             ],
-            "users": [{"name": "admin", "user": {"token": self.token}}],
+            "users": [{"name": "admin", "user": {"token": token or self.token}}],
             "contexts": [{"name": "admin", "context": {"cluster": "fake", "user": "admin"}}],
             "current-context": "admin",
         }
@@ -267,8 +346,11 @@ class FakeKube:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
-        if request.headers.get("Authorization") != f"Bearer {self.token}":
+        auth = request.headers.get("Authorization", "")
+        identity = self.identities.get(auth.removeprefix("Bearer ")) if auth else None
+        if not auth.startswith("Bearer ") or identity is None:
             return ApiError(401, "Unauthorized", "Unauthorized").response()
+        request[IDENTITY] = identity
         try:
             return await handler(request)  # type: ignore[no-any-return]
         except ApiError as exc:
@@ -315,6 +397,8 @@ class FakeKube:
         meta.setdefault(
             "creationTimestamp", old["metadata"]["creationTimestamp"] if old else _now()
         )
+        if plural == "secrets" and obj.get("type") == SA_TOKEN:
+            self._token_controller(obj)
         meta["resourceVersion"] = self._bump()
         self.objects[key] = obj
         self._emit(event or ("MODIFIED" if old else "ADDED"), plural, obj)
@@ -350,6 +434,80 @@ class FakeKube:
             w.queue.put_nowait(
                 (0, "ERROR", status_body(410, "Expired", "too old resource version (compacted)"))
             )
+
+    def service_account_token(self, namespace: str, name: str) -> str:
+        """A token for a ServiceAccount (as `oc create token` gives one)."""
+        token = f"sa-{uuid.uuid4().hex}"
+        user = f"system:serviceaccount:{namespace}:{name}"
+        groups = ("system:serviceaccounts", f"system:serviceaccounts:{namespace}")
+        self.identities[token] = (user, (*groups, "system:authenticated"))
+        return token
+
+    def _token_controller(self, secret: dict[str, Any]) -> None:
+        """Fill a service-account-token Secret with a token of its ServiceAccount."""
+        data = secret.setdefault("data", {})
+        if data.get("token"):
+            return
+        meta = secret["metadata"]
+        account = (meta.get("annotations") or {}).get("kubernetes.io/service-account.name")
+        if not account:
+            return
+        namespace = meta.get("namespace", "")
+        token = self.service_account_token(namespace, account)
+        for key, value in (("token", token.encode()), ("ca.crt", self.ca_pem)):
+            data[key] = base64.b64encode(value).decode()
+        data["namespace"] = base64.b64encode(namespace.encode()).decode()
+
+    def apply(self, documents: Iterable[dict[str, Any]]) -> None:
+        """Create or replace each object, as `kubectl apply -f -` does with a stream."""
+        for doc in documents:
+            kind = BY_KIND[doc["kind"]]
+            assert doc.get("apiVersion") == kind.api_version, doc
+            namespace = (doc.get("metadata") or {}).get("namespace")
+            if kind.namespaced:
+                assert namespace, f"{doc['kind']} without a namespace"
+                assert ("namespaces", "", namespace) in self.objects, f"no namespace {namespace}"
+            self.put(kind.plural, doc)
+
+    # --- RBAC -----------------------------------------------------------------------------
+
+    def _rules(self, req: Request) -> list[dict[str, Any]]:
+        """Every rule bound to the request's user (cluster-wide, and in its namespace)."""
+        rules: list[dict[str, Any]] = []
+        bindings = [("clusterrolebindings", b) for b in self.items("clusterrolebindings")]
+        if req.namespace:
+            bindings += [("rolebindings", b) for b in self.items("rolebindings", req.namespace)]
+        for plural, binding in bindings:
+            if not any(self._subject(s, req) for s in binding.get("subjects") or []):
+                continue
+            ref = binding.get("roleRef") or {}
+            if ref.get("kind") == "ClusterRole":
+                role = self.get("clusterroles", str(ref.get("name")))
+            elif ref.get("kind") == "Role" and plural == "rolebindings":
+                role = self.get("roles", str(ref.get("name")), req.namespace)
+            else:
+                role = None
+            rules += [r for r in (role or {}).get("rules") or [] if isinstance(r, dict)]
+        return rules
+
+    @staticmethod
+    def _subject(subject: dict[str, Any], req: Request) -> bool:
+        kind, name = subject.get("kind"), subject.get("name")
+        if kind == "ServiceAccount":
+            return req.user == f"system:serviceaccount:{subject.get('namespace')}:{name}"
+        if kind == "User":
+            return req.user == name
+        return kind == "Group" and name in req.groups
+
+    def allowed(self, req: Request) -> bool:
+        if "system:masters" in req.groups:
+            return True
+        return any(rule_allows(rule, req) for rule in self._rules(req))
+
+    def _authorize(self, req: Request, prefix: str | None = None) -> None:
+        if not self.allowed(req):
+            self.refused.append(req)
+            raise forbidden(req, prefix)
 
     def serve_kind(self, plural: str) -> None:
         """Install a CRD (NFD, ClusterPolicy, Etcd): its kind is served from now on."""
@@ -490,6 +648,12 @@ class FakeKube:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.path == "/version":
             return web.json_response({"major": "1", "minor": "29", "gitVersion": "v1.29.0-fake"})
+        discovery = self._discovery(request.path)
+        if discovery is not None:  # system:discovery: any authenticated user may read it
+            return web.json_response(discovery)
+        # Authorized before routing, as the apiserver's filter chain does: a kind that
+        # is not served is still a 403, not a 404, for whom RBAC does not allow it.
+        self._authorize(self._request(request))
         kind, namespace, name, sub = self._route(request.path)
         method = request.method
         if name is None:
@@ -513,7 +677,7 @@ class FakeKube:
                 raise ApiError(404, "NotFound", f'{kind.plural} "{name}" not found')
             return web.json_response(obj)
         if method == "PUT":
-            return self._replace(kind, key, sub, await self._body(request))
+            return self._replace(kind, key, sub, await self._body(request), request[IDENTITY])
         if method == "DELETE":
             if key not in self.objects:
                 raise ApiError(404, "NotFound", f'{kind.plural} "{name}" not found')
@@ -522,6 +686,87 @@ class FakeKube:
             self.logs.pop((namespace or "", name), None)
             return web.json_response(obj)
         raise ApiError(405, "MethodNotAllowed", method)
+
+    def _discovery(self, path: str) -> dict[str, Any] | None:
+        """/api, /apis and the resource lists, for kubectl (legacy discovery)."""
+        served = [k for k in KINDS if k.plural in self.served]
+        if path == "/api":
+            return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+        if path == "/apis":
+            groups: dict[str, list[str]] = {}
+            for k in served:
+                if k.group and k.version not in groups.setdefault(k.group, []):
+                    groups[k.group].append(k.version)
+            return {
+                "kind": "APIGroupList",
+                "apiVersion": "v1",
+                "groups": [
+                    {
+                        "name": g,
+                        "versions": [{"groupVersion": f"{g}/{v}", "version": v} for v in vs],
+                        "preferredVersion": {"groupVersion": f"{g}/{vs[0]}", "version": vs[0]},
+                    }
+                    for g, vs in groups.items()
+                ],
+            }
+        parts = [p for p in path.split("/") if p]
+        if parts == ["api", "v1"]:
+            group, version = "", "v1"
+        elif len(parts) == 3 and parts[0] == "apis":
+            group, version = parts[1], parts[2]
+        else:
+            return None
+        kinds = [k for k in served if (k.group, k.version) == (group, version)]
+        if not kinds:
+            return None
+        verbs = ["create", "delete", "get", "list", "patch", "update", "watch"]
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": f"{group}/{version}" if group else version,
+            "resources": [
+                {
+                    "name": k.plural,
+                    "singularName": k.kind.lower(),
+                    "namespaced": k.namespaced,
+                    "kind": k.kind,
+                    "verbs": verbs,
+                }
+                for k in kinds
+            ],
+        }
+
+    @staticmethod
+    def _request(request: web.Request) -> Request:
+        """The attributes of a resource request, from its path alone."""
+        user, groups = request[IDENTITY]
+        parts = [p for p in request.path.split("/") if p]
+        if parts[:2] == ["api", "v1"]:
+            group, rest = "", parts[2:]
+        elif parts[:1] == ["apis"] and len(parts) >= 3:
+            group, rest = parts[1], parts[3:]
+        else:
+            raise ApiError(404, "NotFound", f"the server could not find {request.path}")
+        namespace = ""
+        if len(rest) >= 3 and rest[0] == "namespaces" and rest[2] not in ("status", "finalize"):
+            namespace, rest = rest[1], rest[2:]
+        if not rest:
+            raise ApiError(404, "NotFound", f"no resource at {request.path}")
+        resource, name = rest[0], rest[1] if len(rest) > 1 else ""
+        sub = rest[2] if len(rest) > 2 else ""
+        method = request.method
+        if method == "GET":
+            watch = request.query.get("watch") in ("true", "1")
+            verb = "get" if name else ("watch" if watch else "list")
+        else:
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, "delete")
+        if not name and verb in ("list", "watch"):
+            # metadata.name=<name> in the fieldSelector makes a list/watch of that name.
+            for term in request.query.get("fieldSelector", "").split(","):
+                field, _, value = term.partition("=")
+                if field == "metadata.name":
+                    name = value.lstrip("=")
+        return Request(user, groups, verb, group, resource, sub, namespace, name)
 
     @staticmethod
     async def _body(request: web.Request) -> dict[str, Any]:
@@ -580,7 +825,12 @@ class FakeKube:
         return web.json_response(self.put(kind.plural, body, "ADDED"), status=201)
 
     def _replace(
-        self, kind: Kind, key: tuple[str, str, str], sub: str, body: dict[str, Any]
+        self,
+        kind: Kind,
+        key: tuple[str, str, str],
+        sub: str,
+        body: dict[str, Any],
+        identity: tuple[str, tuple[str, ...]] = ADMIN,
     ) -> web.Response:
         old = self.objects.get(key)
         if old is None:
@@ -603,6 +853,7 @@ class FakeKube:
                 raise ApiError(
                     422, "Invalid", "Approved and Denied conditions are mutually exclusive"
                 )
+            self._may_approve(old, key[2], identity)
             was = {c.get("type") for c in (old.get("status") or {}).get("conditions") or []}
             if ("Approved" in was and "Denied" in types) or (
                 "Denied" in was and "Approved" in types
@@ -619,6 +870,28 @@ class FakeKube:
             new["metadata"] = {**old["metadata"], **(body.get("metadata") or {})}
         new["metadata"].pop("resourceVersion", None)
         return web.json_response(self.put(kind.plural, new, "MODIFIED"))
+
+    def _may_approve(
+        self, csr: dict[str, Any], name: str, identity: tuple[str, tuple[str, ...]]
+    ) -> None:
+        """CertificateApproval admission: `approve` on signers/<signerName> or <domain>/*."""
+        signer = str((csr.get("spec") or {}).get("signerName") or "")
+        user, groups = identity
+        names = (signer, signer.split("/")[0] + "/*")
+        asks = [
+            Request(user, groups, "approve", "certificates.k8s.io", "signers", "", "", n)
+            for n in names
+        ]
+        if any(self.allowed(req) for req in asks):
+            return
+        self.refused.append(asks[0])
+        raise ApiError(
+            403,
+            "Forbidden",
+            f'certificatesigningrequests.certificates.k8s.io "{name}" is forbidden: '
+            f'user not permitted to approve requests with signerName "{signer}"',
+            {"name": name, "group": "certificates.k8s.io", "kind": "certificatesigningrequests"},
+        )
 
     def _log(self, key: tuple[str, str, str]) -> web.Response:
         obj = self.objects.get(key)

@@ -283,6 +283,10 @@ function renderCluster(body) {
     ["validated", compact(gpu.validated)],
   ];
   if (gpu.failed) rows.push(["last failure", String(gpu.failed)]);
+  // A worker in trouble (forbidden: the rule it misses; backing off: why) gets a row.
+  for (const [name, w] of Object.entries(svc.workers || {})) {
+    if (w.state !== "ok" && w.state !== "off") rows.push([`${name} worker`, `${w.state} · ${w.detail || ""}`]);
+  }
   const boot = body.bootstrap || svc.bootstrap;
   if (boot) rows.push(["bootstrap", compact(boot)]);
   replace($("gpu"), h("div", { class: "gpu-grid" }, rows.flatMap(([k, v]) => [h("div", { class: "muted" }, k), h("div", {}, v)])));

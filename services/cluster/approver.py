@@ -23,9 +23,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from appliance.plan import Plan
+from services.cluster.access import Attributes
 from services.cluster.breaker import MARGIN, RateLimit, breaker_open, parse_time
 from services.cluster.informer import Informer
-from services.cluster.kube import CSRS, NODES, Kube, KubeError
+from services.cluster.kube import CSRS, NODES, Forbidden, Kube, KubeError
 from services.cluster.nodes import ClusterView
 from services.cluster.review import ClusterFacts, CsrInfo, Decision, is_bootstrapper, review
 
@@ -75,6 +76,10 @@ class Approver:
         self.approvals = 0
         self.conflicts = 0
         self.informer: Informer | None = None
+        # The last round's refusal by the API (e.g. no `approve` on one signer): the CSRs
+        # of other signers are still concluded; status() shows the rule that is missing.
+        self.refused: Forbidden | None = None
+        self._said_refused = ""
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -178,6 +183,7 @@ class Approver:
         facts = self.view.facts()
         self.held = 0
         delay = self.resync
+        refused: Forbidden | None = None
         for csr, obj in sorted(pending, key=lambda p: (p[0].created, p[0].name)):
             decision = review(csr, plan, facts)
             if decision.verdict == "approve" and self.breaker:
@@ -203,8 +209,33 @@ class Approver:
             if decision.verdict == "pending":
                 self._record(csr, decision)
                 continue
-            await self._conclude(kube, csr, obj, decision)
+            try:
+                await self._conclude(kube, csr, obj, decision)
+            except Forbidden as exc:
+                # Refused for this CSR's signer (or the approval subresource): leave it
+                # pending with the reason, go on with the others, look again next round.
+                refused = self._refused(csr, decision, exc)
+        self.refused = refused
         return delay
+
+    def _refused(self, csr: CsrInfo, decision: Decision, exc: Forbidden) -> Forbidden:
+        if "not permitted to approve requests with signerName" in exc.message:
+            # The CertificateApproval admission check: `approve` on signers/<signerName>.
+            exc.needs = Attributes("approve", "certificates.k8s.io", "signers", name=csr.signer)
+        needs = exc.needs.describe() if exc.needs else "a permission"
+        self._record(
+            csr, Decision("pending", f"forbidden: needs {needs}", decision.kind, decision.node)
+        )
+        if self._said_refused != needs:
+            self._said_refused = needs
+            rule = exc.needs.rule_text() if exc.needs else "(unknown rule)"
+            self.log.warning(
+                "cannot conclude %s: %s; add the %s (`appliance render --as rbac`)",
+                csr.name,
+                exc.message or exc.reason,
+                rule,
+            )
+        return exc
 
     async def _existing_node(self, kube: Kube, plan: Plan, node: str) -> str:
         info = plan.by_name.get(node)

@@ -26,6 +26,7 @@ from services.cluster.kube import (
     OPERATOR_GROUPS,
     PODS,
     SUBSCRIPTIONS,
+    Forbidden,
     Kube,
     KubeError,
 )
@@ -124,6 +125,8 @@ class GpuFlow:
             self._save(state.retry(now))
         try:
             progress = await self._look(kube, plan)
+        except Forbidden:
+            raise  # not a wait: the identity lacks a rule; the worker backs off and says which
         except KubeError as exc:
             # The server refused something (403, 404 for a kind not installed yet, 422):
             # keep waiting within the step's time bound; the text says what happened.
@@ -183,7 +186,10 @@ class GpuFlow:
             self.log.info("created %s %s", body.get("kind"), name)
 
     async def _subscribe(self, kube: Kube, ns: str, package: str, catalog: str) -> Progress:
-        await self._create(kube, NAMESPACES, gpu.namespace(ns))
+        # Looked up first: with the least-privilege role the namespace was created with
+        # the role (`render --as rbac`) and the loop may read it but not create namespaces.
+        if await kube.get(NAMESPACES, ns) is None:
+            await self._create(kube, NAMESPACES, gpu.namespace(ns))
         await self._create(kube, OPERATOR_GROUPS, gpu.operator_group(ns), ns)
         await self._create(kube, SUBSCRIPTIONS, gpu.subscription(ns, package, catalog), ns)
         return DONE

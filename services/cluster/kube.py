@@ -4,8 +4,9 @@ kubernetes-asyncio loads the kubeconfig (server, CA, token or client certificate
 makes the requests; everything here works on plain JSON objects, so CSRs, Nodes and
 the OLM / NFD / GPU-operator custom resources go through one path. Errors come out as
 Unreachable (connection refused or reset, timeouts, 5xx: retry after a back-off),
-Gone (410: a watch's resourceVersion is too old: relist) or KubeError (anything the
-server refused, with its status and message).
+Gone (410: a watch's resourceVersion is too old: relist), Forbidden (403, with the
+exact rule the request needed) or KubeError (anything else the server refused, with
+its status and message).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from kubernetes_asyncio.client import ApiClient, Configuration
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import ConfigException, load_kube_config
+
+from services.cluster.access import Attributes, request_attributes
 
 REQUEST_TIMEOUT = 30.0  # seconds for one ordinary request
 
@@ -42,6 +45,14 @@ class Unreachable(Exception):
 
 class Gone(KubeError):
     """410: the resourceVersion is too old (compacted); list again."""
+
+
+class Forbidden(KubeError):
+    """403: RBAC (or an admission check) refused; `needs` is what the request asked for."""
+
+    def __init__(self, reason: str, message: str, needs: Attributes | None) -> None:
+        super().__init__(403, reason, message)
+        self.needs = needs
 
 
 class KubeconfigError(Exception):
@@ -84,7 +95,7 @@ CLUSTER_POLICIES = Resource("nvidia.com", "v1", "clusterpolicies", False)
 ETCDS = Resource("operator.openshift.io", "v1", "etcds", False)
 
 
-def _status_error(status: int, body: bytes) -> KubeError:
+def _status_error(status: int, body: bytes, needs: Attributes | None = None) -> KubeError:
     reason, message = "", ""
     try:
         data = json.loads(body)
@@ -93,6 +104,8 @@ def _status_error(status: int, body: bytes) -> KubeError:
             message = str(data.get("message") or "")
     except ValueError:
         message = body[:200].decode("utf-8", "replace").strip()
+    if status == 403:
+        return Forbidden(reason or "Forbidden", message, needs)
     cls = Gone if status == 410 else KubeError
     return cls(status, reason or "Error", message)
 
@@ -157,7 +170,8 @@ class Kube:
             raise Unreachable(f"{method} {path}: {resp.status}: {text[:200]!r}")
         if resp.status >= 300:
             try:
-                raise _status_error(resp.status, await self._read(resp))
+                needs = request_attributes(method, path, query)
+                raise _status_error(resp.status, await self._read(resp), needs)
             finally:
                 resp.release()
         return resp
@@ -315,7 +329,8 @@ class Kube:
                 if kind == "ERROR":
                     code = obj.get("code")
                     status = code if isinstance(code, int) else 500
-                    err = _status_error(status, json.dumps(obj).encode())
+                    needs = request_attributes("GET", res.path(namespace), query)
+                    err = _status_error(status, json.dumps(obj).encode(), needs)
                     if status >= 500:
                         raise Unreachable(str(err))
                     raise err

@@ -20,13 +20,20 @@ Checked:
   resumed by a new supervisor on the same store without redoing finished steps;
 - an API outage (the server stops listening) survived: reconnect and approve;
 - no kubeconfig: start is immediate, the wait is logged once, and the loop
-  connects when the kubeconfig (default <ignition_dir>/auth/kubeconfig) appears.
+  connects when the kubeconfig (default <ignition_dir>/auth/kubeconfig) appears;
+- least privilege: the fake enforces RBAC from the very rules `render --as rbac`
+  prints (applied with kubectl as the README says); with them the whole flow works,
+  and with one rule removed only the worker that needs it backs off, reporting the
+  exact rule, while the others (CSR approval above all) go on; a bug in one worker
+  does not stop the others either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -38,13 +45,13 @@ import pytest
 from appliance.events import Event, Subscription
 from appliance.service import ServiceSpec
 from appliance.supervisor import Supervisor, load_plan
-from services.cluster import ClusterService, Timing
+from services.cluster import ClusterService, Timing, rbac
 from services.cluster.gpu import Timeouts
 from services.cluster.review import BOOTSTRAPPER, CLIENT_SIGNER, SERVING_SIGNER
 from services.http import SPEC as HTTP
 from services.proxy import SPEC as PROXY
 from tests.fakekube import FakeKube, kubelet_csr, tampered
-from tests.helpers import free_port, loopback_inventory, write_inventory
+from tests.helpers import free_port, loopback_inventory, need_tool, write_inventory
 from tests.unit.test_gpu import A100_LOG, V100_LOG
 
 D = "demo.example.com"
@@ -59,6 +66,7 @@ SERVING = ["digital signature", "server auth"]
 FAST = Timing(
     backoff_first=0.05,
     backoff_max=0.3,
+    stable=0.3,
     resync=0.3,
     watch_timeout=30.0,
     request_timeout=5.0,
@@ -717,5 +725,502 @@ async def test_without_kubeconfig_it_waits_quietly_then_connects(
             assert resp.status == 200
         fake.kubeconfig(tmp_path / "ignition" / "auth" / "kubeconfig")
         await until(lambda: svc.connection["state"] == "connected", "connected once it appears")
+    finally:
+        await sup.stop()
+
+
+# --- least privilege: the rendered RBAC, enforced by the fake ---------------------------------
+
+
+def least_privilege(
+    fake: FakeKube,
+    config: Path,
+    kubeconfig: Path,
+    *,
+    without_cluster_rule: str = "",
+    without_role_in: str = "",
+    without_signer: str = "",
+) -> None:
+    """Apply `render --as rbac`'s objects (minus one rule or Role, to see it missed), then
+    write the ServiceAccount's kubeconfig from its token Secret, as the README says."""
+    plan = load_plan(config)
+    cluster_rules = [
+        r for r in rbac.cluster_rules(plan) if without_cluster_rule not in r["resources"]
+    ]
+    for rule in cluster_rules:
+        if without_signer in rule.get("resourceNames", []):
+            rule["resourceNames"].remove(without_signer)
+    namespaced = {ns: r for ns, r in rbac.namespaced_rules(plan).items() if ns != without_role_in}
+    fake.apply(rbac.manifests(plan, cluster_rules, namespaced))
+    secret = fake.get("secrets", rbac.TOKEN_SECRET, rbac.NAMESPACE)
+    assert secret is not None
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    fake.kubeconfig(kubeconfig, token)
+
+
+def workers(svc: ClusterService) -> dict[str, Any]:
+    return svc.status()["workers"]  # type: ignore[no-any-return]
+
+
+async def test_a_forbidden_etcd_read_stops_only_the_bootstrap_watcher(
+    tmp_path: Path, fake: FakeKube, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14, item 22: the role lacks `get etcds`; CSRs are approved all the same."""
+    caplog.set_level(logging.INFO, logger="cluster")
+    kubeconfig = tmp_path / "sa.kubeconfig"
+    config = inventory(tmp_path, kubeconfig)
+    least_privilege(fake, config, kubeconfig, without_cluster_rule="etcds")
+    fake.serve_kind("etcds")
+    fake.put("etcds", {"metadata": {"name": "cluster"}, "status": {"conditions": []}})
+    fake.set_configmap("kube-system", "bootstrap", {"status": "complete"})
+    sup = await started(config)
+    try:
+        svc = cluster(sup)
+        fake.add_node("worker-0", ready=True)
+        fake.create_csr(
+            "csr-master-0",
+            kubelet_csr("system:node:master-0"),
+            signer=CLIENT_SIGNER,
+            usages=CLIENT,
+            username=BOOTSTRAPPER,
+            groups=BOOTSTRAPPER_GROUPS,
+        )
+        await until(lambda: fake.approved["csr-master-0"], "the CSR approved")
+        state = await until(
+            lambda: (w := workers(svc)["bootstrap"])["state"] == "forbidden" and w,
+            "the bootstrap watcher reports the missing rule",
+        )
+        assert state["missing"]["rule"] == {
+            "apiGroups": ["operator.openshift.io"],
+            "resources": ["etcds"],
+            "verbs": ["get"],
+            "resourceNames": ["cluster"],
+        }
+        assert 'get etcds.operator.openshift.io "cluster" at the cluster scope' in state["detail"]
+        assert 'User "system:serviceaccount:appliance:appliance-cluster-loop"' in state["detail"]
+        # It backs off alone: several rounds later the others never restarted.
+        await asyncio.sleep(5 * FAST.backoff_max)
+        assert workers(svc)["bootstrap"]["failures"] >= 2
+        assert not svc.status()["bootstrap"]["complete"]  # not retired on a guess
+        for name in ("csr", "nodes", "gpu"):
+            assert workers(svc)[name]["state"] == "ok", (name, workers(svc)[name])
+            assert workers(svc)[name]["failures"] == 0, name
+        informer = svc.approver.informer
+        assert informer is not None and informer.lists == 1  # the CSR watch was never cut
+        assert svc.connection["state"] == "connected" and svc.connects == 1
+        # New CSRs keep being approved meanwhile, and nodes reported Ready.
+        fake.create_csr(
+            "csr-serving-worker-0",
+            kubelet_csr(
+                "system:node:worker-0", dns=["worker-0", f"worker-0.{D}"], ips=["127.0.0.44"]
+            ),
+            signer=SERVING_SIGNER,
+            usages=SERVING,
+            username="system:node:worker-0",
+            groups=NODE_GROUPS,
+        )
+        await until(lambda: fake.approved["csr-serving-worker-0"], "a later CSR approved")
+        said = [r.getMessage() for r in caplog.records if "forbidden" in r.getMessage()]
+        assert len(said) == 1, said  # once, not once per retry
+        assert 'resources: ["etcds"]' in said[0] and "render --as rbac" in said[0]
+        # The operator adds the rule: the watcher gets on and retires the bootstrap node.
+        role = fake.get("clusterroles", rbac.NAME)
+        assert role is not None
+        role["rules"].append(state["missing"]["rule"])
+        fake.put("clusterroles", role)
+        etcd = {"metadata": {"name": "cluster"}, "status": {"conditions": []}}
+        etcd["status"]["conditions"] = [{"type": "EtcdBootstrapMemberRemoved", "status": "True"}]
+        fake.put("etcds", etcd)
+        await until(lambda: svc.status()["bootstrap"]["complete"], "retired once allowed")
+        await until(lambda: workers(svc)["bootstrap"]["state"] == "ok", "the watcher is ok")
+    finally:
+        await sup.stop()
+
+
+async def test_the_rendered_role_is_enough_for_the_whole_flow(
+    tmp_path: Path, fake: FakeKube, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CSR approval, bootstrap retirement, node-ready and GPU bring-up as the ServiceAccount."""
+    caplog.set_level(logging.WARNING, logger="cluster")
+    kubeconfig = tmp_path / "sa.kubeconfig"
+    config = inventory(tmp_path, kubeconfig)
+    least_privilege(fake, config, kubeconfig)
+    fake.serve_kind("etcds")
+    removed = {"type": "EtcdBootstrapMemberRemoved", "status": "True"}
+    fake.put("etcds", {"metadata": {"name": "cluster"}, "status": {"conditions": [removed]}})
+    sup = Supervisor(config, specs=[cluster_spec()])
+    sub = sup.bus.subscribe()
+    events: list[Event] = []
+    await sup.start(load_plan(config))
+    try:
+        svc = cluster(sup)
+        fake.create_csr(
+            "csr-worker-0",
+            kubelet_csr("system:node:worker-0"),
+            signer=CLIENT_SIGNER,
+            usages=CLIENT,
+            username=BOOTSTRAPPER,
+            groups=BOOTSTRAPPER_GROUPS,
+        )
+        await until(lambda: fake.approved["csr-worker-0"], "client CSR approved")
+        fake.add_node("worker-0", ready=True)
+        fake.add_node("worker-1", ready=True)
+        fake.create_csr(
+            "csr-serving-worker-0",
+            kubelet_csr(
+                "system:node:worker-0", dns=["worker-0", f"worker-0.{D}"], ips=["127.0.0.44"]
+            ),
+            signer=SERVING_SIGNER,
+            usages=SERVING,
+            username="system:node:worker-0",
+            groups=NODE_GROUPS,
+        )
+        await until(lambda: fake.approved["csr-serving-worker-0"], "serving CSR approved")
+        fake.set_configmap("kube-system", "bootstrap", {"status": "complete"})
+        await until(lambda: svc.status()["bootstrap"]["complete"], "bootstrap retired")
+        # The GPU bring-up, the test playing OLM, NFD and the GPU operator.
+        await until(lambda: fake.get("subscriptions", "nfd", "openshift-nfd"), "NFD Subscription")
+        fake.olm_resolve(
+            "openshift-nfd", "nfd", "nfd.4.14.0", phase="Succeeded", alm_examples=[NFD_EXAMPLE]
+        )
+        fake.serve_kind("nodefeaturediscoveries")
+        await until(
+            lambda: fake.get("nodefeaturediscoveries", "nfd-instance", "openshift-nfd"), "NFD"
+        )
+        fake.label_node("worker-0", GPU_LABEL)
+        fake.label_node("worker-1", GPU_LABEL)
+        await until(
+            lambda: fake.get("subscriptions", "gpu-operator-certified", "nvidia-gpu-operator"),
+            "GPU operator Subscription",
+        )
+        fake.olm_resolve(
+            "nvidia-gpu-operator",
+            "gpu-operator-certified",
+            "gpu-operator-certified.v24.3.0",
+            phase="Succeeded",
+            alm_examples=[POLICY_EXAMPLE],
+            crds=["clusterpolicies"],
+        )
+        await until(lambda: fake.get("clusterpolicies", "gpu-cluster-policy"), "ClusterPolicy")
+        fake.set_policy_state("gpu-cluster-policy", "ready")
+        await until(lambda: len(fake.items("pods", "nvidia-gpu-operator")) == 2, "smi pods")
+        fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-0", "Succeeded", V100_LOG)
+        fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-1", "Succeeded", A100_LOG)
+        await until(lambda: gpu_status(sup)["step"] == "done", "GPU bring-up done")
+        assert fake.items("pods", "nvidia-gpu-operator") == []
+        stages = {(e.node, e.stage) for e in seen(sub, events)}
+        for node in ("worker-0", "worker-1"):
+            for stage in ("node-ready", "gpu-discovered", "gpu-operator-ready", "gpu-validated"):
+                assert (node, stage) in stages, (node, stage)
+        assert ("worker-0", "csr-client") in stages and ("worker-0", "csr-serving") in stages
+        assert fake.refused == [], fake.refused  # nothing it does needs more than the role
+        assert all(w["state"] == "ok" for w in workers(svc).values()), workers(svc)
+        assert not [r for r in caplog.records if "forbidden" in r.getMessage()]
+        # The loop never asked for more than the role gives: no namespace creation.
+        assert fake.count("POST", "/api/v1/namespaces") == 0
+    finally:
+        sub.close()
+        await sup.stop()
+
+
+async def test_without_the_gpu_role_only_the_gpu_bring_up_waits(
+    tmp_path: Path, fake: FakeKube
+) -> None:
+    """The GPU operator's namespace Role is missing: the GPU worker reports the exact rule
+    and backs off; CSRs are approved and nodes seen meanwhile."""
+    kubeconfig = tmp_path / "sa.kubeconfig"
+    config = inventory(tmp_path, kubeconfig)
+    least_privilege(fake, config, kubeconfig, without_role_in="openshift-nfd")
+    sup = await started(config)
+    try:
+        svc = cluster(sup)
+        state = await until(
+            lambda: (w := workers(svc)["gpu"])["state"] == "forbidden" and w,
+            "the GPU worker reports the missing rule",
+        )
+        assert state["missing"]["rule"] == {
+            "apiGroups": ["operators.coreos.com"],
+            "resources": ["operatorgroups"],
+            "verbs": ["create"],
+        }
+        assert state["missing"]["namespace"] == "openshift-nfd"
+        assert "create operatorgroups.operators.coreos.com" in state["detail"]
+        assert 'in the namespace "openshift-nfd"' in state["detail"]
+        fake.create_csr(
+            "csr-master-0",
+            kubelet_csr("system:node:master-0"),
+            signer=CLIENT_SIGNER,
+            usages=CLIENT,
+            username=BOOTSTRAPPER,
+            groups=BOOTSTRAPPER_GROUPS,
+        )
+        await until(lambda: fake.approved["csr-master-0"], "the CSR approved meanwhile")
+        fake.add_node("master-0", ready=True)
+        await until(lambda: svc.status()["nodes"]["ready"] == ["master-0"], "node seen")
+        await asyncio.sleep(4 * FAST.backoff_max)
+        assert workers(svc)["gpu"]["state"] == "forbidden"
+        assert workers(svc)["gpu"]["failures"] >= 2  # backed off and tried again
+        for name in ("csr", "nodes", "bootstrap"):
+            assert workers(svc)[name]["state"] == "ok", (name, workers(svc)[name])
+        assert gpu_status(sup)["step"] == "nfd-operator"  # not failed, not skipped
+    finally:
+        await sup.stop()
+
+
+async def test_a_signer_the_role_cannot_approve_for_blocks_only_its_csrs(
+    tmp_path: Path, fake: FakeKube, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No `approve` on signers/kubernetes.io/kubelet-serving: serving CSRs stay pending with
+    the reason, client CSRs (even newer ones) are approved, the rule is reported."""
+    caplog.set_level(logging.INFO, logger="cluster")
+    kubeconfig = tmp_path / "sa.kubeconfig"
+    config = inventory(tmp_path, kubeconfig)
+    least_privilege(fake, config, kubeconfig, without_signer=SERVING_SIGNER)
+    fake.add_node("worker-0", ready=True)
+    fake.create_csr(  # the oldest: it comes first in every review round
+        "csr-serving-worker-0",
+        kubelet_csr("system:node:worker-0", dns=["worker-0"], ips=["127.0.0.44"]),
+        signer=SERVING_SIGNER,
+        usages=SERVING,
+        username="system:node:worker-0",
+        groups=NODE_GROUPS,
+    )
+    sup = await started(config)
+    try:
+        svc = cluster(sup)
+        state = await until(
+            lambda: (w := workers(svc)["csr"])["state"] == "forbidden" and w,
+            "the approver reports the missing rule",
+        )
+        assert state["missing"]["rule"] == {
+            "apiGroups": ["certificates.k8s.io"],
+            "resources": ["signers"],
+            "verbs": ["approve"],
+            "resourceNames": [SERVING_SIGNER],
+        }
+        assert (
+            'not permitted to approve requests with signerName "kubernetes.io/kubelet-serving"'
+            in state["detail"]
+        )
+        for i in range(3):  # client CSRs arriving meanwhile are approved promptly
+            fake.create_csr(
+                f"csr-client-{i}",
+                kubelet_csr("system:node:master-0"),
+                signer=CLIENT_SIGNER,
+                usages=CLIENT,
+                username="system:node:master-0",
+                groups=NODE_GROUPS,
+            )
+            await until(lambda i=i: fake.approved[f"csr-client-{i}"], f"client CSR {i}")
+        assert conditions(fake, "csr-serving-worker-0") == []
+        (row,) = [
+            d
+            for d in sup.store.csr_decisions()  # type: ignore[union-attr]
+            if d["csr"] == "csr-serving-worker-0"
+        ]
+        assert row["decision"] == "pending" and row["reason"].startswith(
+            'forbidden: needs approve signers.certificates.k8s.io "kubernetes.io/kubelet-serving"'
+        )
+        informer = svc.approver.informer
+        assert informer is not None and informer.lists == 1  # never restarted for it
+        said = [r.getMessage() for r in caplog.records if "cannot conclude" in r.getMessage()]
+        assert len(said) == 1, said
+        # The operator grants it: the serving CSR is approved at the next round.
+        role = fake.get("clusterroles", rbac.NAME)
+        assert role is not None
+        role["rules"].append(state["missing"]["rule"])
+        fake.put("clusterroles", role)
+        await until(lambda: fake.approved["csr-serving-worker-0"], "approved once allowed")
+        await until(lambda: workers(svc)["csr"]["state"] == "ok", "the approver is ok")
+    finally:
+        await sup.stop()
+
+
+async def run(*argv: str, stdin: bytes = b"") -> str:
+    """A command's output (it must succeed); async, as the fake API runs in this loop."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+    assert proc.returncode == 0, (argv, err.decode())
+    return out.decode()
+
+
+@pytest.mark.tool("kubectl")
+async def test_the_readme_steps_with_kubectl(tmp_path: Path, fake: FakeKube) -> None:
+    """`render --as rbac | kubectl apply -f -`, the token kubeconfig built as the README
+    says, and the cluster loop approving with it (and with nothing more)."""
+    kubectl = need_tool("kubectl")
+    admin = str(fake.kubeconfig(tmp_path / "admin.kubeconfig"))
+    k = tmp_path / "cluster-loop.kubeconfig"
+    config = inventory(tmp_path, k)
+    rendered = await run(
+        sys.executable, "-m", "appliance", "render", "--config", str(config), "--as", "rbac"
+    )
+    # --validate=false: the fake serves no OpenAPI schema (the unit tests check the
+    # objects against the API's own types instead).
+    applied = await run(
+        kubectl,
+        "--kubeconfig",
+        admin,
+        "apply",
+        "--validate=false",
+        "-f",
+        "-",
+        stdin=rendered.encode(),
+    )
+    assert "clusterrole.rbac.authorization.k8s.io/appliance-cluster-loop created" in applied
+    token = base64.b64decode(
+        await run(
+            kubectl,
+            "--kubeconfig",
+            admin,
+            "-n",
+            "appliance",
+            "get",
+            "secret",
+            "appliance-cluster-loop-token",
+            "-o",
+            "jsonpath={.data.token}",
+        )
+    ).decode()
+    ca = tmp_path / "api-ca.crt"
+    ca.write_bytes(
+        base64.b64decode(
+            await run(
+                kubectl,
+                "--kubeconfig",
+                admin,
+                "config",
+                "view",
+                "--raw",
+                "--minify",
+                "-o",
+                "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+            )
+        )
+    )
+    kc = [kubectl, "--kubeconfig", str(k), "config"]
+    await run(
+        *kc,
+        "set-cluster",
+        "cluster",
+        f"--server={fake.url}",
+        f"--certificate-authority={ca}",
+        "--embed-certs",
+    )
+    # Not `set-credentials`: Debian 12's kubectl 1.20 (built with Go 1.19) panics on it.
+    await run(*kc, "set", "users.appliance-cluster-loop.token", token)
+    await run(*kc, "set-context", "appliance", "--cluster=cluster", "--user=appliance-cluster-loop")
+    await run(*kc, "use-context", "appliance")
+    fake.create_csr(
+        "csr-master-0",
+        kubelet_csr("system:node:master-0"),
+        signer=CLIENT_SIGNER,
+        usages=CLIENT,
+        username=BOOTSTRAPPER,
+        groups=BOOTSTRAPPER_GROUPS,
+    )
+    sup = await started(config)
+    try:
+        await until(lambda: fake.approved["csr-master-0"], "approved as the ServiceAccount")
+        await until(lambda: fake.get("subscriptions", "nfd", "openshift-nfd"), "NFD subscribed")
+        assert fake.refused == []
+        user = fake.identities[token][0]
+        assert user == "system:serviceaccount:appliance:appliance-cluster-loop"
+    finally:
+        await sup.stop()
+
+
+async def test_a_bug_in_one_worker_does_not_stop_the_others(
+    tmp_path: Path,
+    fake: FakeKube,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    caplog.set_level(logging.INFO, logger="cluster")
+
+    async def broken(self: Any, kube: Any, plan: Any) -> None:
+        raise RuntimeError("a bug in the GPU step")
+
+    monkeypatch.setattr("services.cluster.gpuflow.GpuFlow.step_once", broken)
+    config = inventory(tmp_path, fake.kubeconfig(tmp_path / "kubeconfig"))
+    sup = await started(config)
+    try:
+        svc = cluster(sup)
+        await until(lambda: workers(svc)["gpu"]["failures"] >= 3, "the GPU worker retried")
+        gpu = workers(svc)["gpu"]
+        assert gpu["state"] == "backing off"
+        assert gpu["detail"] == "internal error: RuntimeError: a bug in the GPU step"
+        fake.create_csr(
+            "csr-master-0",
+            kubelet_csr("system:node:master-0"),
+            signer=CLIENT_SIGNER,
+            usages=CLIENT,
+            username=BOOTSTRAPPER,
+            groups=BOOTSTRAPPER_GROUPS,
+        )
+        await until(lambda: fake.approved["csr-master-0"], "approved meanwhile")
+        assert workers(svc)["csr"] == {**workers(svc)["csr"], "state": "ok", "failures": 0}
+        informer = svc.approver.informer
+        assert informer is not None and informer.lists == 1
+        tracebacks = [r for r in caplog.records if r.exc_info and "gpu worker" in r.getMessage()]
+        assert len(tracebacks) == 1  # the traceback once, not once per retry
+    finally:
+        await sup.stop()
+
+
+async def test_without_node_read_the_approver_says_it_waits_for_the_node_list(
+    tmp_path: Path, fake: FakeKube
+) -> None:
+    kubeconfig = tmp_path / "sa.kubeconfig"
+    config = inventory(tmp_path, kubeconfig)
+    least_privilege(fake, config, kubeconfig, without_cluster_rule="nodes")
+    sup = await started(config)
+    try:
+        svc = cluster(sup)
+        nodes = await until(
+            lambda: (w := workers(svc)["nodes"])["state"] == "forbidden" and w, "nodes forbidden"
+        )
+        assert nodes["missing"]["rule"]["resources"] == ["nodes"]
+        csr = workers(svc)["csr"]
+        assert csr["state"] == "waiting" and "the Node list" in csr["detail"], csr
+        assert workers(svc)["bootstrap"]["state"] == "ok"
+    finally:
+        await sup.stop()
+
+
+async def test_a_revoked_token_is_noticed_and_a_new_kubeconfig_is_read(
+    tmp_path: Path, fake: FakeKube
+) -> None:
+    """The operator rotates the ServiceAccount token and rewrites the kubeconfig in place:
+    the refused credentials make the loop read the file again (no reload needed)."""
+    kubeconfig = tmp_path / "sa.kubeconfig"
+    config = inventory(tmp_path, kubeconfig)
+    least_privilege(fake, config, kubeconfig)
+    sup = await started(config)
+    try:
+        svc = cluster(sup)
+        await until(lambda: svc.connection["state"] == "connected", "connected")
+        for token in [t for t, (user, _) in fake.identities.items() if "serviceaccount" in user]:
+            del fake.identities[token]  # revoked
+        fake.expire_watches()  # the watches end; the next requests are refused
+        await until(lambda: svc.connection["state"] == "unauthorized", "401 noticed")
+        assert "401 Unauthorized" in svc.connection["detail"]
+        fresh = fake.service_account_token(rbac.NAMESPACE, rbac.NAME)
+        fake.kubeconfig(kubeconfig, fresh)  # the same path, a new token
+        fake.create_csr(
+            "csr-master-0",
+            kubelet_csr("system:node:master-0"),
+            signer=CLIENT_SIGNER,
+            usages=CLIENT,
+            username=BOOTSTRAPPER,
+            groups=BOOTSTRAPPER_GROUPS,
+        )
+        await until(lambda: fake.approved["csr-master-0"], "approved with the new token")
+        assert svc.connection["state"] == "connected" and svc.connects >= 2
     finally:
         await sup.stop()

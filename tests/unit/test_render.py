@@ -24,8 +24,10 @@ ARTICLE_HOSTS = [
     f"10.33.3.53 bootstrap.{D}",
     f"10.33.3.54 api-int.{D} api.{D}",
 ]
+# The article's address=/apps.../ answers apps.<domain> itself too, and dnsmasq does not
+# serve it in an auth zone: the wildcard is a CNAME there.
 ARTICLE_DNSMASQ = [
-    f"address=/apps.{D}/10.33.3.54",
+    f"cname=*.apps.{D},api.{D}",
     f"srv-host=_etcd-server-ssl._tcp.{D},etcd-0.{D},2380,0,10",
     f"srv-host=_etcd-server-ssl._tcp.{D},etcd-1.{D},2380,0,10",
     f"srv-host=_etcd-server-ssl._tcp.{D},etcd-2.{D},2380,0,10",
@@ -64,7 +66,7 @@ def haproxy_sections(text: str) -> dict[str, list[str]]:
 
 
 def test_render_dispatches_by_kind(plan: Plan) -> None:
-    assert KINDS == ("dnsmasq", "haproxy", "hosts")
+    assert KINDS == ("dnsmasq", "haproxy", "hosts", "rbac")
     assert render(plan, "hosts") == render_hosts(plan)
     assert render(plan, "dnsmasq") == render_dnsmasq(plan)
     assert render(plan, "haproxy") == render_haproxy(plan)
@@ -120,19 +122,63 @@ def test_dnsmasq_has_the_article_lines(plan: Plan) -> None:
         assert line in lines
 
 
-def test_dnsmasq_host_records_follow_the_hosts_file(plan: Plan) -> None:
-    lines = config_lines(render_dnsmasq(plan))
+def test_dnsmasq_host_records_give_the_plans_ptrs(plan: Plan) -> None:
+    text = render_dnsmasq(plan)
+    lines = config_lines(text)
     records = [line.removeprefix("host-record=") for line in lines if "host-record=" in line]
     assert records == [
-        f"ns.{D},10.33.3.18",
         f"worker-0.{D},10.33.3.44",
         f"worker-1.{D},10.33.3.46",
         f"master-0.{D},etcd-0.{D},10.33.3.50",  # first name = the PTR answer
         f"master-1.{D},etcd-1.{D},10.33.3.51",
         f"master-2.{D},etcd-2.{D},10.33.3.52",
         f"bootstrap.{D},10.33.3.53",
-        f"api-int.{D},api.{D},10.33.3.54",
+        f"api.{D},api-int.{D},10.33.3.54",  # dnsmasq: one PTR per address, the plan's first
     ]
+    lb_ptr = "54.3.33.10.in-addr.arpa"
+    assert f"one PTR per address: {lb_ptr} also names api-int.{D} in the appliance" in text
+    # The name server's A has no PTR in the plan: a bare A record (host-record adds one).
+    assert f"dns-rr=ns.{D},1,0a210312" in lines
+    assert not any(line.startswith("address=") for line in lines)  # apps.<domain> has no A
+
+
+def test_dnsmasq_is_authoritative_with_soa_and_ns(plan: Plan) -> None:
+    lines = config_lines(render_dnsmasq(plan))
+    soa = plan.dns.zones[0].soa
+    for line in (
+        f"auth-server=ns.{D},10.33.3.18",  # DNS on 0.0.0.0: the name server's address
+        f"auth-zone={D},10.33.3.0/24",  # and the reverse zone of that subnet
+        f"auth-soa={soa.serial},hostmaster.{D},3600,600,604800",
+        "auth-ttl=60",
+    ):
+        assert line in lines
+
+
+def test_dnsmasq_auth_server_on_the_dns_address(dgxpod_raw: dict[str, Any]) -> None:
+    dgxpod_raw["listen"] = {"dns": "10.33.3.19:53"}
+    assert f"auth-server=ns.{D},10.33.3.19" in config_lines(render_dnsmasq(variant(dgxpod_raw)))
+
+
+def test_dnsmasq_reverse_zones_of_a_wide_subnet_and_the_lb(dgxpod_raw: dict[str, Any]) -> None:
+    dgxpod_raw["network"]["subnet"] = "10.33.0.0/20"
+    dgxpod_raw["load_balancer"]["address"] = "192.0.2.54"
+    plan = variant(dgxpod_raw)
+    lines = config_lines(render_dnsmasq(plan))
+    nets = [f"10.33.{i}.0/24" for i in range(16)]
+    assert f"auth-zone={','.join([D, *nets, '192.0.2.0/24'])}" in lines
+    assert f"host-record=api.{D},api-int.{D},192.0.2.54" in lines
+
+
+def test_dnsmasq_with_upstreams_forwards_and_says_it_is_not_authoritative(
+    dgxpod_raw: dict[str, Any],
+) -> None:
+    dgxpod_raw["network"]["upstream_dns"] = ["192.0.2.53"]
+    text = render_dnsmasq(variant(dgxpod_raw))
+    lines = config_lines(text)
+    # At an auth-server address dnsmasq never forwards: no address, the zones stay local.
+    assert f"auth-server=ns.{D}" in lines
+    assert "server=192.0.2.53" in lines
+    assert "without AA" in text
 
 
 def test_dnsmasq_dns_is_local_for_the_cluster_zones(plan: Plan) -> None:
@@ -142,7 +188,7 @@ def test_dnsmasq_dns_is_local_for_the_cluster_zones(plan: Plan) -> None:
         f"domain={D}",
         f"local=/{D}/",
         "local=/3.33.10.in-addr.arpa/",
-        "local-ttl=60",
+        "auth-ttl=60",
         "no-hosts",
         "no-resolv",  # no upstreams: nothing is forwarded, not even to resolv.conf
     ):
@@ -305,6 +351,7 @@ CONTROL = ["bootstrap", "master-0", "master-1", "master-2"]
 CONTROL_IPS = ["10.33.3.53", "10.33.3.50", "10.33.3.51", "10.33.3.52"]
 WORKERS = ["worker-0", "worker-1"]
 WORKER_IPS = ["10.33.3.44", "10.33.3.46"]
+PASSIVE = "observe layer4 error-limit 1 on-error mark-down"  # a failed connect: out at once
 
 
 @pytest.mark.parametrize(
@@ -320,23 +367,32 @@ def test_haproxy_has_the_article_frontends(
     plan: Plan, name: str, port: int, nodes: list[str], ips: list[str]
 ) -> None:
     sections = haproxy_sections(render_haproxy(plan))
-    assert sections[f"frontend {name}"] == [f"bind 0.0.0.0:{port}", f"default_backend {name}"]
-    servers = [line.split()[1:3] for line in sections[f"backend {name}"] if "server " in line]
+    frontend = sections[f"frontend {name}"]
+    assert frontend[0] == f"bind 0.0.0.0:{port}" and frontend[-1] == f"default_backend {name}"
+    assert "maxconn 10000" in frontend
+    servers = [
+        line.split()[1:3] for line in sections[f"backend {name}"] if line.startswith("server ")
+    ]
     assert servers == [[n, f"{ip}:{port}"] for n, ip in zip(nodes, ips, strict=True)]
-    assert "balance roundrobin" in sections[f"backend {name}"]
+    backend = sections[f"backend {name}"]
+    assert "balance roundrobin" in backend
+    assert f"retries {len(nodes) - 1}" in backend  # each backend tried once, as the appliance
 
 
-def test_haproxy_defaults(plan: Plan) -> None:
-    defaults = haproxy_sections(render_haproxy(plan))["defaults"]
-    for line in (
-        "mode tcp",
-        "timeout connect 5s",
-        "timeout client 1h",
-        "timeout server 1h",
-        "timeout check 5s",
-    ):
-        assert line in defaults
-    assert len([k for k in haproxy_sections(render_haproxy(plan)) if k.startswith("frontend")]) == 4
+def test_haproxy_defaults_and_timeouts(plan: Plan) -> None:
+    sections = haproxy_sections(render_haproxy(plan))
+    assert "hard-stop-after 10s" in sections["global"]
+    assert not any(line.startswith("maxconn") for line in sections["global"])
+    for line in ("mode tcp", "option redispatch 1"):
+        assert line in sections["defaults"]
+    assert not any(line.startswith("timeout") for line in sections["defaults"])
+    # idle timeouts per frontend, from the plan: API watches an hour, machine-config 5 min
+    for name, idle in (("api", "3600s"), ("machine-config", "300s"), ("ingress-http", "300s")):
+        assert f"timeout client {idle}" in sections[f"frontend {name}"]
+        backend = sections[f"backend {name}"]
+        assert f"timeout server {idle}" in backend
+        assert "timeout connect 5s" in backend and "timeout check 2s" in backend
+    assert len([k for k in sections if k.startswith("frontend")]) == 4
 
 
 @pytest.mark.parametrize(
@@ -357,7 +413,33 @@ def test_haproxy_health_checks(
     servers = [line for line in body if line.startswith("server ")]
     assert servers
     for line in servers:
-        assert line.endswith(f" {server_check} inter 2s rise 2 fall 3")
+        assert line.endswith(f" {server_check} inter 2s rise 2 fall 3 {PASSIVE}")
+
+
+def test_haproxy_follows_the_load_balancer_keys(dgxpod_raw: dict[str, Any]) -> None:
+    dgxpod_raw["load_balancer"].update(
+        balance="leastconn",
+        check_interval=0.5,
+        rise=4,
+        fall=5,
+        connect_timeout=1.5,
+        idle_timeout={"ingress_https": 120},
+        max_connections=500,
+        stop_timeout=0,
+        ingress_check="tcp",
+    )
+    sections = haproxy_sections(render_haproxy(variant(dgxpod_raw)))
+    assert "hard-stop-after" not in " ".join(sections["global"])  # stop at once
+    body = sections["backend ingress-https"]
+    assert "balance leastconn" in body
+    for line in ("timeout connect 1500ms", "timeout server 120s", "timeout check 500ms"):
+        assert line in body
+    assert not any("httpchk" in line for line in body)  # a TCP connect check, on the port
+    assert f"server worker-0 10.33.3.44:443 check inter 500ms rise 4 fall 5 {PASSIVE}" in body
+    assert sections["frontend ingress-https"][1:3] == ["maxconn 500", "timeout client 120s"]
+    assert "option httpchk GET /readyz" in sections["backend api"]  # the API stays HTTPS
+    dgxpod_raw["load_balancer"]["balance"] = "source"
+    assert "balance source" in haproxy_sections(render_haproxy(variant(dgxpod_raw)))["backend api"]
 
 
 def test_haproxy_custom_binds_and_backend_ports(dgxpod_raw: dict[str, Any]) -> None:
@@ -367,7 +449,7 @@ def test_haproxy_custom_binds_and_backend_ports(dgxpod_raw: dict[str, Any]) -> N
     assert "bind 10.33.3.54:6443" in sections["frontend api"]
     assert "frontend ingress-http" not in sections and "backend ingress-http" not in sections
     assert "bind 0.0.0.0:443" in sections["frontend ingress-https"]
-    server = "server worker-0 10.33.3.44:8443 check port 1936 inter 2s rise 2 fall 3"
+    server = f"server worker-0 10.33.3.44:8443 check port 1936 inter 2s rise 2 fall 3 {PASSIVE}"
     assert server in sections["backend ingress-https"]
 
 
@@ -382,6 +464,16 @@ def test_haproxy_ipv6_bind(dgxpod_raw: dict[str, Any]) -> None:
     assert "bind [::]:6443" in haproxy_sections(render_haproxy(variant(dgxpod_raw)))["frontend api"]
 
 
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(2.0, "2s"), (0.25, "250ms"), (300, "300s"), (1.0006, "1001ms"), (0.0001, "1ms")],
+)
+def test_haproxy_times(dgxpod_raw: dict[str, Any], seconds: float, text: str) -> None:
+    dgxpod_raw["load_balancer"]["connect_timeout"] = seconds
+    body = haproxy_sections(render_haproxy(variant(dgxpod_raw)))["backend api"]
+    assert f"timeout connect {text}" in body
+
+
 def without_backends(plan: Plan) -> Plan:
     empty = tuple(dataclasses.replace(fe, backends=()) for fe in plan.frontends)
     return dataclasses.replace(plan, frontends=empty)
@@ -391,6 +483,10 @@ def test_haproxy_frontend_without_backends_keeps_its_backend(plan: Plan) -> None
     sections = haproxy_sections(render_haproxy(without_backends(plan)))
     assert sections["backend api"] == [
         "balance roundrobin",
+        "retries 0",
+        "timeout connect 5s",
+        "timeout server 3600s",
+        "timeout check 2s",
         "option httpchk GET /readyz",
         "http-check expect status 200",
     ]
