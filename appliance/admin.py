@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import importlib.resources
 import ipaddress
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -27,11 +29,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from appliance import sse
 from appliance.events import STAGES, Subscription
-from appliance.metrics import ApplianceCollector
+from appliance.metrics import ApplianceCollector, StoreFacts, store_facts
 from appliance.openapi import document
 from appliance.plan import NodeInfo, Plan
 from appliance.progress import NodeFacts, timeline
 from appliance.service import ServiceContext, ServiceSpec, start_web
+from appliance.store import Store
+from appliance.storequeue import StoreBusy
 
 MAX_EVENT_ID = 10**18 - 1  # the largest id `after` and Last-Event-ID take
 KEEPALIVE = 15.0  # seconds between comments on an idle events stream
@@ -79,8 +83,13 @@ class AdminService:
         self.loopback_only = True
         self.streams: set[Subscription] = set()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ApplianceCollector(self._status, ctx.store))
+        # The store's counts are read in the store's reader thread before each scrape:
+        # collect() runs on the loop and must not wait for the file.
+        self._facts = StoreFacts()
+        self.registry.register(ApplianceCollector(self._status, lambda: self._facts))
         self._files: dict[str, bytes] = {}
+        self._names: tuple[tuple[str, ...], frozenset[str]] | None = None
+        self.counters: dict[str, int] = {}  # malformed requests, slow heads (appliance.httpd)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -88,7 +97,7 @@ class AdminService:
         endpoint = plan.listen["admin"]
         self.plan = plan
         self.loopback_only = _is_loopback(endpoint.host)
-        self.runner = await start_web(self.name, endpoint, self.app())
+        self.runner = await start_web(self.name, endpoint, self.app(), self.counters)
 
     async def reload(self, plan: Plan) -> None:
         self.plan = plan
@@ -102,7 +111,12 @@ class AdminService:
             self.runner = None
 
     def status(self) -> dict[str, Any]:
-        return {"requests": self.requests, "errors": self.errors, "streams": len(self.streams)}
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "streams": len(self.streams),
+            "counters": dict(self.counters),
+        }
 
     def _status(self) -> dict[str, Any]:
         control = self.ctx.control
@@ -141,7 +155,39 @@ class AdminService:
         if scheme.lower() != "bearer":
             # EventSource cannot send headers: reads may carry the token in the query.
             token = request.query.get("access_token", "") if request.method == "GET" else ""
-        return hmac.compare_digest(token.strip().encode(), expected.encode())
+        try:
+            # Header bytes that are not UTF-8 arrive as surrogates: a wrong token, not a 500.
+            given = token.strip().encode()
+        except UnicodeEncodeError:
+            return False
+        return hmac.compare_digest(given, expected.encode())
+
+    def _host_ok(self, request: web.Request) -> bool:
+        """DNS rebinding: a browser on a hostile page whose name now points at us sends
+        that name as Host. Answer only names of this listener: IP literals (no rebinding
+        through those), localhost, this machine's names and `admin_hosts`."""
+        host = request.headers.get("Host")
+        if host is None:
+            return True  # HTTP/1.0 without Host: not a browser
+        name = host.strip().lower()
+        if name.startswith("["):  # [v6]:port
+            name = name[1 : name.find("]")] if "]" in name else name
+        elif name.count(":") == 1:
+            name = name.rsplit(":", 1)[0]
+        name = name.rstrip(".")
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(name)
+            return True
+        return name in self._host_names()
+
+    def _host_names(self) -> frozenset[str]:
+        plan = self.plan
+        extra = plan.admin_hosts if plan is not None else ()
+        if self._names is None or self._names[0] != extra:
+            # No getfqdn(): a resolver lookup would block the loop; FQDNs go in admin_hosts.
+            names = {"localhost", socket.gethostname().lower(), *extra}
+            self._names = (extra, frozenset(n.rstrip(".") for n in names if n))
+        return self._names[1]
 
     def _needs_token(self, request: web.Request) -> bool:
         if request.method not in ("GET", "HEAD"):
@@ -154,6 +200,8 @@ class AdminService:
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Token check, and every failure as a JSON error (never a traceback to the client)."""
         self.requests += 1
+        if not self._host_ok(request):
+            return _error(421, "this endpoint does not answer to that Host name")
         if self._needs_token(request) and not self._token_ok(request):
             return _error(
                 401,
@@ -166,6 +214,8 @@ class AdminService:
             return _error(400, str(exc))
         except NotFound as exc:
             return _error(404, str(exc))
+        except StoreBusy as exc:  # another process holds the file: nothing waits for it here
+            return _error(503, str(exc), {"Retry-After": "1"})
         except web.HTTPException as exc:  # the router's 404 and 405
             if exc.status < 400:
                 raise
@@ -205,6 +255,8 @@ class AdminService:
         return web.Response(text="ok\n")
 
     async def metrics(self, request: web.Request) -> web.Response:
+        now = time.time()
+        self._facts = await self.ctx.store.read(lambda s: store_facts(s, now))
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -272,7 +324,9 @@ class AdminService:
 
     async def get_nodes(self, request: web.Request) -> web.Response:
         store, now = self.ctx.store, time.time()
-        last_id = store.last_event_id()  # before the reads: a stream from here misses nothing
+        # Before the reads: a stream from here misses nothing. Progress and install state
+        # are in memory (they move on while the file is locked).
+        last_id = await store.read(Store.last_event_id)
         progress, install = store.progress(), store.install_state()
         nodes = [
             self._node_view(n, progress.get(n.name, {}), install.get(n.name, {}), now)
@@ -292,7 +346,7 @@ class AdminService:
             store.install_state().get(node.name, {}),
             now,
         )
-        events = store.events(node=node.name, after_id=after, limit=limit)
+        events = await store.read(lambda s: s.events(node=node.name, after_id=after, limit=limit))
         view["events"] = [e.to_dict() for e in events]
         return web.json_response(view)
 
@@ -306,7 +360,7 @@ class AdminService:
         everything = _bool(request.query, "all", False)
         now = time.time()
         by_mac = {n.mac: n.name for n in self._plan().nodes}
-        leases = self.ctx.store.leases(None if everything else now)
+        leases = await self.ctx.store.read(lambda s: s.leases(None if everything else now))
         body = [
             {
                 "mac": lease.mac,
@@ -323,8 +377,22 @@ class AdminService:
         return web.json_response({"time": now, "leases": body})
 
     async def get_unknown(self, request: web.Request) -> web.Response:
-        """Machines that network-booted here but are not in the inventory."""
-        return web.json_response({"machines": self.ctx.store.unknown_machines()})
+        """Machines that network-booted here but are not in the inventory, a page at a
+        time (the most recently seen first), with how many there are and were evicted."""
+        limit = _int(request.query, "limit", 100, 1, 1000)
+        offset = _int(request.query, "offset", 0, 0, 10**9)
+        store = self.ctx.store
+        (total, evicted), machines = await store.read(
+            lambda s: (s.unknown_machine_counts(), s.unknown_machines(limit, offset))
+        )
+        body = {
+            "total": total,
+            "evicted": evicted,
+            "limit": limit,
+            "offset": offset,
+            "machines": machines,
+        }
+        return web.json_response(body)
 
     def _proxy(self) -> Any:
         return self.ctx.services.get("proxy")
@@ -337,21 +405,23 @@ class AdminService:
 
     async def get_csr_decisions(self, request: web.Request) -> web.Response:
         limit = _int(request.query, "limit", 100, 1, 5000)
-        store = self.ctx.store
-        return web.json_response(
-            {"counts": store.csr_decision_counts(), "decisions": store.csr_decisions(limit)}
+        counts, decisions = await self.ctx.store.read(
+            lambda s: (s.csr_decision_counts(), s.csr_decisions(limit))
         )
+        return web.json_response({"counts": counts, "decisions": decisions})
 
     async def get_cluster(self, request: web.Request) -> web.Response:
         """The cluster loop: GPU bring-up and bootstrap state (kept in the store), its status."""
         cluster = self.ctx.services.get("cluster")
-        store = self.ctx.store
+        gpu, bootstrap = await self.ctx.store.read(
+            lambda s: (s.cluster_state("gpu"), s.cluster_state("bootstrap"))
+        )
         return web.json_response(
             {
                 "running": cluster is not None,
                 "service": cluster.status() if cluster is not None else None,
-                "gpu": store.cluster_state("gpu"),
-                "bootstrap": store.cluster_state("bootstrap"),
+                "gpu": gpu,
+                "bootstrap": bootstrap,
             },
             dumps=_dumps,
         )
@@ -394,7 +464,7 @@ class AdminService:
         try:
             await response.prepare(request)
             if after is None:  # a new client: the latest `backlog` events first
-                after = max(0, store.last_event_id() - backlog)
+                after = max(0, await store.read(Store.last_event_id) - backlog)
             await response.write(sse.retry(2000))
             cursor = await self._send_since(response, after, node)
             retries = 0  # the bus rang but the store had nothing new yet: look again soon
@@ -407,8 +477,9 @@ class AdminService:
                 except TimeoutError:
                     rang = False
                     if not retries:
+                        # Then look anyway: events queued while another process held
+                        # the file land later, with no bus event to say so.
                         await response.write(sse.comment("keep-alive"))
-                        continue
                 except StopAsyncIteration:
                     break  # the service stops
                 sent = await self._send_since(response, cursor, node)
@@ -416,7 +487,7 @@ class AdminService:
                     retries = 0
                 elif rang:
                     retries = STORE_LAG_RETRIES  # (or an event of another node, when filtered)
-                else:
+                elif retries:
                     retries -= 1
                 cursor = sent
         except ConnectionError:
@@ -429,7 +500,9 @@ class AdminService:
     async def _send_since(self, response: web.StreamResponse, after: int, node: str | None) -> int:
         """Write every stored event after `after` (in pages); return the last id written."""
         for _ in range(1000):  # bounded: a million events per wake-up at most
-            events = self.ctx.store.events(node=node, after_id=after, limit=1000)
+            events = await self.ctx.store.read(
+                functools.partial(Store.events, node=node, after_id=after, limit=1000)
+            )
             if not events:
                 break
             chunk = b"".join(

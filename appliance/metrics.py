@@ -8,7 +8,6 @@ unit-tested without a daemon.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ def store_facts(store: Store, now: float) -> StoreFacts:
         nodes_reached=reached,
         leases=Counter(lease.state for lease in store.leases(now)),
         csr_decisions=store.csr_decision_counts(),
-        unknown_machines=len(store.unknown_machines()),
+        unknown_machines=store.unknown_machine_counts()[0],
     )
 
 
@@ -97,6 +96,7 @@ def families(status: Mapping[str, Any], facts: StoreFacts) -> list[Metric]:
     counter("events_dropped", "Bus events a slow subscriber lost").add_metric(
         [], _num(bus.get("dropped"))
     )
+    _store(status.get("store") or {}, counter, gauge)
     family = counter("events", "Stored node events, by stage", ("stage",))
     for stage in _ordered(STAGES, facts.events):
         family.add_metric([stage], facts.events.get(stage, 0))
@@ -105,7 +105,7 @@ def families(status: Mapping[str, Any], facts: StoreFacts) -> list[Metric]:
         reached.add_metric([stage], facts.nodes_reached.get(stage, 0))
 
     malformed = counter("malformed_packets", "Packets that could not be parsed", ("service",))
-    for name in ("dns", "dhcp", "tftp"):
+    for name in ("dns", "dhcp", "tftp", "http", "admin"):
         if name in services:
             malformed.add_metric([name], _num(_counters(services[name]).get("malformed")))
 
@@ -128,6 +128,33 @@ def families(status: Mapping[str, Any], facts: StoreFacts) -> list[Metric]:
         )
         gauge("admin_streams", "Open event streams").add_metric([], _num(admin.get("streams")))
     return out
+
+
+def _store(stats: Mapping[str, Any], counter: Family, gauge: Family) -> None:
+    """The state store's write queue: a file locked by another process shows here."""
+    gauge("store_queue_depth", "Writes waiting for the state store file").add_metric(
+        [], _num(stats.get("queued"))
+    )
+    gauge("store_queue_peak", "The most writes that have waited at once").add_metric(
+        [], _num(stats.get("queue_peak"))
+    )
+    gauge("store_oldest_write_seconds", "How long the oldest waiting write has waited").add_metric(
+        [], _num(stats.get("oldest_wait"))
+    )
+    gauge(
+        "store_locked_seconds", "How long the file has been locked by another process"
+    ).add_metric([], _num(stats.get("locked_for")))
+    for key, name, doc in (
+        ("written", "store_writes", "Writes that reached the state store file"),
+        ("commits", "store_commits", "Transactions of the store's writer"),
+        ("busy", "store_busy", "Write attempts refused because another process held the lock"),
+        ("retries", "store_retries", "Write attempts retried"),
+        ("errors", "store_errors", "Write attempts failed with an error other than busy"),
+        ("failed", "store_failed", "Writes given up after errors (not stored)"),
+        ("overflow", "store_overflow", "Writes queued beyond the queue's size (kept in memory)"),
+        ("lost", "store_lost", "Writes dropped: memory bound reached, or locked at the stop"),
+    ):
+        counter(name, doc).add_metric([], _num(stats.get(key)))
 
 
 def _ordered(known: tuple[str, ...], seen: Mapping[str, int]) -> list[str]:
@@ -165,6 +192,17 @@ def _dns(svc: Mapping[str, Any] | None, counter: Family, gauge: Family) -> None:
     )
 
 
+# reflection: a request whose answer would bounce off us, a server or a bystander;
+# nak_limited, inform_limited: answers over the per-sender rate; decline_refused: a
+# DECLINE from a client not holding the address; bad_hostname: an option 12 that is no
+# DNS name (not stored); unknown_evicted: machines outside the inventory forgotten to
+# keep the list bounded.
+DHCP_DROPPED = (
+    "reflection", "nak_limited", "inform_limited", "decline_refused", "bad_hostname",
+    "unknown_evicted",
+)  # fmt: skip
+
+
 def _dhcp(svc: Mapping[str, Any] | None, facts: StoreFacts, counter: Family, gauge: Family) -> None:
     if svc is None or svc.get("state") != "running":
         return
@@ -184,6 +222,13 @@ def _dhcp(svc: Mapping[str, Any] | None, facts: StoreFacts, counter: Family, gau
     )
     for result, key in (("silent", "ping_silent"), ("in_use", "ping_in_use")):
         family.add_metric([result], _num(c.get(key)))
+    family = counter(
+        "dhcp_dropped",
+        "DHCP requests not answered as asked (hostile input), by reason",
+        ("reason",),
+    )
+    for reason in DHCP_DROPPED:
+        family.add_metric([reason], _num(c.get(reason)))
     gauge("dhcp_leases_bound", "Bound, unexpired leases held by the server").add_metric(
         [], _num(svc.get("leases_bound"))
     )
@@ -209,6 +254,11 @@ def _tftp(svc: Mapping[str, Any] | None, counter: Family, gauge: Family) -> None
     gauge("tftp_transfers_active", "TFTP transfers in progress").add_metric(
         [], _num(svc.get("transfers"))
     )
+    family = counter(
+        "tftp_dropped", "TFTP datagrams not answered as asked, by reason", ("reason",)
+    )  # dropped: stray or spoofed; rate_limited: an ERROR not sent; busy; duplicate request
+    for reason in ("dropped", "rate_limited", "busy", "duplicate"):
+        family.add_metric([reason], _num(c.get(reason)))
 
 
 def _http(svc: Mapping[str, Any] | None, counter: Family) -> None:
@@ -222,6 +272,9 @@ def _http(svc: Mapping[str, Any] | None, counter: Family) -> None:
     family = counter("http_ignition", "Ignition requests, by result", ("result",))
     family.add_metric(["served"], _num(c.get("ignition_served")))
     family.add_metric(["refused"], _num(c.get("ignition_refused")))
+    counter(
+        "http_header_timeouts", "Connections closed: no complete request head in time"
+    ).add_metric([], _num(c.get("header_timeout")))
 
 
 def _proxy(svc: Mapping[str, Any] | None, counter: Family, gauge: Family) -> None:
@@ -233,6 +286,11 @@ def _proxy(svc: Mapping[str, Any] | None, counter: Family, gauge: Family) -> Non
     accepted = counter("lb_connections", "Client connections accepted", fe_labels)
     no_backend = counter("lb_no_backend", "Clients refused: no eligible backend", fe_labels)
     retries = counter("lb_retries", "Connects retried on another backend", fe_labels)
+    refused = counter(
+        "lb_refused",
+        "Clients accepted and closed at once: the frontend's, the client's or the descriptor cap",
+        ("frontend", "reason"),
+    )
     be_active = gauge("lb_backend_connections_active", "Open connections", be_labels)
     be_total = counter("lb_backend_connections", "Connections made", be_labels)
     be_failures = counter("lb_backend_failures", "Failed connects", be_labels)
@@ -243,6 +301,12 @@ def _proxy(svc: Mapping[str, Any] | None, counter: Family, gauge: Family) -> Non
     admin = gauge(
         "lb_backend_admin_state", "1 for the backend's admin state", (*be_labels, "state")
     )
+    fds: Mapping[str, Any] = svc.get("descriptors") or {}
+    descriptors = gauge(
+        "lb_descriptors", "The proxy's descriptors: its budget and those in use", ("kind",)
+    )
+    for kind in ("limit", "reserve", "budget", "in_use"):
+        descriptors.add_metric([kind], _num(fds.get(kind)))
     frontends: Mapping[str, Any] = svc.get("frontends") or {}
     for fe_name, fe in frontends.items():
         c = _counters(fe)
@@ -250,6 +314,8 @@ def _proxy(svc: Mapping[str, Any] | None, counter: Family, gauge: Family) -> Non
         accepted.add_metric([fe_name], _num(c.get("accepted")))
         no_backend.add_metric([fe_name], _num(c.get("no_backend")))
         retries.add_metric([fe_name], _num(c.get("retries")))
+        for reason in ("over_limit", "client_limit", "descriptors"):
+            refused.add_metric([fe_name, reason], _num(c.get(reason)))
         for be in fe.get("backends") or []:
             key = [fe_name, str(be.get("name"))]
             be_active.add_metric(key, _num(be.get("active")))
@@ -264,11 +330,17 @@ def _proxy(svc: Mapping[str, Any] | None, counter: Family, gauge: Family) -> Non
 
 
 class ApplianceCollector(Collector):
-    """A prometheus-client collector over the supervisor's status and the store."""
+    """A prometheus-client collector over the supervisor's status and the store's facts.
 
-    def __init__(self, status: Callable[[], Mapping[str, Any]], store: Store) -> None:
+    `facts` returns counts read beforehand (the admin endpoint reads them in the store's
+    reader thread): collect() runs on the event loop and must not wait for the file.
+    """
+
+    def __init__(
+        self, status: Callable[[], Mapping[str, Any]], facts: Callable[[], StoreFacts]
+    ) -> None:
         self.status = status
-        self.store = store
+        self.facts = facts
 
     def collect(self) -> Iterator[Metric]:
-        yield from families(self.status(), store_facts(self.store, time.time()))
+        yield from families(self.status(), self.facts())

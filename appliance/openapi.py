@@ -139,6 +139,7 @@ SCHEMAS: dict[str, Schema] = {
             },
             "reloads": ANY_OBJ,
             "events": ANY_OBJ,
+            "store": ANY_OBJ,  # the state store's write queue: queued, busy, retries, lost
             "plan": _obj(
                 {
                     "domain": STR,
@@ -168,6 +169,14 @@ SCHEMAS: dict[str, Schema] = {
     "LeaseList": _obj({"time": TIME, "leases": {"type": "array", "items": _ref("Lease")}}),
     "UnknownMachines": _obj(
         {
+            "total": {**INT, "description": "machines listed (at most 4096 are kept)"},
+            "evicted": {
+                **INT,
+                "description": "machines dropped from the list to keep it bounded, the "
+                "least recently seen first",
+            },
+            "limit": INT,
+            "offset": INT,
             "machines": {
                 "type": "array",
                 "items": _obj(
@@ -175,14 +184,14 @@ SCHEMAS: dict[str, Schema] = {
                         "mac": STR,
                         "first_seen": TIME,
                         "last_seen": TIME,
-                        "seen": INT,
+                        "seen": {**INT, "description": "DHCP requests seen from it"},
                         "vendor_class": STR,
                         "arch": STR,
                         "user_class": STR,
                         "hostname": STR,
                     }
                 ),
-            }
+            },
         }
     ),
     "Backend": _obj(
@@ -201,7 +210,14 @@ SCHEMAS: dict[str, Schema] = {
                 "type": "array",
                 "items": _obj({"time": TIME, "ok": BOOL, "detail": STR}),
             },
-        }
+        },
+        {
+            "self_loop": {
+                **_nullable(STR),
+                "description": "why the backend is refused: it is one of the proxy's own "
+                "listeners (kept down, not probed)",
+            }
+        },
     ),
     "Frontend": _obj(
         {
@@ -210,14 +226,29 @@ SCHEMAS: dict[str, Schema] = {
             "balance": STR,
             "counters": {"type": "object", "additionalProperties": INT},
             "backends": {"type": "array", "items": _ref("Backend")},
-        }
+        },
+        {
+            "limits": {
+                "type": "object",
+                "additionalProperties": INT,
+                "description": "connection caps: cap, floor (guaranteed), per_client; clients",
+            }
+        },
     ),
     "Backends": _obj(
         {
             "running": BOOL,
             "frontends": {"type": "object", "additionalProperties": _ref("Frontend")},
         },
-        {"splice": BOOL},
+        {
+            "splice": BOOL,
+            "descriptors": {
+                "type": "object",
+                "additionalProperties": INT,
+                "description": "open-files limit, reserve kept for the rest of the daemon, "
+                "the proxy's budget and what it holds (in_use, pipes, shared pool)",
+            },
+        },
     ),
     "BackendResult": _obj({"ok": BOOL, "backend": _ref("Backend")}),
     "CsrDecisions": _obj(
@@ -443,7 +474,21 @@ def _paths() -> dict[str, Schema]:
             params=[_query("all", BOOL_QUERY, "include expired leases")],
         ),
         "/api/v1/unknown-machines": _get(
-            "Machines that network-booted here but are not in the inventory", "UnknownMachines"
+            "Machines that network-booted here but are not in the inventory, the most "
+            "recently seen first, a page at a time",
+            "UnknownMachines",
+            params=[
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                    "at most this many machines",
+                ),
+                _query(
+                    "offset",
+                    {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0},
+                    "skip this many first",
+                ),
+            ],
         ),
         "/api/v1/backends": _get("Load-balancer frontends and backends with health", "Backends"),
         "/api/v1/frontends/{frontend}/backends/{backend}/{action}": {

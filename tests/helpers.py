@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -85,7 +86,12 @@ def write_inventory(path: Path, raw: dict[str, Any]) -> Path:
 
 class Daemon:
     def __init__(
-        self, config: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None
+        self,
+        config: Path,
+        log_path: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        nofile: int | None = None,
     ) -> None:
         self.config = config
         self.log_path = log_path
@@ -96,6 +102,8 @@ class Daemon:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            # nofile: RLIMIT_NOFILE (soft and hard) of the daemon, as LimitNOFILE= sets it
+            preexec_fn=None if nofile is None else lambda: _set_nofile(nofile),
         )
 
     def output(self) -> str:
@@ -121,6 +129,10 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
             self.log.close()
+
+
+def _set_nofile(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 def get_json(url: str, token: str | None = None, method: str = "GET") -> tuple[int, Any]:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
+from appliance import admin as admin_module
 from appliance.admin import AdminService
 from appliance.bootstate import BootState
 from appliance.events import EventBus
@@ -31,6 +33,7 @@ from appliance.openapi import document
 from appliance.plan import build_plan
 from appliance.service import ServiceContext
 from appliance.store import Store
+from appliance.storequeue import DaemonStore
 from appliance.supervisor import Supervisor
 from tests.helpers import loopback_inventory, write_inventory
 
@@ -41,7 +44,8 @@ TOKEN = "s3cret-token"
 class Admin:
     svc: AdminService
     client: TestClient[Any, Any]
-    store: Store
+    store: Store  # a second connection: what the test writes, as another writer would
+    live: DaemonStore  # the daemon's (queued writes)
     bus: EventBus
     config: Path
 
@@ -49,33 +53,35 @@ class Admin:
 async def _admin(tmp_path: Path, loopback: bool) -> AsyncIterator[Admin]:
     config = write_inventory(tmp_path / "inv.yaml", loopback_inventory(tmp_path))
     plan = build_plan(load_inventory(config))
+    live = DaemonStore.open(plan.state_dir)
     store = Store.open(plan.state_dir, durable=False)
     bus = EventBus()
     control = Supervisor(config, specs=[])
     control.plan, control.started_at = plan, time.time()
     ctx = ServiceContext(
         bus=bus,
-        store=store,
+        store=live,
         log=logging.getLogger("admin"),
         services={},
-        boot=BootState(store),
+        boot=BootState(live),
         control=control,
         admin_token=TOKEN,
     )
     svc = AdminService(ctx)
     svc.plan = plan
     svc.loopback_only = loopback
-    persist = asyncio.create_task(store.persist(bus))
+    persist = asyncio.create_task(live.persist(bus))
     client: TestClient[Any, Any] = TestClient(TestServer(svc.app(), host="127.0.0.1"))
     await client.start_server()
     try:
-        yield Admin(svc, client, store, bus, config)
+        yield Admin(svc, client, store, live, bus, config)
     finally:
         await svc.stop()
         await client.close()
         persist.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await persist
+        await live.aclose()
         store.close()
 
 
@@ -148,7 +154,7 @@ async def test_loopback_reads_are_open_mutations_need_the_token(admin: Admin) ->
     resp = await c.post("/api/v1/nodes/master-0/reinstall", headers=AUTH)
     assert resp.status == 200
     assert await _json(resp) == {"ok": True, "node": "master-0", "next_boot": "install"}
-    assert admin.store.install_state()["master-0"]["reinstall_requested"] is not None
+    assert admin.live.install_state()["master-0"]["reinstall_requested"] is not None
 
 
 async def test_off_loopback_reads_need_the_token(remote: Admin) -> None:
@@ -212,16 +218,34 @@ async def test_errors_are_json(admin: Admin) -> None:
 async def test_a_failing_handler_is_a_500_and_the_service_goes_on(
     admin: Admin, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(now: float | None = None) -> list[Any]:
+    def broken(self: Store, now: float | None = None) -> list[Any]:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(admin.store, "leases", broken)
+    monkeypatch.setattr(Store, "leases", broken)
     resp = await admin.client.get("/api/v1/leases")
     assert resp.status == 500
     assert (await _json(resp))["error"] == "internal error (logged by the appliance)"
     assert "disk on fire" in caplog.text
     assert (await admin.client.get("/api/v1/status")).status == 200
     assert admin.svc.status()["errors"] == 1
+
+
+async def test_a_read_that_finds_the_file_locked_is_a_503_at_once(
+    admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds the state file beyond the reader's short wait: the client is
+    told to come back (503, Retry-After), nothing waits on the event loop."""
+
+    def locked(self: Store, now: float | None = None) -> list[Any]:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(Store, "leases", locked)
+    t0 = time.monotonic()
+    resp = await admin.client.get("/api/v1/leases")
+    assert time.monotonic() - t0 < 1.0
+    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    assert "is locked" in (await _json(resp))["error"]
+    assert admin.svc.status()["errors"] == 0  # not a bug of ours
 
 
 # --- reads ------------------------------------------------------------------------------------
@@ -271,7 +295,8 @@ async def test_status_nodes_leases_and_store_backed_reads(admin: Admin) -> None:
 
     backends = await _json(await c.get("/api/v1/backends"))
     assert backends == {"running": False, "frontends": {}}
-    assert (await _json(await c.get("/api/v1/unknown-machines"))) == {"machines": []}
+    unknown = await _json(await c.get("/api/v1/unknown-machines"))
+    assert unknown == {"total": 0, "evicted": 0, "limit": 100, "offset": 0, "machines": []}
 
 
 async def test_dashboard_is_self_contained(admin: Admin) -> None:
@@ -346,6 +371,29 @@ async def test_events_keepalive_comments(admin: Admin) -> None:
     async with asyncio.timeout(5):
         while (await resp.content.readline()) != b": keep-alive\n":
             pass
+    resp.close()
+
+
+async def test_events_that_land_after_a_lock_reach_an_open_stream(
+    admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds the state file when an event is published: the stream looks
+    and finds nothing stored yet; the event is written once the lock goes, with no bus
+    event to say so, and the stream sends it within a keep-alive interval."""
+    monkeypatch.setattr(admin_module, "STORE_LAG_RETRIES", 1)  # its quick re-looks: 0.3 s
+    resp = await admin.client.get("/api/v1/events?backlog=0&keepalive=0.2")
+    await asyncio.sleep(0.05)
+    lock = sqlite3.connect(admin.store.path, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        admin.bus.publish("master-0", "ignition", "while locked", time=5.0)
+        await asyncio.sleep(0.8)  # the stream's quick re-looks after the bus rang are over
+        assert admin.live.stats()["queued"] == 1
+        lock.execute("COMMIT")
+    finally:
+        lock.close()
+    (got,) = await _read_events(resp, 1, timeout=3.0)
+    assert got["data"]["detail"] == "while locked"
     resp.close()
 
 
