@@ -274,7 +274,10 @@ class DnsEngine:
     def refused(self, data: bytes) -> bytes:
         """REFUSED for a plain query (one the engine decided to forward)."""
         self.counters["refused"] += 1
-        return self._error(DNSRecord.parse(data), REFUSED)
+        try:
+            return self._error(DNSRecord.parse(data), REFUSED)
+        except Exception:  # what the fast path took, dnslib may not: the header will do
+            return self._header_error(data, REFUSED)
 
     def _formerr_or_drop(self, data: bytes) -> Decision:
         self.counters["malformed"] += 1

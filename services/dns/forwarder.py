@@ -46,7 +46,7 @@ class _OneShot(asyncio.DatagramProtocol):
             or struct.unpack_from("!H", data)[0] != self.expect_id
         ):
             return
-        if data[12 : 12 + len(self.question)].lower() != self.question:
+        if not same_question(data, self.question):
             return
         self.done.set_result(data)
 
@@ -66,6 +66,16 @@ def _question_bytes(data: bytes) -> bytes:
         pos += data[pos] + 1
     pos += 1  # the root label ends the name and belongs to it
     return data[12:pos].lower() + data[pos : pos + 4]
+
+
+def same_question(reply: bytes, question: bytes) -> bool:
+    """Does `reply` answer `question` (from _question_bytes)? The name compares without
+    case (0x20 mixing), type and class exactly: lower-casing those too would turn type
+    65 (HTTPS, low byte 'A') into 97 and refuse every such answer."""
+    end = 12 + len(question)
+    return (
+        reply[12 : end - 4].lower() == question[:-4] and reply[end - 4 : end] == question[-4:]
+    )
 
 
 class Forwarder:
@@ -181,7 +191,7 @@ class Forwarder:
         # The same checks as over UDP: a response, to our ID, for our question.
         if len(reply) < 12 or reply[2] & 0xF8 != 0x80 or reply[:2] != data[:2]:
             raise ValueError("upstream TCP reply is not the response to our query")
-        if reply[12 : 12 + len(question)].lower() != question:
+        if not same_question(reply, question):
             raise ValueError("upstream TCP reply for another question")
         return reply
 

@@ -307,3 +307,25 @@ def test_messages_without_an_answer_keep_no_one_alive() -> None:
     slots.busy("good", 2.0)
     slots.idle("good", 2.0)  # answered: idle from then
     assert slots.deadline() == 12.0
+
+
+@pytest.mark.parametrize("qtype", ["A", "HTTPS", "SVCB", "CAA", "TYPE90", "AAAA", "TXT"])
+def test_a_reply_to_any_query_type_matches_its_question(qtype: str) -> None:
+    """Types 65-90 have a capital ASCII letter as their low byte: lower-casing the whole
+    question made every HTTPS (65) answer look like a reply to another question."""
+    from dnslib import DNSRecord
+
+    from services.dns.forwarder import _question_bytes, same_question
+
+    query = DNSRecord.question("Example.ORG", qtype).pack()
+    reply = DNSRecord.parse(query).reply().pack()
+    assert same_question(reply, _question_bytes(query))
+    other = DNSRecord.question("example.org", "MX").pack()
+    assert not same_question(DNSRecord.parse(other).reply().pack(), _question_bytes(query))
+
+
+def test_refused_never_raises_on_what_dnslib_cannot_parse(engine: DnsEngine) -> None:
+    """The forward-loop answer runs outside the handler's try: it must not raise."""
+    data = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03or"  # cut short
+    out = engine.refused(data)
+    assert out[:2] == b"\x12\x34" and out[3] & 15 == 5 and out[2] & 0x80
