@@ -200,7 +200,9 @@ class AdminService:
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Token check, and every failure as a JSON error (never a traceback to the client)."""
         self.requests += 1
-        if not self._host_ok(request):
+        # Rebinding matters where reads are open (loopback): elsewhere every read already
+        # needs the token, which a rebinding page cannot know, and FQDNs must keep working.
+        if self.loopback_only and not self._host_ok(request):
             return _error(421, "this endpoint does not answer to that Host name")
         if self._needs_token(request) and not self._token_ok(request):
             return _error(

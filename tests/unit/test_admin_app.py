@@ -440,3 +440,17 @@ async def test_odd_values_in_a_service_status_are_text(admin: Admin) -> None:
     admin.svc.ctx.services["cluster"] = Odd()  # type: ignore[assignment]
     body = await _json(await admin.client.get("/api/v1/cluster"))
     assert body["running"] is True and body["service"]["kubeconfig"] == "/etc/kubeconfig"
+
+
+async def test_host_names_are_checked_only_where_reads_are_open(
+    admin: Admin, remote: Admin
+) -> None:
+    """Loopback (reads open): a rebound name gets 421. Elsewhere every read needs the
+    token, which a rebinding page cannot know: an FQDN (a Prometheus scrape) is served."""
+    host = {"Host": "evil.example:9000"}
+    resp = await admin.client.get("/api/v1/status", headers=host)
+    assert resp.status == 421
+    resp = await remote.client.get("/api/v1/status", headers={**host, **AUTH})
+    assert resp.status == 200
+    resp = await remote.client.get("/api/v1/status", headers=host)
+    assert resp.status == 401
