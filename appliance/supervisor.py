@@ -150,7 +150,9 @@ class Supervisor:
         try:
             # Events, install state and cluster decisions: queued, and written by one
             # thread (no write waits for a lock on the event loop), without an fsync
-            # per write (a boot storm publishes thousands); kill -9 still loses nothing.
+            # per write (a boot storm publishes thousands). A kill -9 loses only what is
+            # still queued: nothing in normal running (the writer keeps up within
+            # milliseconds), the backlog while another process holds the file's lock.
             self.store = DaemonStore.open(plan.state_dir)
             self.boot = BootState(self.store)
             self.token = ensure_token(plan.state_dir)
