@@ -38,6 +38,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_writer import HttpVersion11
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 HEADER_TIMEOUT = 10.0  # seconds for a whole request head
@@ -81,12 +82,16 @@ class HeadClock:
         self.due = now + self.timeout
         return self.due
 
-    def received(self, now: float, nbytes: int, parsed: int) -> str | None:
-        """After the parser took `nbytes`: None, or "too large" (answer 431, close)."""
+    def received(self, now: float, nbytes: int, parsed: int, body: bool = False) -> str | None:
+        """After the parser took `nbytes`: None, or "too large" (answer 431, close).
+
+        `body`: they went to the body of the request answered last, still incomplete
+        when they came (answered early, a 401 or 405, before its body was read: aiohttp
+        reads the rest, and it is no head: neither budget nor deadline)."""
         if parsed > self.parsed:
             self.parsed, self.due, self.pending = parsed, None, 0
             return None
-        if self.parsed > self.answered or nbytes == 0:
+        if self.parsed > self.answered or nbytes == 0 or body:
             return None
         if self.due is None:
             self.due = now + self.timeout
@@ -156,6 +161,7 @@ class GuardedHandler(RequestHandler):
         self._timer: asyncio.TimerHandle | None = None
         self._peer = "?"
         self._refused = False
+        self._body: StreamReader | None = None  # the body of the request answered last
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -170,10 +176,11 @@ class GuardedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # answered and closing: what still comes is dropped
+        body = self._body is not None and not self._body.is_eof()  # before these bytes
         super().data_received(data)
         # The parser's count of complete request heads (aiohttp keeps it per connection).
         parsed = self._request_count
-        verdict = self._clock.received(self._loop.time(), len(data), parsed)
+        verdict = self._clock.received(self._loop.time(), len(data), parsed, body)
         if verdict == "too large":
             self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
         elif self._clock.due is None:
@@ -183,6 +190,7 @@ class GuardedHandler(RequestHandler):
 
     def log_access(self, request: web.BaseRequest, response: web.StreamResponse, time: Any) -> None:
         # Called once per finished response (whatever the outcome): the connection is idle.
+        self._body = request.content
         self._clock.done()
         if self._clock.due is None:
             self._disarm()

@@ -89,15 +89,20 @@ class StoreWriter:
     def __init__(self, store: Store, on_progress: Callable[[int], None] | None = None) -> None:
         self.store = store  # its connection is used by the writer thread only
         self._on_progress = on_progress
-        self._queue: deque[_Item] = deque()
+        # The queue, in two parts so that the oldest event can go in O(1): other writes
+        # with their sequence number and queue time, and events with their queue times
+        # and runs [first seq, count] of consecutive sequence numbers, oldest first.
+        self._ops: deque[tuple[int, _Op, float]] = deque()
+        self._events: deque[Event] = deque()
+        self._event_times: deque[float] = deque()
+        self._runs: deque[list[int]] = deque()
         self._cond = threading.Condition()
         self._seq = 0  # items accepted
-        self._done = 0  # items finished, in queue order
+        self._done = 0  # every item up to this seq is finished (written, failed or dropped)
         self._inflight = 0  # items taken by the thread and not finished
         self._closing = False
         self._deadline = 0.0  # monotonic: when a closing writer gives up
         self._overflowing = False
-        self._times: deque[float] = deque()  # queue times, parallel to _queue
         self._locked_since = 0.0  # monotonic, 0 when not locked
         self._reminded = 0.0
         self.counters: Counter[str] = Counter()
@@ -122,7 +127,7 @@ class StoreWriter:
                 self.counters["lost"] += 1  # after the stop: nobody is left to write it
                 log.error("state store: a write after the stop is not stored (%s)", item)
                 return self._seq
-            depth = len(self._queue) + self._inflight
+            depth = self._queued() + self._inflight
             if depth >= QUEUE_HARD:
                 self._drop_oldest_event()
             if depth >= QUEUE_SOFT:
@@ -136,29 +141,54 @@ class StoreWriter:
                         QUEUE_SOFT,
                         self._locked_for(),
                     )
-            self._queue.append(item)
-            self._times.append(time.monotonic())
             self._seq += 1
-            self.peak = max(self.peak, len(self._queue) + self._inflight)
+            now = time.monotonic()
+            if isinstance(item, Event):
+                runs = self._runs
+                if runs and runs[-1][0] + runs[-1][1] == self._seq:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([self._seq, 1])
+                self._events.append(item)
+                self._event_times.append(now)
+            else:
+                self._ops.append((self._seq, item, now))
+            self.peak = max(self.peak, self._queued() + self._inflight)
             self._cond.notify()
             return self._seq
 
+    def _queued(self) -> int:
+        return len(self._ops) + len(self._events)
+
+    def _next_seq(self) -> int:
+        """The sequence number of the oldest item still queued (past the last if none)."""
+        first = self._seq + 1
+        if self._ops:
+            first = self._ops[0][0]
+        if self._runs:
+            first = min(first, self._runs[0][0])
+        return first
+
     def _drop_oldest_event(self) -> None:
-        for i, item in enumerate(self._queue):
-            if isinstance(item, Event):
-                del self._queue[i]
-                del self._times[i]
-                # Dropped items count as finished, or `done` would never reach their seq.
-                self._done += 1
-                self.counters["lost"] += 1
-                if self.counters["lost"] == 1 or self.counters["lost"] % 10_000 == 0:
-                    log.error(
-                        "state store %s: %d writes wait; the oldest events are dropped (%d so far)",
-                        self.store.path,
-                        QUEUE_HARD,
-                        self.counters["lost"],
-                    )
-                return
+        if not self._events:
+            return  # only other writes wait: those are kept
+        self._events.popleft()
+        self._event_times.popleft()
+        run = self._runs[0]
+        run[0] += 1
+        run[1] -= 1
+        if not run[1]:
+            self._runs.popleft()
+        # `done` is not moved here: it passes the dropped seq once every write before
+        # it is finished (_run), so a read never overtakes a write still waiting.
+        self.counters["lost"] += 1
+        if self.counters["lost"] == 1 or self.counters["lost"] % 10_000 == 0:
+            log.error(
+                "state store %s: %d writes wait; the oldest events are dropped (%d so far)",
+                self.store.path,
+                QUEUE_HARD,
+                self.counters["lost"],
+            )
 
     def _locked_for(self) -> float:
         since = self._locked_since
@@ -166,11 +196,13 @@ class StoreWriter:
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            oldest = time.monotonic() - self._times[0] if self._times else 0.0
+            firsts = [self._event_times[0]] if self._event_times else []
+            firsts += [self._ops[0][2]] if self._ops else []
+            oldest = time.monotonic() - min(firsts) if firsts else 0.0
             return {
-                "queued": len(self._queue) + self._inflight,
+                "queued": self._queued() + self._inflight,
                 "queue_peak": self.peak,
-                "oldest_wait": round(oldest if self._queue or self._inflight else 0.0, 3),
+                "oldest_wait": round(oldest, 3),
                 "locked_for": round(self._locked_for(), 3),
                 **{
                     k: self.counters[k]
@@ -204,19 +236,24 @@ class StoreWriter:
 
     def _take(self) -> list[_Item] | None:
         with self._cond:
-            while not self._queue:
+            while not self._ops and not self._events:
                 if self._closing:
                     return None
                 self._cond.wait()
-            first = self._queue.popleft()
-            batch: list[_Item] = [first]
-            if isinstance(first, Event):
-                while (
-                    self._queue and isinstance(self._queue[0], Event) and len(batch) < EVENT_BATCH
-                ):
-                    batch.append(self._queue.popleft())
-            for _ in batch:
-                self._times.popleft()
+            batch: list[_Item]
+            if self._ops and (not self._runs or self._ops[0][0] < self._runs[0][0]):
+                batch = [self._ops.popleft()[1]]
+            else:
+                # Events in a run have consecutive numbers: no other write between them.
+                run = self._runs[0]
+                n = min(run[1], EVENT_BATCH)
+                batch = [self._events.popleft() for _ in range(n)]
+                for _ in range(n):
+                    self._event_times.popleft()
+                run[0] += n
+                run[1] -= n
+                if not run[1]:
+                    self._runs.popleft()
             self._inflight = len(batch)
             return batch
 
@@ -228,8 +265,9 @@ class StoreWriter:
             self._write(batch)
             with self._cond:
                 self._inflight = 0
-                self._done += len(batch)
-                if self._overflowing and len(self._queue) < QUEUE_SOFT // 2:
+                # Everything before the oldest item still queued: written, or dropped.
+                self._done = self._next_seq() - 1
+                if self._overflowing and self._queued() < QUEUE_SOFT // 2:
                     self._overflowing = False
                 self._cond.notify_all()
             if self._on_progress is not None:
@@ -264,7 +302,7 @@ class StoreWriter:
                             "shell?) for %.0f s: %d writes wait in memory, retrying",
                             self.store.path,
                             now - self._locked_since,
-                            len(self._queue) + len(batch),
+                            self._queued() + len(batch),
                         )
                 else:
                     self.counters["errors"] += 1
@@ -302,7 +340,7 @@ class StoreWriter:
                     "state store %s is writable again after %.1f s; %d writes still wait",
                     self.store.path,
                     locked,
-                    len(self._queue),
+                    self._queued(),
                 )
             self._locked_since = 0.0
 
@@ -314,10 +352,11 @@ class StoreWriter:
     def _abandon(self, batch: list[_Item]) -> None:
         """The stop's deadline passed with the file still locked: count what is left."""
         with self._cond:
-            left = len(batch) + len(self._queue)
-            self._done += len(self._queue)
-            self._queue.clear()
-            self._times.clear()
+            left = len(batch) + self._queued()
+            self._ops.clear()
+            self._events.clear()
+            self._event_times.clear()
+            self._runs.clear()
         self.counters["lost"] += left
         log.error(
             "state store %s: still locked at the stop: %d writes not stored",

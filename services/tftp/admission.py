@@ -9,7 +9,9 @@ production daemon:
 - nothing is sent to port 0, to a privileged port (no TFTP client uses one; a request
   "from" port 53 or 69 is spoofed, aimed at a server), to our own listener port (from
   any address: another appliance's listener, too) or to any of our own services;
-- ERROR replies are rate-limited per source address and overall.
+- ERROR replies are rate-limited per source address and overall; an inventory node's
+  draw on its own bucket only, so a spoofed flood cannot starve its "file not found"
+  (the answers to pxelinux and GRUB config probes) into timeouts.
 
 Transfers hold a thread and a socket each, so slots are shared out: a duplicate
 request from a TID that already has a transfer is ignored (the client re-sent it), one
@@ -78,28 +80,40 @@ def drop_reason(
 
 
 class TokenBuckets:
-    """A token bucket per key, and one for all keys together."""
+    """A token bucket per key, and one for all strangers' keys together."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._total = (limits.error_burst_total, float("-inf"))
 
-    def allow(self, key: str, now: float) -> bool:
+    def allow(self, key: str, now: float, node: bool = False) -> bool:
+        """`node`: an inventory node's address, which never draws on the shared budget
+        (strangers could spend it all); its own bucket still bounds it."""
         lim = self.limits
         tokens, last = self._buckets.pop(key, (lim.error_burst, now))
         tokens = min(lim.error_burst, tokens + (now - last) * lim.error_rate)
         total, total_last = self._total
         total = min(lim.error_burst_total, total + (now - total_last) * lim.error_rate_total)
-        ok = tokens >= 1.0 and total >= 1.0
+        ok = tokens >= 1.0 and (node or total >= 1.0)
         if ok:
             tokens -= 1.0
-            total -= 1.0
+            total -= 0.0 if node else 1.0
         self._buckets[key] = (tokens, now)  # most recent last
         self._total = (total, now)
         while len(self._buckets) > lim.tracked:
             self._buckets.popitem(last=False)
         return ok
+
+
+def is_new_request(same: bool, heard: bool, ended: bool) -> bool:
+    """Whether a request from a TID that has a transfer running asks for a new one.
+
+    `same`: it is byte for byte the request that started that transfer; `heard`: the
+    client acknowledged something of it; `ended`: it is over (the client's ERROR ended
+    it: a PXE ROM's tsize probe, then its real request from the same port). Only the
+    same request, unanswered, to a transfer still running is a resend to ignore."""
+    return not same or heard or ended
 
 
 class Slots:

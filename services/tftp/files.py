@@ -21,6 +21,7 @@ from pathlib import Path
 from appliance.plan import BootPlan, NodeBoot
 from services import bootconfig
 from services.bootconfig import IMAGES_PREFIX, Installed
+from services.tftp.transfer import FileChanged
 
 
 class Refused(Exception):
@@ -88,8 +89,6 @@ class Netascii:
                 break  # the end
             chunk = self._chunk(i)
             part = chunk[offset - starts[i] : offset - starts[i] + length]
-            if not part:
-                break  # the file changed under us: send what there is
             out += part
             offset += len(part)
             length -= len(part)
@@ -99,7 +98,13 @@ class Netascii:
         if self._cached[0] != i:
             offset = i * NETASCII_CHUNK  # the file as it was opened: never past raw_size
             raw = os.pread(self.fd, max(0, min(NETASCII_CHUNK, self.raw_size - offset)), offset)
-            self._cached = (i, to_netascii(raw))
+            converted = to_netascii(raw)
+            if len(converted) != self.starts[i + 1] - self.starts[i]:
+                # Shorter (it shrank) or converted otherwise (rewritten): a short block
+                # would end the transfer as if the file were whole. The ERROR instead,
+                # as the octet path sends it.
+                raise FileChanged(f"netascii chunk {i} is no longer what was counted")
+            self._cached = (i, converted)
         return self._cached[1]
 
 

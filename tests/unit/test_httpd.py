@@ -56,3 +56,17 @@ def test_hush_one_line_per_interval_with_the_count() -> None:
     assert hush.event(10) == 4  # this line stands for the three held back and itself
     assert hush.event(15) == 0
     assert hush.event(30) == 2
+
+
+def test_a_body_read_after_an_early_answer_is_not_a_head() -> None:
+    """401 or 405 before the body was read: aiohttp still reads the body. Its bytes are
+    no request head: no budget (it got a 431) and no deadline (a slow upload got a 408)."""
+    clock = HeadClock(timeout=10, limit=1000)
+    clock.opened(0)
+    clock.received(1, 80, parsed=1)
+    clock.done()  # answered early
+    for t in range(2, 40):  # 100 kB, slowly
+        assert clock.received(float(t), 2500, parsed=1, body=True) is None
+    assert clock.due is None and not clock.expired(100)
+    assert clock.received(101, 3, parsed=1) is None  # the body is over: the next head
+    assert clock.due == 111

@@ -196,3 +196,54 @@ async def test_persist_queues_the_bus_and_drains_it_when_cancelled(
     assert await live.synced(5.0)
     with Store.open(tmp_path) as s:
         assert len(s.events(limit=100)) == 21
+
+
+def test_dropped_events_never_let_done_pass_a_write_still_waiting(
+    live: DaemonStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the hard bound events are dropped; `done` (what a read's `synced` waits on)
+    must still stay below a write that waits, whatever the drops (it was bumped per
+    drop, so reads reported up to date with the install mark unwritten)."""
+    monkeypatch.setattr(storequeue, "QUEUE_SOFT", 10)
+    monkeypatch.setattr(storequeue, "QUEUE_HARD", 40)
+    with locked(tmp_path):
+        live.record_event(Event("n", "kernel", "first", 0.0))
+        wait_for(lambda: live.stats()["busy"] >= 1)  # the writer holds it, waiting
+        live.mark_installed("m", 1.0)
+        mark = live.writer.seq
+        for i in range(200):
+            live.record_event(Event("n", "kernel", str(i), float(i)))
+        assert live.stats()["lost"] > mark
+        assert live.writer.done < mark  # the mark waits: no read may pass it
+    wait_for(lambda: live.stats()["queued"] == 0)
+    assert live.writer.done == live.writer.seq
+    with Store.open(tmp_path) as s:
+        assert s.install_state()["m"]["installed_at"] == 1.0
+
+
+def test_dropping_past_the_hard_bound_is_cheap_whatever_waits_before_the_events(
+    live: DaemonStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each drop ran over the queue from its head to the first event, on the event loop
+    and under the lock: with many other writes ahead of the events, every submit paid."""
+    monkeypatch.setattr(storequeue, "QUEUE_SOFT", 100_000)
+    monkeypatch.setattr(storequeue, "QUEUE_HARD", 20_000)
+    held = True
+
+    def op(s: Store) -> None:  # a write that finds the file locked while `held`
+        if held:
+            raise sqlite3.OperationalError("database is locked")
+
+    for _ in range(19_990):
+        live.writer.submit(_Op("op", op))
+    for i in range(10):
+        live.record_event(Event("n", "kernel", str(i), float(i)))
+    t0 = time.monotonic()
+    for i in range(2000):
+        live.record_event(Event("n", "kernel", f"late{i}", float(i)))
+    assert time.monotonic() - t0 < 0.3
+    assert live.stats()["lost"] == 2000
+    held = False
+    wait_for(lambda: live.stats()["queued"] == 0)
+    with Store.open(tmp_path) as s:  # the newest events, in order
+        assert [e.detail for e in s.events(limit=3000)] == [f"late{i}" for i in range(1990, 2000)]

@@ -6,7 +6,14 @@ import struct
 
 import pytest
 
-from services.tftp.admission import Limits, Slots, TokenBuckets, drop_reason, own_endpoints
+from services.tftp.admission import (
+    Limits,
+    Slots,
+    TokenBuckets,
+    drop_reason,
+    is_new_request,
+    own_endpoints,
+)
 
 LISTEN = 6969
 RRQ = struct.pack("!H", 1) + b"pxelinux.0\0octet\0"
@@ -115,3 +122,28 @@ def test_slots_per_client_reservation_and_duplicates() -> None:
     slots.admit(("10.0.9.9", 7000), False)
     slots.release(("10.0.9.9", 7000), False)
     assert ("10.0.9.9", 7000) in slots.tids and slots.by_client["10.0.9.9"] == 1
+
+
+def test_a_flood_of_strangers_does_not_starve_a_nodes_error_replies() -> None:
+    """Spoofed requests for missing files from many addresses spend the overall budget;
+    a node's "file not found" (pxelinux and GRUB config probes) must still go out, or
+    its loader waits out a timeout per probe. Its own bucket still bounds it."""
+    lim = Limits(error_rate=2.0, error_burst=5.0, error_rate_total=10.0, error_burst_total=20.0)
+    buckets = TokenBuckets(lim)
+    t = 100.0
+    assert sum(buckets.allow(f"198.51.100.{i}", t) for i in range(200)) == 20
+    assert not buckets.allow("198.51.100.250", t)  # strangers stay bounded
+    assert [buckets.allow("10.0.0.5", t, node=True) for _ in range(6)] == [True] * 5 + [False]
+    assert buckets.allow("10.0.0.5", t + 0.5, node=True)  # its own rate comes back
+    # What the node drew did not come out of the strangers' budget, either.
+    assert sum(buckets.allow(f"198.51.101.{i}", t + 1.0) for i in range(50)) == 10
+
+
+def test_a_request_after_the_client_ended_its_transfer_is_new() -> None:
+    # The same request, unanswered, while its transfer runs: a resend (ignored).
+    assert not is_new_request(same=True, heard=False, ended=False)
+    # A tsize probe ended by the client's ERROR, then the same request again: new.
+    assert is_new_request(same=True, heard=False, ended=True)
+    # The real request after a probe differs (no tsize, a blksize): new.
+    assert is_new_request(same=False, heard=False, ended=False)
+    assert is_new_request(same=True, heard=True, ended=False)  # tftp-hpa's next `get`
