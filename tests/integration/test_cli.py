@@ -3,33 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.helpers import CONFIG, ROOT, write_inventory
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "appliance", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from tests.helpers import CONFIG, run_cli, write_inventory
 
 
 def test_version() -> None:
-    proc = _cli("--version")
+    proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("appliance ")
 
 
 def test_check_summarises_and_warns() -> None:
-    proc = _cli("check", "--config", str(CONFIG / "dgxpod.yaml"))
+    proc = run_cli("check", "--config", str(CONFIG / "dgxpod.yaml"))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "cluster dgxpod.nvidia.com: 6 nodes (1 bootstrap, 3 master, 2 worker)" in out
@@ -42,7 +30,7 @@ def test_check_fails_with_one_line_per_problem(tmp_path: Path, dgxpod_raw: dict[
     dgxpod_raw["nodes"][0]["mac"] = "nope"
     dgxpod_raw["nodes"][1]["color"] = "blue"
     config = write_inventory(tmp_path / "bad.yaml", dgxpod_raw)
-    proc = _cli("check", "--config", str(config))
+    proc = run_cli("check", "--config", str(config))
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
         f"{config}: nodes[0].mac: 'nope' is not a MAC address "
@@ -52,14 +40,16 @@ def test_check_fails_with_one_line_per_problem(tmp_path: Path, dgxpod_raw: dict[
 
 
 def test_plan_json_and_yaml() -> None:
-    as_json = json.loads(_cli("plan", "-c", str(CONFIG / "dgxpod.yaml"), "--format", "json").stdout)
-    as_yaml = yaml.safe_load(_cli("plan", "-c", str(CONFIG / "dgxpod.yaml")).stdout)
+    as_json = json.loads(
+        run_cli("plan", "-c", str(CONFIG / "dgxpod.yaml"), "--format", "json").stdout
+    )
+    as_yaml = yaml.safe_load(run_cli("plan", "-c", str(CONFIG / "dgxpod.yaml")).stdout)
     assert as_json == as_yaml
     assert as_json["domain"] == "dgxpod.nvidia.com"
 
 
 def test_render_hosts_is_the_article_file() -> None:
-    proc = _cli("render", "-c", str(CONFIG / "dgxpod.yaml"), "--as", "hosts")
+    proc = run_cli("render", "-c", str(CONFIG / "dgxpod.yaml"), "--as", "hosts")
     assert proc.returncode == 0
     lines = [ln for ln in proc.stdout.splitlines() if ln and not ln.startswith("#")]
     assert "10.33.3.54 api-int.dgxpod.nvidia.com api.dgxpod.nvidia.com" in lines
@@ -67,6 +57,6 @@ def test_render_hosts_is_the_article_file() -> None:
 
 
 def test_missing_config_is_one_line() -> None:
-    proc = _cli("check", "--config", "/nonexistent/inv.yaml")
+    proc = run_cli("check", "--config", "/nonexistent/inv.yaml")
     assert proc.returncode == 2
     assert proc.stderr == "/nonexistent/inv.yaml: cannot read: No such file or directory\n"

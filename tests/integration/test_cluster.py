@@ -61,6 +61,8 @@ BOOTSTRAPPER_GROUPS = [
     "system:authenticated",
 ]
 NODE_GROUPS = ["system:nodes", "system:authenticated"]
+# The names the kubelet of worker-0 serves under (its inventory name, FQDN and address).
+WORKER_0_SANS = {"dns": ["worker-0", f"worker-0.{D}"], "ips": ["127.0.0.44"]}
 CLIENT = ["digital signature", "client auth"]
 SERVING = ["digital signature", "server auth"]
 FAST = Timing(
@@ -124,6 +126,14 @@ async def started(config: Path, *specs: ServiceSpec) -> Supervisor:
     return sup
 
 
+async def started_watching(config: Path, *specs: ServiceSpec) -> tuple[Supervisor, Subscription]:
+    """Like started, subscribed to the bus before the start so that no event is missed."""
+    sup = Supervisor(config, specs=list(specs) or [cluster_spec()])
+    sub = sup.bus.subscribe()
+    await sup.start(load_plan(config))
+    return sup, sub
+
+
 def cluster(sup: Supervisor) -> ClusterService:
     svc = sup.running["cluster"]
     assert isinstance(svc, ClusterService)
@@ -133,6 +143,35 @@ def cluster(sup: Supervisor) -> ClusterService:
 def seen(sub: Subscription, into: list[Event]) -> list[Event]:
     into.extend(sub.drain())
     return into
+
+
+def client_csr(
+    fake: FakeKube, name: str, node: str, *, by_node: bool = False, pem: bytes | None = None
+) -> dict[str, Any]:
+    """A kubelet client CSR for `node`: sent by the node bootstrapper (a first join) or,
+    `by_node`, by the node itself (a renewal); `pem` replaces the kubelet's request."""
+    return fake.create_csr(
+        name,
+        kubelet_csr(f"system:node:{node}") if pem is None else pem,
+        signer=CLIENT_SIGNER,
+        usages=CLIENT,
+        username=f"system:node:{node}" if by_node else BOOTSTRAPPER,
+        groups=NODE_GROUPS if by_node else BOOTSTRAPPER_GROUPS,
+    )
+
+
+def serving_csr(
+    fake: FakeKube, name: str, node: str, *, dns: list[str], ips: list[str] | None = None
+) -> dict[str, Any]:
+    """A kubelet serving CSR for `node` with these SANs, sent by the node itself."""
+    return fake.create_csr(
+        name,
+        kubelet_csr(f"system:node:{node}", dns=dns, ips=ips or []),
+        signer=SERVING_SIGNER,
+        usages=SERVING,
+        username=f"system:node:{node}",
+        groups=NODE_GROUPS,
+    )
 
 
 def conditions(fake: FakeKube, name: str) -> list[str]:
@@ -148,51 +187,20 @@ async def test_approver_approves_legit_leaves_forged_and_survives_410(
     tmp_path: Path, fake: FakeKube
 ) -> None:
     config = inventory(tmp_path, fake.kubeconfig(tmp_path / "kubeconfig"))
-    sup = Supervisor(config, specs=[cluster_spec()])
-    sub = sup.bus.subscribe()
+    sup, sub = await started_watching(config)
     events: list[Event] = []
-    await sup.start(load_plan(config))
     try:
         svc = cluster(sup)
         await until(lambda: svc.connection["state"] == "connected", "connected")
         fake.add_node("worker-0", ready=True)  # exists: its bootstrapper CSRs are forgeries
-        boot = {"signer": CLIENT_SIGNER, "usages": CLIENT, "username": BOOTSTRAPPER}
-        fake.create_csr(
-            "csr-master-0", kubelet_csr("system:node:master-0"), **boot, groups=BOOTSTRAPPER_GROUPS
+        client_csr(fake, "csr-master-0", "master-0")
+        client_csr(fake, "csr-intruder", "intruder")
+        client_csr(
+            fake, "csr-tampered", "master-0", pem=tampered(kubelet_csr("system:node:master-0"))
         )
-        fake.create_csr(
-            "csr-intruder", kubelet_csr("system:node:intruder"), **boot, groups=BOOTSTRAPPER_GROUPS
-        )
-        fake.create_csr(
-            "csr-tampered",
-            tampered(kubelet_csr("system:node:master-0")),
-            **boot,
-            groups=BOOTSTRAPPER_GROUPS,
-        )
-        fake.create_csr(
-            "csr-worker-0-again",
-            kubelet_csr("system:node:worker-0"),
-            **boot,
-            groups=BOOTSTRAPPER_GROUPS,
-        )
-        fake.create_csr(
-            "csr-serving-worker-0",
-            kubelet_csr(
-                "system:node:worker-0", dns=["worker-0", f"worker-0.{D}"], ips=["127.0.0.44"]
-            ),
-            signer=SERVING_SIGNER,
-            usages=SERVING,
-            username="system:node:worker-0",
-            groups=NODE_GROUPS,
-        )
-        fake.create_csr(
-            "csr-serving-extra-san",
-            kubelet_csr("system:node:worker-0", dns=["worker-0", "api.evil.example"]),
-            signer=SERVING_SIGNER,
-            usages=SERVING,
-            username="system:node:worker-0",
-            groups=NODE_GROUPS,
-        )
+        client_csr(fake, "csr-worker-0-again", "worker-0")
+        serving_csr(fake, "csr-serving-worker-0", "worker-0", **WORKER_0_SANS)
+        serving_csr(fake, "csr-serving-extra-san", "worker-0", dns=["worker-0", "api.evil.example"])
         await until(
             lambda: fake.approved["csr-master-0"] and fake.approved["csr-serving-worker-0"],
             "legit CSRs approved",
@@ -222,12 +230,7 @@ async def test_approver_approves_legit_leaves_forged_and_survives_410(
         assert "inventory node master-0" in cond["message"]
 
         # Someone else approves a CSR first: the approver must not touch it.
-        other = fake.create_csr(
-            "csr-preapproved",
-            kubelet_csr("system:node:worker-1"),
-            **boot,
-            groups=BOOTSTRAPPER_GROUPS,
-        )
+        other = client_csr(fake, "csr-preapproved", "worker-1")
         other["status"] = {
             "conditions": [{"type": "Approved", "status": "True", "reason": "Admin"}]
         }
@@ -237,23 +240,11 @@ async def test_approver_approves_legit_leaves_forged_and_survives_410(
         # then must be approved exactly once after the relist.
         lists_before = svc.approver.informer.lists if svc.approver.informer else 0
         fake.expire_watches()
-        fake.create_csr(
-            "csr-during-410",
-            kubelet_csr("system:node:worker-1"),
-            **boot,
-            groups=BOOTSTRAPPER_GROUPS,
-        )
+        client_csr(fake, "csr-during-410", "worker-1")
         await until(lambda: fake.approved["csr-during-410"], "CSR created during the 410 approved")
         informer = svc.approver.informer
         assert informer is not None and informer.gone >= 1 and informer.lists > lists_before
-        fake.create_csr(
-            "csr-after-410",
-            kubelet_csr("system:node:master-0"),
-            username="system:node:master-0",
-            groups=NODE_GROUPS,
-            signer=CLIENT_SIGNER,
-            usages=CLIENT,
-        )
+        client_csr(fake, "csr-after-410", "master-0", by_node=True)
         await until(lambda: fake.approved["csr-after-410"], "renewal after the relist approved")
         await asyncio.sleep(3 * FAST.resync)  # a few more review rounds: nothing changes
         assert fake.approval_puts["csr-preapproved"] == 0
@@ -303,14 +294,7 @@ async def test_api_outage_is_survived(tmp_path: Path, fake: FakeKube) -> None:
     )
     # Before the loop starts: worker-1 exists, and a bootstrapper asks for its certificate.
     fake.add_node("worker-1", ready=True)
-    fake.create_csr(
-        "csr-worker-1-again",
-        kubelet_csr("system:node:worker-1"),
-        signer=CLIENT_SIGNER,
-        usages=CLIENT,
-        username=BOOTSTRAPPER,
-        groups=BOOTSTRAPPER_GROUPS,
-    )
+    client_csr(fake, "csr-worker-1-again", "worker-1")
     fake.list_delay["nodes"] = 0.5  # the Node list arrives well after the CSR list
     sup = await started(config)
     try:
@@ -322,14 +306,7 @@ async def test_api_outage_is_survived(tmp_path: Path, fake: FakeKube) -> None:
         assert fake.approved["csr-worker-1-again"] == 0
         await fake.stop()  # the API goes away, open watches are cut
         await until(lambda: svc.connection["state"] == "unreachable", "outage noticed")
-        fake.create_csr(
-            "csr-while-down",
-            kubelet_csr("system:node:master-0"),
-            signer=CLIENT_SIGNER,
-            usages=CLIENT,
-            username=BOOTSTRAPPER,
-            groups=BOOTSTRAPPER_GROUPS,
-        )
+        client_csr(fake, "csr-while-down", "master-0")
         await asyncio.sleep(0.5)  # several failed reconnects, backed off
         assert svc.connection["state"] == "unreachable"
         await fake.resume()
@@ -356,11 +333,8 @@ async def test_breaker_and_rate_limit(tmp_path: Path, fake: FakeKube) -> None:
             username="mallory",
             groups=["system:authenticated"],
         )
-    boot = {"signer": CLIENT_SIGNER, "usages": CLIENT, "username": BOOTSTRAPPER}
     for node in ("master-0", "worker-0", "worker-1"):
-        fake.create_csr(
-            f"csr-{node}", kubelet_csr(f"system:node:{node}"), **boot, groups=BOOTSTRAPPER_GROUPS
-        )
+        client_csr(fake, f"csr-{node}", node)
     sup = await started(config)
     try:
         svc = cluster(sup)
@@ -424,9 +398,7 @@ async def test_bootstrap_complete_drains_the_bootstrap_backend(
         api=f"127.0.0.54:{free_port(host='127.0.0.54')}",
         machine_config=f"127.0.0.54:{free_port(host='127.0.0.54')}",
     )
-    sup = Supervisor(config, specs=[HTTP, PROXY, cluster_spec()])
-    sub = sup.bus.subscribe()
-    await sup.start(load_plan(config))
+    sup, sub = await started_watching(config, HTTP, PROXY, cluster_spec())
     try:
         svc = cluster(sup)
         await until(lambda: svc.connection["state"] == "connected", "connected")
@@ -510,10 +482,8 @@ def gpu_status(sup: Supervisor) -> dict[str, Any]:
 
 async def test_gpu_bring_up_resumes_after_a_restart(tmp_path: Path, fake: FakeKube) -> None:
     config = inventory(tmp_path, fake.kubeconfig(tmp_path / "kubeconfig"))
-    sup = Supervisor(config, specs=[cluster_spec()])
-    sub = sup.bus.subscribe()
+    sup, sub = await started_watching(config)
     events: list[Event] = []
-    await sup.start(load_plan(config))
     try:
         await until(lambda: fake.get("subscriptions", "nfd", "openshift-nfd"), "NFD Subscription")
         assert fake.get("namespaces", "openshift-nfd") is not None
@@ -568,10 +538,8 @@ async def test_gpu_bring_up_resumes_after_a_restart(tmp_path: Path, fake: FakeKu
     assert creates_before["/nodefeaturediscoveries"] == 1
 
     # A new supervisor on the same store continues at gpu-csv.
-    sup = Supervisor(config, specs=[cluster_spec()])
-    sub = sup.bus.subscribe()
+    sup, sub = await started_watching(config)
     events = []
-    await sup.start(load_plan(config))
     try:
         assert gpu_status(sup)["step"] == "gpu-csv"
         fake.olm_resolve(
@@ -732,17 +700,22 @@ async def test_without_kubeconfig_it_waits_quietly_then_connects(
 # --- least privilege: the rendered RBAC, enforced by the fake ---------------------------------
 
 
+SA_KUBECONFIG = "sa.kubeconfig"  # below tmp_path: the ServiceAccount's, by least_privilege
+
+
 def least_privilege(
     fake: FakeKube,
-    config: Path,
-    kubeconfig: Path,
+    tmp_path: Path,
     *,
     without_cluster_rule: str = "",
     without_role_in: str = "",
     without_signer: str = "",
-) -> None:
-    """Apply `render --as rbac`'s objects (minus one rule or Role, to see it missed), then
-    write the ServiceAccount's kubeconfig from its token Secret, as the README says."""
+) -> Path:
+    """The inventory (returned) of a cluster loop that uses the ServiceAccount: apply
+    `render --as rbac`'s objects (minus one rule or Role, to see it missed), then write the
+    ServiceAccount's kubeconfig from its token Secret, as the README says."""
+    kubeconfig = tmp_path / SA_KUBECONFIG
+    config = inventory(tmp_path, kubeconfig)
     plan = load_plan(config)
     cluster_rules = [
         r for r in rbac.cluster_rules(plan) if without_cluster_rule not in r["resources"]
@@ -756,10 +729,27 @@ def least_privilege(
     assert secret is not None
     token = base64.b64decode(secret["data"]["token"]).decode()
     fake.kubeconfig(kubeconfig, token)
+    return config
 
 
 def workers(svc: ClusterService) -> dict[str, Any]:
     return svc.status()["workers"]  # type: ignore[no-any-return]
+
+
+async def forbidden(svc: ClusterService, worker: str, what: str) -> dict[str, Any]:
+    """The worker's state once it reports a refusal by RBAC."""
+    state: dict[str, Any] = await until(
+        lambda: (w := workers(svc)[worker])["state"] == "forbidden" and w, what
+    )
+    return state
+
+
+def grant(fake: FakeKube, rule: dict[str, Any]) -> None:
+    """The operator adds the missing rule to the ClusterRole."""
+    role = fake.get("clusterroles", rbac.NAME)
+    assert role is not None
+    role["rules"].append(rule)
+    fake.put("clusterroles", role)
 
 
 async def test_a_forbidden_etcd_read_stops_only_the_bootstrap_watcher(
@@ -767,9 +757,7 @@ async def test_a_forbidden_etcd_read_stops_only_the_bootstrap_watcher(
 ) -> None:
     """Issue 14, item 22: the role lacks `get etcds`; CSRs are approved all the same."""
     caplog.set_level(logging.INFO, logger="cluster")
-    kubeconfig = tmp_path / "sa.kubeconfig"
-    config = inventory(tmp_path, kubeconfig)
-    least_privilege(fake, config, kubeconfig, without_cluster_rule="etcds")
+    config = least_privilege(fake, tmp_path, without_cluster_rule="etcds")
     fake.serve_kind("etcds")
     fake.put("etcds", {"metadata": {"name": "cluster"}, "status": {"conditions": []}})
     fake.set_configmap("kube-system", "bootstrap", {"status": "complete"})
@@ -777,19 +765,9 @@ async def test_a_forbidden_etcd_read_stops_only_the_bootstrap_watcher(
     try:
         svc = cluster(sup)
         fake.add_node("worker-0", ready=True)
-        fake.create_csr(
-            "csr-master-0",
-            kubelet_csr("system:node:master-0"),
-            signer=CLIENT_SIGNER,
-            usages=CLIENT,
-            username=BOOTSTRAPPER,
-            groups=BOOTSTRAPPER_GROUPS,
-        )
+        client_csr(fake, "csr-master-0", "master-0")
         await until(lambda: fake.approved["csr-master-0"], "the CSR approved")
-        state = await until(
-            lambda: (w := workers(svc)["bootstrap"])["state"] == "forbidden" and w,
-            "the bootstrap watcher reports the missing rule",
-        )
+        state = await forbidden(svc, "bootstrap", "the bootstrap watcher reports the missing rule")
         assert state["missing"]["rule"] == {
             "apiGroups": ["operator.openshift.io"],
             "resources": ["etcds"],
@@ -809,25 +787,13 @@ async def test_a_forbidden_etcd_read_stops_only_the_bootstrap_watcher(
         assert informer is not None and informer.lists == 1  # the CSR watch was never cut
         assert svc.connection["state"] == "connected" and svc.connects == 1
         # New CSRs keep being approved meanwhile, and nodes reported Ready.
-        fake.create_csr(
-            "csr-serving-worker-0",
-            kubelet_csr(
-                "system:node:worker-0", dns=["worker-0", f"worker-0.{D}"], ips=["127.0.0.44"]
-            ),
-            signer=SERVING_SIGNER,
-            usages=SERVING,
-            username="system:node:worker-0",
-            groups=NODE_GROUPS,
-        )
+        serving_csr(fake, "csr-serving-worker-0", "worker-0", **WORKER_0_SANS)
         await until(lambda: fake.approved["csr-serving-worker-0"], "a later CSR approved")
         said = [r.getMessage() for r in caplog.records if "forbidden" in r.getMessage()]
         assert len(said) == 1, said  # once, not once per retry
         assert 'resources: ["etcds"]' in said[0] and "render --as rbac" in said[0]
         # The operator adds the rule: the watcher gets on and retires the bootstrap node.
-        role = fake.get("clusterroles", rbac.NAME)
-        assert role is not None
-        role["rules"].append(state["missing"]["rule"])
-        fake.put("clusterroles", role)
+        grant(fake, state["missing"]["rule"])
         etcd = {"metadata": {"name": "cluster"}, "status": {"conditions": []}}
         etcd["status"]["conditions"] = [{"type": "EtcdBootstrapMemberRemoved", "status": "True"}]
         fake.put("etcds", etcd)
@@ -842,39 +808,19 @@ async def test_the_rendered_role_is_enough_for_the_whole_flow(
 ) -> None:
     """CSR approval, bootstrap retirement, node-ready and GPU bring-up as the ServiceAccount."""
     caplog.set_level(logging.WARNING, logger="cluster")
-    kubeconfig = tmp_path / "sa.kubeconfig"
-    config = inventory(tmp_path, kubeconfig)
-    least_privilege(fake, config, kubeconfig)
+    config = least_privilege(fake, tmp_path)
     fake.serve_kind("etcds")
     removed = {"type": "EtcdBootstrapMemberRemoved", "status": "True"}
     fake.put("etcds", {"metadata": {"name": "cluster"}, "status": {"conditions": [removed]}})
-    sup = Supervisor(config, specs=[cluster_spec()])
-    sub = sup.bus.subscribe()
+    sup, sub = await started_watching(config)
     events: list[Event] = []
-    await sup.start(load_plan(config))
     try:
         svc = cluster(sup)
-        fake.create_csr(
-            "csr-worker-0",
-            kubelet_csr("system:node:worker-0"),
-            signer=CLIENT_SIGNER,
-            usages=CLIENT,
-            username=BOOTSTRAPPER,
-            groups=BOOTSTRAPPER_GROUPS,
-        )
+        client_csr(fake, "csr-worker-0", "worker-0")
         await until(lambda: fake.approved["csr-worker-0"], "client CSR approved")
         fake.add_node("worker-0", ready=True)
         fake.add_node("worker-1", ready=True)
-        fake.create_csr(
-            "csr-serving-worker-0",
-            kubelet_csr(
-                "system:node:worker-0", dns=["worker-0", f"worker-0.{D}"], ips=["127.0.0.44"]
-            ),
-            signer=SERVING_SIGNER,
-            usages=SERVING,
-            username="system:node:worker-0",
-            groups=NODE_GROUPS,
-        )
+        serving_csr(fake, "csr-serving-worker-0", "worker-0", **WORKER_0_SANS)
         await until(lambda: fake.approved["csr-serving-worker-0"], "serving CSR approved")
         fake.set_configmap("kube-system", "bootstrap", {"status": "complete"})
         await until(lambda: svc.status()["bootstrap"]["complete"], "bootstrap retired")
@@ -928,16 +874,11 @@ async def test_without_the_gpu_role_only_the_gpu_bring_up_waits(
 ) -> None:
     """The GPU operator's namespace Role is missing: the GPU worker reports the exact rule
     and backs off; CSRs are approved and nodes seen meanwhile."""
-    kubeconfig = tmp_path / "sa.kubeconfig"
-    config = inventory(tmp_path, kubeconfig)
-    least_privilege(fake, config, kubeconfig, without_role_in="openshift-nfd")
+    config = least_privilege(fake, tmp_path, without_role_in="openshift-nfd")
     sup = await started(config)
     try:
         svc = cluster(sup)
-        state = await until(
-            lambda: (w := workers(svc)["gpu"])["state"] == "forbidden" and w,
-            "the GPU worker reports the missing rule",
-        )
+        state = await forbidden(svc, "gpu", "the GPU worker reports the missing rule")
         assert state["missing"]["rule"] == {
             "apiGroups": ["operators.coreos.com"],
             "resources": ["operatorgroups"],
@@ -946,14 +887,7 @@ async def test_without_the_gpu_role_only_the_gpu_bring_up_waits(
         assert state["missing"]["namespace"] == "openshift-nfd"
         assert "create operatorgroups.operators.coreos.com" in state["detail"]
         assert 'in the namespace "openshift-nfd"' in state["detail"]
-        fake.create_csr(
-            "csr-master-0",
-            kubelet_csr("system:node:master-0"),
-            signer=CLIENT_SIGNER,
-            usages=CLIENT,
-            username=BOOTSTRAPPER,
-            groups=BOOTSTRAPPER_GROUPS,
-        )
+        client_csr(fake, "csr-master-0", "master-0")
         await until(lambda: fake.approved["csr-master-0"], "the CSR approved meanwhile")
         fake.add_node("master-0", ready=True)
         await until(lambda: svc.status()["nodes"]["ready"] == ["master-0"], "node seen")
@@ -973,25 +907,14 @@ async def test_a_signer_the_role_cannot_approve_for_blocks_only_its_csrs(
     """No `approve` on signers/kubernetes.io/kubelet-serving: serving CSRs stay pending with
     the reason, client CSRs (even newer ones) are approved, the rule is reported."""
     caplog.set_level(logging.INFO, logger="cluster")
-    kubeconfig = tmp_path / "sa.kubeconfig"
-    config = inventory(tmp_path, kubeconfig)
-    least_privilege(fake, config, kubeconfig, without_signer=SERVING_SIGNER)
+    config = least_privilege(fake, tmp_path, without_signer=SERVING_SIGNER)
     fake.add_node("worker-0", ready=True)
-    fake.create_csr(  # the oldest: it comes first in every review round
-        "csr-serving-worker-0",
-        kubelet_csr("system:node:worker-0", dns=["worker-0"], ips=["127.0.0.44"]),
-        signer=SERVING_SIGNER,
-        usages=SERVING,
-        username="system:node:worker-0",
-        groups=NODE_GROUPS,
-    )
+    # The oldest: it comes first in every review round.
+    serving_csr(fake, "csr-serving-worker-0", "worker-0", dns=["worker-0"], ips=["127.0.0.44"])
     sup = await started(config)
     try:
         svc = cluster(sup)
-        state = await until(
-            lambda: (w := workers(svc)["csr"])["state"] == "forbidden" and w,
-            "the approver reports the missing rule",
-        )
+        state = await forbidden(svc, "csr", "the approver reports the missing rule")
         assert state["missing"]["rule"] == {
             "apiGroups": ["certificates.k8s.io"],
             "resources": ["signers"],
@@ -1003,14 +926,7 @@ async def test_a_signer_the_role_cannot_approve_for_blocks_only_its_csrs(
             in state["detail"]
         )
         for i in range(3):  # client CSRs arriving meanwhile are approved promptly
-            fake.create_csr(
-                f"csr-client-{i}",
-                kubelet_csr("system:node:master-0"),
-                signer=CLIENT_SIGNER,
-                usages=CLIENT,
-                username="system:node:master-0",
-                groups=NODE_GROUPS,
-            )
+            client_csr(fake, f"csr-client-{i}", "master-0", by_node=True)
             await until(lambda i=i: fake.approved[f"csr-client-{i}"], f"client CSR {i}")
         assert conditions(fake, "csr-serving-worker-0") == []
         (row,) = [
@@ -1026,10 +942,7 @@ async def test_a_signer_the_role_cannot_approve_for_blocks_only_its_csrs(
         said = [r.getMessage() for r in caplog.records if "cannot conclude" in r.getMessage()]
         assert len(said) == 1, said
         # The operator grants it: the serving CSR is approved at the next round.
-        role = fake.get("clusterroles", rbac.NAME)
-        assert role is not None
-        role["rules"].append(state["missing"]["rule"])
-        fake.put("clusterroles", role)
+        grant(fake, state["missing"]["rule"])
         await until(lambda: fake.approved["csr-serving-worker-0"], "approved once allowed")
         await until(lambda: workers(svc)["csr"]["state"] == "ok", "the approver is ok")
     finally:
@@ -1116,14 +1029,7 @@ async def test_the_readme_steps_with_kubectl(tmp_path: Path, fake: FakeKube) -> 
     await run(*kc, "set", "users.appliance-cluster-loop.token", token)
     await run(*kc, "set-context", "appliance", "--cluster=cluster", "--user=appliance-cluster-loop")
     await run(*kc, "use-context", "appliance")
-    fake.create_csr(
-        "csr-master-0",
-        kubelet_csr("system:node:master-0"),
-        signer=CLIENT_SIGNER,
-        usages=CLIENT,
-        username=BOOTSTRAPPER,
-        groups=BOOTSTRAPPER_GROUPS,
-    )
+    client_csr(fake, "csr-master-0", "master-0")
     sup = await started(config)
     try:
         await until(lambda: fake.approved["csr-master-0"], "approved as the ServiceAccount")
@@ -1155,14 +1061,7 @@ async def test_a_bug_in_one_worker_does_not_stop_the_others(
         gpu = workers(svc)["gpu"]
         assert gpu["state"] == "backing off"
         assert gpu["detail"] == "internal error: RuntimeError: a bug in the GPU step"
-        fake.create_csr(
-            "csr-master-0",
-            kubelet_csr("system:node:master-0"),
-            signer=CLIENT_SIGNER,
-            usages=CLIENT,
-            username=BOOTSTRAPPER,
-            groups=BOOTSTRAPPER_GROUPS,
-        )
+        client_csr(fake, "csr-master-0", "master-0")
         await until(lambda: fake.approved["csr-master-0"], "approved meanwhile")
         assert workers(svc)["csr"] == {**workers(svc)["csr"], "state": "ok", "failures": 0}
         informer = svc.approver.informer
@@ -1176,15 +1075,11 @@ async def test_a_bug_in_one_worker_does_not_stop_the_others(
 async def test_without_node_read_the_approver_says_it_waits_for_the_node_list(
     tmp_path: Path, fake: FakeKube
 ) -> None:
-    kubeconfig = tmp_path / "sa.kubeconfig"
-    config = inventory(tmp_path, kubeconfig)
-    least_privilege(fake, config, kubeconfig, without_cluster_rule="nodes")
+    config = least_privilege(fake, tmp_path, without_cluster_rule="nodes")
     sup = await started(config)
     try:
         svc = cluster(sup)
-        nodes = await until(
-            lambda: (w := workers(svc)["nodes"])["state"] == "forbidden" and w, "nodes forbidden"
-        )
+        nodes = await forbidden(svc, "nodes", "nodes forbidden")
         assert nodes["missing"]["rule"]["resources"] == ["nodes"]
         csr = workers(svc)["csr"]
         assert csr["state"] == "waiting" and "the Node list" in csr["detail"], csr
@@ -1198,9 +1093,7 @@ async def test_a_revoked_token_is_noticed_and_a_new_kubeconfig_is_read(
 ) -> None:
     """The operator rotates the ServiceAccount token and rewrites the kubeconfig in place:
     the refused credentials make the loop read the file again (no reload needed)."""
-    kubeconfig = tmp_path / "sa.kubeconfig"
-    config = inventory(tmp_path, kubeconfig)
-    least_privilege(fake, config, kubeconfig)
+    config = least_privilege(fake, tmp_path)
     sup = await started(config)
     try:
         svc = cluster(sup)
@@ -1211,15 +1104,8 @@ async def test_a_revoked_token_is_noticed_and_a_new_kubeconfig_is_read(
         await until(lambda: svc.connection["state"] == "unauthorized", "401 noticed")
         assert "401 Unauthorized" in svc.connection["detail"]
         fresh = fake.service_account_token(rbac.NAMESPACE, rbac.NAME)
-        fake.kubeconfig(kubeconfig, fresh)  # the same path, a new token
-        fake.create_csr(
-            "csr-master-0",
-            kubelet_csr("system:node:master-0"),
-            signer=CLIENT_SIGNER,
-            usages=CLIENT,
-            username=BOOTSTRAPPER,
-            groups=BOOTSTRAPPER_GROUPS,
-        )
+        fake.kubeconfig(tmp_path / SA_KUBECONFIG, fresh)  # the same path, a new token
+        client_csr(fake, "csr-master-0", "master-0")
         await until(lambda: fake.approved["csr-master-0"], "approved with the new token")
         assert svc.connection["state"] == "connected" and svc.connects >= 2
     finally:

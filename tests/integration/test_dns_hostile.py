@@ -44,7 +44,7 @@ from tests.integration.test_dns_real import (
     dgxpod_inventory,
     dig,
     free_dns_port,
-    start_daemon,
+    serving_pod,
 )
 
 D = "dgxpod.nvidia.com"
@@ -52,11 +52,7 @@ D = "dgxpod.nvidia.com"
 
 @pytest.fixture(scope="module")
 def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    tmp = tmp_path_factory.mktemp("hostile")
-    d = start_daemon(tmp, dgxpod_inventory(tmp / "state", free_dns_port()))
-    yield d
-    d.stop()
-    assert "Traceback" not in d.output()
+    yield from serving_pod(tmp_path_factory.mktemp("hostile"))
 
 
 def udp(port: int, q: dns.message.Message) -> dns.message.Message:
@@ -316,7 +312,43 @@ async def test_a_client_that_never_reads_loses_its_slot(
 # --- the forwarder -------------------------------------------------------------------------
 
 
-class EchoFirst:
+class FakeUpstream:
+    """A hostile upstream DNS server on 127.0.0.2, served by a thread until close()."""
+
+    port: int
+    socks: list[socket.socket]
+
+    def _start(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self.socks:
+            sock.close()
+
+
+async def ask_through(
+    tmp_path: Path, upstream: FakeUpstream, timeout: float
+) -> dns.message.Message:
+    """example.org A from a dns service that forwards to `upstream` (closed after)."""
+    try:
+        sup, port = await _in_process(tmp_path, upstream_dns=[f"127.0.0.2:{upstream.port}"])
+        try:
+            q = dns.message.make_query("example.org", "A")
+            return await dns.asyncquery.udp(q, "127.0.0.1", timeout=timeout, port=port)
+        finally:
+            await sup.stop()
+    finally:
+        upstream.close()
+
+
+class EchoFirst(FakeUpstream):
     """An upstream that sends the query back (QR=0), a reply to another question, then
     the real answer (example.org A 192.0.2.10): only the last one may be taken."""
 
@@ -325,9 +357,8 @@ class EchoFirst:
         self.sock.bind((host, 0))
         self.sock.settimeout(0.1)
         self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self.socks = [self.sock]
+        self._start()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -348,22 +379,10 @@ class EchoFirst:
             )
             self.sock.sendto(reply.to_wire(), addr)
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-
 
 async def test_forwarder_takes_only_the_reply_to_its_query(tmp_path: Path) -> None:
-    upstream = EchoFirst()
-    sup, port = await _in_process(tmp_path, upstream_dns=[f"127.0.0.2:{upstream.port}"])
-    try:
-        q = dns.message.make_query("example.org", "A")
-        reply = await dns.asyncquery.udp(q, "127.0.0.1", timeout=TIMEOUT, port=port)
-        assert reply.rcode() == dns.rcode.NOERROR and addresses(reply) == ["192.0.2.10"]
-    finally:
-        await sup.stop()
-        upstream.close()
+    reply = await ask_through(tmp_path, EchoFirst(), TIMEOUT)
+    assert reply.rcode() == dns.rcode.NOERROR and addresses(reply) == ["192.0.2.10"]
 
 
 async def test_forwarder_pointed_at_itself_does_not_loop(tmp_path: Path) -> None:
@@ -387,7 +406,7 @@ async def test_forwarder_pointed_at_itself_does_not_loop(tmp_path: Path) -> None
         await sup.stop()
 
 
-class EchoOverTcp:
+class EchoOverTcp(FakeUpstream):
     """An upstream that says TC over UDP and then, over TCP, sends the query back."""
 
     def __init__(self, host: str = "127.0.0.2") -> None:
@@ -401,9 +420,8 @@ class EchoOverTcp:
         self.tcp.listen(4)
         self.tcp.settimeout(0.1)
         self.echoed = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self.socks = [self.udp, self.tcp]
+        self._start()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -425,21 +443,9 @@ class EchoOverTcp:
                 conn.sendall(head + query)  # the query itself: QR=0, same ID, same question
                 self.echoed += 1
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.udp.close()
-        self.tcp.close()
-
 
 async def test_forwarder_over_tcp_takes_only_a_response(tmp_path: Path) -> None:
     upstream = EchoOverTcp()
-    sup, port = await _in_process(tmp_path, upstream_dns=[f"127.0.0.2:{upstream.port}"])
-    try:
-        q = dns.message.make_query("example.org", "A")
-        reply = await dns.asyncquery.udp(q, "127.0.0.1", timeout=TIMEOUT * 3, port=port)
-        assert upstream.echoed == 1
-        assert reply.rcode() == dns.rcode.SERVFAIL and not reply.answer
-    finally:
-        await sup.stop()
-        upstream.close()
+    reply = await ask_through(tmp_path, upstream, TIMEOUT * 3)
+    assert upstream.echoed == 1
+    assert reply.rcode() == dns.rcode.SERVFAIL and not reply.answer

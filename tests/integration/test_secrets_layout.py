@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,17 +22,14 @@ import pytest
 from appliance.inventory import Inventory, LoadedInventory
 from appliance.plan import build_plan
 from services.tftp.files import Refused, open_source, served
-from tests.helpers import ROOT, Daemon, free_port, loopback_inventory, need_tool, write_inventory
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "appliance", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from tests.helpers import (
+    Daemon,
+    free_port,
+    loopback_inventory,
+    need_tool,
+    run_cli,
+    write_inventory,
+)
 
 
 def _one_folder(base: Path) -> dict[str, Any]:
@@ -50,7 +46,7 @@ def test_check_and_run_refuse_secrets_under_served_folders(tmp_path: Path, comma
     (tmp_path / "ignition").mkdir()
     (tmp_path / "ignition" / "master.ign").write_text("{}")
     config = write_inventory(tmp_path / "inventory.yaml", _one_folder(tmp_path))
-    done = _cli(command, "--config", str(config))
+    done = run_cli(command, "--config", str(config))
     assert done.returncode == 2, done.stdout + done.stderr
     out = done.stdout + done.stderr
     assert "boot.images_dir" in out and "cluster.ignition_dir" in out, out
@@ -63,7 +59,7 @@ def test_tftp_root_inside_the_ignition_dir_is_refused(tmp_path: Path) -> None:
     raw["cluster"]["ignition_dir"] = str(tmp_path / "ign")
     raw["boot"]["tftp_root"] = str(tmp_path / "ign" / "tftp")
     config = write_inventory(tmp_path / "inventory.yaml", raw)
-    done = _cli("check", "--config", str(config))
+    done = run_cli("check", "--config", str(config))
     assert done.returncode == 2
     assert "boot.tftp_root" in done.stdout + done.stderr
     assert "cluster.ignition_dir" in done.stdout + done.stderr
@@ -77,7 +73,7 @@ def test_a_symlinked_layout_is_seen_through(tmp_path: Path) -> None:
     raw["state_dir"] = str(tmp_path / "srv" / "state")
     raw["boot"]["images_dir"] = str(tmp_path / "images")
     config = write_inventory(tmp_path / "inventory.yaml", raw)
-    done = _cli("check", "--config", str(config))
+    done = run_cli("check", "--config", str(config))
     assert done.returncode == 2
     assert "state_dir" in done.stdout + done.stderr
 

@@ -45,6 +45,7 @@ from tests.integration.test_tftp_http_real import (
     fetch,
     head,
     rrq,
+    running_env,
 )
 
 MASTER = "127.0.0.50"  # an inventory node (tests.helpers.loopback_inventory)
@@ -52,11 +53,7 @@ MASTER = "127.0.0.50"  # an inventory node (tests.helpers.loopback_inventory)
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    e = _env(tmp_path)
-    e.start()
-    yield e
-    if e.daemon is not None:
-        e.daemon.stop()
+    yield from running_env(tmp_path)
 
 
 def counters(env: Env) -> dict[str, Any]:

@@ -139,14 +139,19 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     env.daemon.stop()
 
 
-@pytest.fixture
-def fresh(tmp_path: Path) -> Iterator[Env]:
-    """A daemon of its own (boot-once state, events, restarts)."""
+def running_env(tmp_path: Path) -> Iterator[Env]:
+    """An Env started in `tmp_path` for a fixture; its daemon stopped at the end."""
     env = _env(tmp_path)
     env.start()
     yield env
     if env.daemon is not None:
         env.daemon.stop()
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[Env]:
+    """A daemon of its own (boot-once state, events, restarts)."""
+    yield from running_env(tmp_path)
 
 
 def sha(data: bytes) -> str:

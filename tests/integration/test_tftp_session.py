@@ -73,16 +73,10 @@ class Run:
         self.xfer = ReadTransfer(
             self.source.read, self.source.size, neg, time.monotonic(), self.source.readinto
         )
-        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        server.bind(("127.0.0.1", 0))
-        client.bind(("127.0.0.1", 0))
-        server.connect(client.getsockname())
-        client.connect(server.getsockname())
-        self.peer = Peer(client)
+        server, self.peer = _pair()
         self.ended = threading.Event()
         self.session = Session(
-            server, self.xfer, self.source, client.getsockname(), self._done, LOG
+            server, self.xfer, self.source, self.peer.sock.getsockname(), self._done, LOG
         )
         self.session.start()
 

@@ -9,58 +9,36 @@ from typing import Any
 import pytest
 
 from appliance.inventory import InventoryError, parse_inventory
-from appliance.plan import Plan, build_plan
+from appliance.plan import build_plan
 from services.dhcp import arp, codec, ping
 from services.dhcp.codec import DhcpMessage
 from services.dhcp.leases import LeaseTable
-from services.dhcp.policy import DhcpCore, Outcome
+from services.dhcp.policy import DhcpCore
 from tests.helpers import CONFIG, loopback_inventory
+from tests.unit.dhcp_builders import (
+    CLIENT,
+    MASTER0,
+    SERVER,
+    STRANGER,
+    dhcp_core,
+    dhcp_plan,
+    dora,
+    msg,
+    reply,
+    send,
+)
 
-SERVER = IPv4Address("10.33.3.18")
-MASTER0 = "52:54:00:00:03:50"
 WORKER0 = "02:00:00:00:03:44"
-STRANGER = "de:ad:be:ef:00:01"
-CLIENT = ("0.0.0.0", 68)
-
-
-def _plan(raw: dict[str, Any], **network: Any) -> Plan:
-    raw["network"].update(network)
-    return build_plan(parse_inventory(raw, "x.yaml", CONFIG))
 
 
 @pytest.fixture
 def core(dgxpod_raw: dict[str, Any]) -> DhcpCore:
-    return DhcpCore(_plan(dgxpod_raw).dhcp, LeaseTable(None), 67)
+    return dhcp_core(dgxpod_raw)
 
 
 @pytest.fixture
 def pool_core(dgxpod_raw: dict[str, Any]) -> DhcpCore:
-    plan = _plan(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.102"])
-    return DhcpCore(plan.dhcp, LeaseTable(None), 67)
-
-
-def msg(mac: str, mtype: int, **fields: Any) -> DhcpMessage:
-    options: dict[int, bytes] = {codec.OPT_MESSAGE_TYPE: bytes((mtype,))}
-    options.update(fields.pop("options", {}))
-    m = DhcpMessage(
-        op=codec.BOOTREQUEST,
-        xid=fields.pop("xid", 0x1234),
-        chaddr=bytes.fromhex(mac.replace(":", "")),
-        options=options,
-        **fields,
-    )
-    return m
-
-
-def send(
-    core: DhcpCore, m: DhcpMessage, now: float = 1000.0, src: tuple[str, int] = CLIENT
-) -> Outcome:
-    return core.handle(codec.encode(m), src, now)
-
-
-def reply(out: Outcome) -> DhcpMessage:
-    assert len(out.replies) == 1, out.log
-    return codec.parse(out.replies[0].data)
+    return dhcp_core(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.102"])
 
 
 def arch(value: int) -> dict[int, bytes]:
@@ -68,23 +46,6 @@ def arch(value: int) -> dict[int, bytes]:
         codec.OPT_CLIENT_ARCH: codec.u16(value),
         codec.OPT_VENDOR_CLASS: b"PXEClient:Arch:00000",
     }
-
-
-def dora(
-    core: DhcpCore, mac: str, now: float = 1000.0, opts: dict[int, bytes] | None = None
-) -> DhcpMessage:
-    opts = opts or {}
-    offer = reply(send(core, msg(mac, codec.DISCOVER, options=opts), now))
-    request = msg(
-        mac,
-        codec.REQUEST,
-        options={
-            codec.OPT_SERVER_ID: SERVER.packed,
-            codec.OPT_REQUESTED_IP: offer.yiaddr.packed,
-            **opts,
-        },
-    )
-    return reply(send(core, request, now + 1))
 
 
 # --- codec -----------------------------------------------------------------------------
@@ -159,8 +120,7 @@ def test_reserved_node_gets_its_address_and_options(core: DhcpCore) -> None:
 def test_loader_by_architecture(
     dgxpod_raw: dict[str, Any], arch_code: int, node_mac: str, expected: str
 ) -> None:
-    plan = _plan(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.120"])
-    core = DhcpCore(plan.dhcp, LeaseTable(None), 67)
+    core = dhcp_core(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.120"])
     offer = reply(send(core, msg(node_mac, codec.DISCOVER, options=arch(arch_code))))
     assert offer.file.decode() == expected
     assert offer.options[codec.OPT_BOOTFILE].decode() == expected
@@ -306,8 +266,7 @@ def test_relay_reply_goes_to_giaddr_with_option_82(core: DhcpCore) -> None:
 
 
 def test_param_request_list_and_max_size(dgxpod_raw: dict[str, Any]) -> None:
-    plan = _plan(dgxpod_raw, ntp_servers=["10.33.3.1"])
-    core = DhcpCore(plan.dhcp, LeaseTable(None), 67)
+    core = dhcp_core(dgxpod_raw, ntp_servers=["10.33.3.1"])
     params = bytes([42, 28, 119, 1])
     offer = reply(send(core, msg(MASTER0, codec.DISCOVER, options={codec.OPT_PARAMS: params})))
     order = list(offer.options)
@@ -319,8 +278,7 @@ def test_param_request_list_and_max_size(dgxpod_raw: dict[str, Any]) -> None:
 
 
 def test_proxy_mode_gives_boot_info_only(dgxpod_raw: dict[str, Any]) -> None:
-    plan = _plan(dgxpod_raw, dhcp_mode="proxy")
-    core = DhcpCore(plan.dhcp, LeaseTable(None), 67)
+    core = dhcp_core(dgxpod_raw, dhcp_mode="proxy")
     offer = reply(send(core, msg(STRANGER, codec.DISCOVER, options=arch(7))))
     assert offer.yiaddr == IPv4Address(0) and offer.file == b"ipxe.efi"
     assert offer.options[codec.OPT_VENDOR_CLASS] == b"PXEClient"
@@ -357,7 +315,7 @@ def test_wrong_op_is_ignored(core: DhcpCore) -> None:
 
 @pytest.fixture
 def probing_core(dgxpod_raw: dict[str, Any]) -> DhcpCore:
-    plan = _plan(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.102"])
+    plan = dhcp_plan(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.102"])
     assert plan.dhcp.ping_wait == 0.5  # the default
     return DhcpCore(plan.dhcp, LeaseTable(None), 67, probing=True)
 
@@ -419,7 +377,7 @@ def test_reservations_and_a_core_without_pinger_never_probe(
     dgxpod_raw: dict[str, Any], probing_core: DhcpCore
 ) -> None:
     assert not probing_core.handle(codec.encode(msg(WORKER0, codec.DISCOVER)), CLIENT, 1000.0).probe
-    plan = _plan(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.102"])
+    plan = dhcp_plan(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.102"])
     unprobed = DhcpCore(plan.dhcp, LeaseTable(None), 67, probing=False)
     assert reply(send(unprobed, msg(STRANGER, codec.DISCOVER))).yiaddr == IPv4Address("10.33.3.100")
 
@@ -434,10 +392,10 @@ def test_reservations_and_a_core_without_pinger_never_probe(
         ({"dhcp_range": ["10.33.3.100", "10.33.3.102"], "dhcp_mode": "proxy"}, 0.0),
     ],
 )
-def test_ping_wait_in_the_plan(
+def test_ping_wait_in_thedhcp_plan(
     dgxpod_raw: dict[str, Any], network: dict[str, Any], wait: float
 ) -> None:
-    plan = _plan(dgxpod_raw, **network)
+    plan = dhcp_plan(dgxpod_raw, **network)
     assert plan.dhcp.ping_wait == wait
     assert DhcpCore(plan.dhcp, LeaseTable(None), 67, probing=True).probing is (wait > 0)
 
@@ -529,7 +487,7 @@ def test_an_answer_for_an_address_bound_meanwhile_is_not_a_squatter(
 def test_a_given_up_probe_frees_the_address_it_held(dgxpod_raw: dict[str, Any]) -> None:
     """Three pool addresses in a row answer: the DISCOVER gets no offer, and the fourth
     address, not pinged, is not held for the client either."""
-    plan = _plan(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.110"])
+    plan = dhcp_plan(dgxpod_raw, dhcp_range=["10.33.3.100", "10.33.3.110"])
     core = DhcpCore(plan.dhcp, LeaseTable(None), 67, probing=True)
     data = codec.encode(msg(STRANGER, codec.DISCOVER))
     out = core.handle(data, CLIENT, 1000.0)
