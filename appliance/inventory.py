@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
@@ -145,6 +146,27 @@ def _any_net(value: Any) -> IPv4Network | IPv6Network:
         raise ValueError(f"{value!r} is not an IP network in CIDR form{why}") from None
 
 
+_NOT_IN_A_WORD = frozenset("\"'`$;\\{}")
+
+
+def _boot_word(value: str) -> str:
+    """A kernel argument or a boot path: one word of a pxelinux/GRUB/iPXE line. A space
+    would make it two arguments (one the override rule never sees), a line break a new
+    config line, and quotes, `$`, `;`, `\\` and braces are read by GRUB and iPXE."""
+    if not value:
+        raise ValueError("empty (remove the item)")
+    bad = next(
+        (c for c in value if c.isspace() or not c.isprintable() or c in _NOT_IN_A_WORD), None
+    )
+    if bad is not None:
+        raise ValueError(
+            f"{value!r} holds {bad!r}: one argument or path per item, without spaces, "
+            "control characters, quotes, '$', ';', '\\' or braces (the boot configs "
+            "would split it or read it)"
+        )
+    return value
+
+
 def _listen(value: Any) -> Endpoint:
     return parse_endpoint(value)
 
@@ -161,6 +183,7 @@ Upstream = Annotated[Endpoint, BeforeValidator(_upstream)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 IPv4 = Annotated[IPv4Address, BeforeValidator(_ipv4)]
 IPv4Net = Annotated[IPv4Network, BeforeValidator(_ipv4_net)]
+BootWord = Annotated[str, AfterValidator(_boot_word)]
 AnyNet = Annotated[IPv4Network | IPv6Network, BeforeValidator(_any_net)]
 
 
@@ -237,17 +260,32 @@ class Loaders(_Strict):
     uefi_arm64: str = "ipxe-arm64.efi"
 
 
+class ArchArtifacts(_Strict):
+    """boot.aarch64: the Arm nodes' artifacts; the same meanings as the top-level keys.
+
+    No defaults for kernel and initramfs: x86 defaults would boot nothing on Arm. With
+    rootfs set it is live PXE; `image` is written only when set (else the installer
+    copies the live image); without rootfs the legacy installer needs the image.
+    """
+
+    kernel: BootWord
+    initramfs: BootWord
+    rootfs: BootWord | None = None
+    image: BootWord | None = None
+
+
 class Boot(_Strict):
     tftp_root: str = "tftp"
     images_dir: str = "images"
-    kernel: str = "rhcos/installer-kernel"
-    initramfs: str = "rhcos/installer-initramfs.img"
-    rootfs: str | None = None
-    image: str | None = "rhcos/metal.raw.gz"
-    install_device: str = "/dev/sda"
-    kernel_args: list[str] = ["console=tty0", "console=ttyS0"]
+    kernel: BootWord = "rhcos/installer-kernel"
+    initramfs: BootWord = "rhcos/installer-initramfs.img"
+    rootfs: BootWord | None = None
+    image: BootWord | None = "rhcos/metal.raw.gz"
+    install_device: BootWord = "/dev/sda"
+    kernel_args: list[BootWord] = ["console=tty0", "console=ttyS0"]
     after_install: Literal["localboot", "reinstall"] = "localboot"
     loaders: Loaders = Loaders()
+    aarch64: ArchArtifacts | None = None
 
 
 Role = Literal["bootstrap", "master", "worker"]
@@ -259,9 +297,10 @@ class Node(_Strict):
     mac: Mac
     ip: IPv4
     firmware: Literal["auto", "bios", "uefi"] = "auto"
-    install_device: str | None = None
+    install_device: BootWord | None = None
     gpu: bool = False
-    kernel_args: list[str] = []
+    kernel_args: list[BootWord] = []
+    arch: Literal["x86_64", "aarch64"] = "x86_64"  # aarch64: boot.aarch64's artifacts
 
 
 class Listen(_Strict):
@@ -350,6 +389,8 @@ class LoadedInventory:
     inventory: Inventory
     source: Path
     base_dir: Path
+    # Lines to show (check) and log (run) that do not make the inventory unusable.
+    warnings: tuple[Problem, ...] = ()
 
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()
@@ -388,41 +429,341 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
     return problems
 
 
-def _read_install_config(path: Path) -> tuple[dict[str, Any], list[Problem]]:
+# install-config.yaml as openshift-install reads it (4.1-era and current forms). What the
+# installer fills in when a key is left out is used as it would be, and said so.
+_IC_DEFAULT = "not set: openshift-install's default"
+_IC_REPLICAS = 3
+_IC_MAX_BYTES = 1 << 20  # a real one is a few KiB (the pull secret is the bulk)
+_IC_NETWORKS = {  # group -> (current key, its entry field, deprecated key, default)
+    "machineNetwork": ("machineNetwork", "cidr", "machineCIDR", "10.0.0.0/16"),
+    "clusterNetwork": ("clusterNetwork", "cidr", "clusterNetworks", "10.128.0.0/14"),
+    "serviceNetwork": ("serviceNetwork", None, "serviceCIDR", "172.30.0.0/16"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class InstallConfig:
+    """The values the appliance reads from install-config.yaml, each with its key there."""
+
+    shown: str  # the file's name, as messages cite it
+    name: Any  # metadata.name as written (None when absent)
+    base_domain: Any  # baseDomain as written
+    # group (machineNetwork, clusterNetwork, serviceNetwork) -> (key in the file, network);
+    # IPv4 only (IPv6 is refused). A group left out holds the installer's default.
+    networks: dict[str, tuple[tuple[str, IPv4Network], ...]]
+    machine_network_written: bool
+    control_plane: tuple[str, int] | None  # (key, replicas)
+    compute: tuple[str, int] | None  # (keys, sum of the pools' replicas)
+
+    def cite(self, key: str) -> str:
+        return f"(from {self.shown} {key})"
+
+
+def _ic_replicas(pool: Any, key: str, bad: list[Problem], shown: str) -> tuple[str, int] | None:
+    value = pool.get("replicas") if isinstance(pool, dict) else None
+    if pool is not None and not isinstance(pool, dict):
+        bad.append(Problem("cluster.install_config", f"{shown} {key}: not a mapping"))
+        return None
+    if value is None:
+        return f"{key}.replicas, {_IC_DEFAULT}", _IC_REPLICAS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        bad.append(
+            Problem(
+                "cluster.install_config",
+                f"{value!r} (from {shown} {key}.replicas) is not a number of machines",
+            )
+        )
+        return None
+    return f"{key}.replicas", value
+
+
+def _ic_networks(
+    net: dict[str, Any], group: str, shown: str, bad: list[Problem]
+) -> tuple[tuple[tuple[str, IPv4Network], ...], bool]:
+    """One group's IPv4 networks (IPv6 and unreadable entries become problems) and
+    whether the file wrote the group at all."""
+    key, field, old, default = _IC_NETWORKS[group]
+    written: list[tuple[str, Any]] = []
+    if net.get(key):  # openshift-install ignores the deprecated key when both are set
+        items = net[key] if isinstance(net[key], list) else [net[key]]
+        for i, item in enumerate(items):
+            at = f"networking.{key}[{i}]"
+            if field is None:
+                written.append((at, item))
+            elif isinstance(item, dict):
+                written.append((f"{at}.{field}", item.get(field)))
+            else:
+                written.append((at, item))
+    elif net.get(old):
+        if isinstance(net[old], list):  # clusterNetworks: [{cidr, hostSubnetLength}]
+            for i, item in enumerate(net[old]):
+                value = item.get("cidr") if isinstance(item, dict) else item
+                written.append((f"networking.{old}[{i}].cidr", value))
+        else:
+            written.append((f"networking.{old}", net[old]))
+    if not written:
+        return ((f"networking.{key}, {_IC_DEFAULT}", IPv4Network(default)),), False
+    parsed: list[tuple[str, IPv4Network | IPv6Network]] = []
+    for at, value in written:
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            parsed.append((at, ipaddress.ip_network(value.strip(), strict=False)))
+        except ValueError:
+            bad.append(
+                Problem(
+                    "cluster.install_config",
+                    f"{value!r} (from {shown} {at}) is not an IP network in CIDR form",
+                )
+            )
+    has_v4 = any(n.version == 4 for _, n in parsed)
+    out: list[tuple[str, IPv4Network]] = []
+    for at, network in parsed:
+        if isinstance(network, IPv4Network):
+            out.append((at, network))
+            continue
+        kind = "a dual-stack" if has_v4 else "an IPv6"
+        bad.append(
+            Problem(
+                "cluster.install_config",
+                f"{network} (from {shown} {at}) is IPv6: {kind} cluster is not supported yet "
+                "(DHCPv4, IPv4 DNS and PXE only); use IPv4 networks only",
+            )
+        )
+    return tuple(out), True
+
+
+def _read_install_config(path: Path, shown: str) -> tuple[InstallConfig | None, list[Problem]]:
     where = "cluster.install_config"
     try:
-        data = load_yaml(path.read_text(encoding="utf-8"))
+        # Only a regular file of install-config size: a FIFO or a device named by mistake
+        # would block start and reload (open(2) of a FIFO waits for a writer).
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None, [Problem(where, f"{path} is not a regular file")]
+        with path.open("rb") as f:
+            blob = f.read(_IC_MAX_BYTES + 1)
+        if len(blob) > _IC_MAX_BYTES:
+            return None, [Problem(where, f"{path} is larger than 1 MiB: not an install-config")]
+        data = load_yaml(blob.decode("utf-8"))
     except OSError as exc:
-        return {}, [Problem(where, f"cannot read {path}: {exc.strerror}")]
+        return None, [Problem(where, f"cannot read {path}: {exc.strerror}")]
     except UnicodeDecodeError:
-        return {}, [Problem(where, f"{path}: not UTF-8 text")]
+        return None, [Problem(where, f"{path}: not UTF-8 text")]
     except YamlError as exc:
-        return {}, [Problem(where, f"{path}: {exc}")]
+        return None, [Problem(where, f"{path}: {exc}")]
     if not isinstance(data, dict):
-        return {}, [Problem(where, f"{path}: not an install-config (expected a mapping)")]
-    found: dict[str, Any] = {}
-    meta = data.get("metadata") or {}
-    if isinstance(meta, dict) and meta.get("name"):
-        found["name"] = meta["name"]
-    if data.get("baseDomain"):
-        found["base_domain"] = data["baseDomain"]
-    net = data.get("networking") or {}
-    cidrs: list[str] = []
-    if isinstance(net, dict):
-        for entry in net.get("machineNetwork") or []:
-            if isinstance(entry, dict) and entry.get("cidr"):
-                cidrs.append(str(entry["cidr"]))
-        if net.get("machineCIDR"):
-            cidrs.append(str(net["machineCIDR"]))
-    for cidr in cidrs:
-        try:
-            network = ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            continue
-        if network.version == 4:
-            found["subnet"] = str(network)
-            break
-    return found, []
+        return None, [Problem(where, f"{path}: not an install-config (expected a mapping)")]
+    bad: list[Problem] = []
+    meta = data.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    net = data.get("networking")
+    if net is not None and not isinstance(net, dict):
+        bad.append(Problem(where, f"{shown} networking: not a mapping"))
+    networks: dict[str, tuple[tuple[str, IPv4Network], ...]] = {}
+    written: dict[str, bool] = {}
+    for group in _IC_NETWORKS:
+        networks[group], written[group] = _ic_networks(
+            net if isinstance(net, dict) else {}, group, shown, bad
+        )
+    control_plane = _ic_replicas(data.get("controlPlane"), "controlPlane", bad, shown)
+    pools = data.get("compute")
+    compute: tuple[str, int] | None
+    if pools is None or pools == []:  # the installer adds one worker pool
+        compute = f"compute, {_IC_DEFAULT}", _IC_REPLICAS
+    elif not isinstance(pools, list):
+        bad.append(Problem(where, f"{shown} compute: not a list of machine pools"))
+        compute = None
+    else:
+        counted = [_ic_replicas(pool, f"compute[{i}]", bad, shown) for i, pool in enumerate(pools)]
+        known = [c for c in counted if c is not None]
+        compute = None
+        if len(known) == len(counted):
+            compute = " + ".join(k for k, _ in known), sum(n for _, n in known)
+    ic = InstallConfig(
+        shown=shown,
+        name=name or None,
+        base_domain=data.get("baseDomain") or None,
+        networks=networks,
+        machine_network_written=written["machineNetwork"],
+        control_plane=control_plane,
+        compute=compute,
+    )
+    return ic, bad
+
+
+# Inventory keys install-config.yaml can fill in -> the key they come from there.
+_IC_FILLS = {
+    "cluster.name": "metadata.name",
+    "cluster.base_domain": "baseDomain",
+    "network.subnet": "networking.machineNetwork",
+}
+
+
+def _fill_from_install_config(raw: dict[str, Any], ic: InstallConfig) -> dict[str, str]:
+    """Put install-config's values where the inventory leaves a key out (in place);
+    return which keys were filled, each with the key in the file it came from."""
+    filled: dict[str, str] = {}
+    cluster = raw.get("cluster")
+    if isinstance(cluster, dict):
+        cluster = raw["cluster"] = dict(cluster)
+        for key, value, src in (
+            ("name", ic.name, "metadata.name"),
+            ("base_domain", ic.base_domain, "baseDomain"),
+        ):
+            if cluster.get(key) is None and value is not None:
+                cluster[key] = value
+                filled[f"cluster.{key}"] = src
+    net = raw.get("network")
+    machine = ic.networks["machineNetwork"]
+    # The first IPv4 entry written (the nodes' network when there are several); never
+    # the installer's default, which says nothing about this cluster.
+    written = ic.machine_network_written and machine
+    if isinstance(net, dict) and net.get("subnet") is None and written:
+        raw["network"] = {**net, "subnet": str(machine[0][1])}
+        filled["network.subnet"] = machine[0][0]
+    return filled
+
+
+def _cite_install_config(
+    problems: list[Problem], ic: InstallConfig | None, filled: dict[str, str]
+) -> list[Problem]:
+    """Say which problems are about values read from install-config.yaml."""
+    if ic is None:
+        return problems
+    out: list[Problem] = []
+    for p in problems:
+        path, message = p.path, p.message
+        if path in _IC_FILLS and path not in filled and message.startswith("required key is"):
+            what = "an IPv4 " if path == "network.subnet" else ""
+            message = f"required key is missing ({ic.shown} has no {what}{_IC_FILLS[path]} either)"
+        for key, src in filled.items():
+            cited = f"{key} {ic.cite(src)}"
+            if path == key:
+                path = cited
+            message = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w.])", cited, message)
+        out.append(Problem(path, message))
+    return out
+
+
+def _same_dns_name(a: Any, b: Any) -> bool:
+    return str(a).strip().rstrip(".").lower() == str(b).strip().rstrip(".").lower()
+
+
+def _install_config_problems(
+    inv: Inventory, ic: InstallConfig
+) -> tuple[list[Problem], list[Problem]]:
+    """Errors and warnings where the inventory and install-config.yaml disagree."""
+    errors: list[Problem] = []
+    warnings: list[Problem] = []
+    c = inv.cluster
+    ic_name = str(ic.name if ic.name is not None else c.name).strip().lower()
+    ic_domain = str(ic.base_domain if ic.base_domain is not None else c.base_domain)
+    ic_domain = ic_domain.strip().rstrip(".").lower()
+    # The ignition files hold certificates for the install-config names: another
+    # name or domain here would serve DNS for a cluster whose API certificate fails.
+    for key, mine, theirs, src, fix in (
+        ("cluster.name", c.name, ic.name, "metadata.name", ic_name),
+        ("cluster.base_domain", c.base_domain, ic.base_domain, "baseDomain", ic_domain),
+    ):
+        if mine is not None and theirs is not None and not _same_dns_name(mine, theirs):
+            errors.append(
+                Problem(
+                    key,
+                    f"{mine!r} differs from {theirs!r} {ic.cite(src)}: the ignition files' "
+                    f"certificates are for {ic_name}.{ic_domain}; write {key}: {fix} "
+                    "or remove the key",
+                )
+            )
+
+    masters = sum(1 for n in inv.nodes if n.role == "master")
+    workers = sum(1 for n in inv.nodes if n.role == "worker")
+    if ic.control_plane is not None and ic.control_plane[1] != masters:
+        src, want = ic.control_plane
+        warnings.append(
+            Problem(
+                "nodes",
+                f"{masters} nodes have role master, but controlPlane.replicas is {want} "
+                f"{ic.cite(src)}: the cluster is made for {want} control-plane nodes (etcd "
+                "members the bootstrap waits for); change the master nodes, or fix "
+                f"{ic.shown} and create the ignition files again",
+            )
+        )
+    if ic.compute is not None and ic.compute[1] != workers:
+        src, want = ic.compute
+        said = f"{workers} nodes have role worker, but compute replicas are {want} {ic.cite(src)}"
+        if want == 0:
+            why = (
+                ": openshift-install then makes the masters schedulable, so workloads may run "
+                f"on them; set it to {workers} to keep them off the masters"
+            )
+        elif workers == 0:
+            why = (
+                ": the masters stay unschedulable and the ingress routers have nowhere to run, "
+                "so the install does not complete; set it to 0 for a cluster of masters only"
+            )
+        else:
+            why = (
+                "; with no machine sets (platform none) workers join as their CSRs are "
+                "approved: fix whichever is wrong"
+            )
+        warnings.append(Problem("nodes", said + why))
+
+    machine = ic.networks["machineNetwork"]
+    if machine:
+        nets = ", ".join(str(n) for _, n in machine)
+        cited = ic.cite(", ".join(k for k, _ in machine))
+        outside = [
+            (i, n) for i, n in enumerate(inv.nodes) if not any(n.ip in m for _, m in machine)
+        ]
+        if len(outside) == len(inv.nodes) > 1:
+            warnings.append(
+                Problem(
+                    "nodes",
+                    f"every node address (network.subnet {inv.network.subnet}) is outside "
+                    f"machineNetwork {nets} {cited}: OpenShift expects every node address "
+                    "inside it; set it to the nodes' network",
+                )
+            )
+        else:
+            for i, node in outside:
+                warnings.append(
+                    Problem(
+                        f"nodes[{i}].ip",
+                        f"{node.ip} is outside machineNetwork {nets} {cited}: OpenShift "
+                        "expects every node address inside it; widen machineNetwork or move "
+                        "the node",
+                    )
+                )
+
+    # Pod and service addresses are routed inside the cluster: a node network among
+    # them would make the nodes (and the appliance) unreachable from pods.
+    subnet = inv.network.subnet
+    ours: list[tuple[str, IPv4Network | IPv4Address]] = []
+    if subnet is not None:
+        ours.append(("network.subnet", subnet))
+    for key, addr in (
+        ("network.address", inv.network.address),
+        ("load_balancer.address", inv.load_balancer.address),
+    ):
+        if subnet is None or addr not in subnet:
+            ours.append((key, addr))
+    for group in ("clusterNetwork", "serviceNetwork"):
+        for src, network in ic.networks[group]:
+            for key, value in ours:
+                hit = (
+                    value.overlaps(network) if isinstance(value, IPv4Network) else value in network
+                )
+                if hit:
+                    errors.append(
+                        Problem(
+                            key,
+                            f"{value} {'overlaps' if isinstance(value, IPv4Network) else 'is in'}"
+                            f" {group} {network} {ic.cite(src)}: nodes would be unreachable "
+                            f"from pods; choose another {group} before creating the ignition "
+                            "files",
+                        )
+                    )
+    return errors, warnings
 
 
 def load_inventory(path: str | Path) -> LoadedInventory:
@@ -450,31 +791,34 @@ def parse_inventory(raw: Any, source: str, base_dir: Path) -> LoadedInventory:
     if not isinstance(raw, dict):
         raise InventoryError(source, [Problem("", "the inventory must be a YAML mapping")])
     problems: list[Problem] = []
-    # install-config.yaml supplies what the inventory leaves out; explicit keys win.
+    # install-config.yaml supplies what the inventory leaves out and must agree with the rest.
+    ic: InstallConfig | None = None
+    filled: dict[str, str] = {}
     cluster_raw = raw.get("cluster")
     ic_path = cluster_raw.get("install_config") if isinstance(cluster_raw, dict) else None
     if isinstance(ic_path, str) and ic_path:
         p = Path(ic_path).expanduser()
-        found, ic_problems = _read_install_config(p if p.is_absolute() else base_dir / p)
+        ic, ic_problems = _read_install_config(
+            p if p.is_absolute() else base_dir / p, p.name or ic_path
+        )
         problems += ic_problems
-        raw = dict(raw)
-        cluster = dict(cluster_raw)  # type: ignore[arg-type]
-        for key in ("name", "base_domain"):
-            if cluster.get(key) is None and key in found:
-                cluster[key] = found[key]
-        raw["cluster"] = cluster
-        net_raw = raw.get("network")
-        if isinstance(net_raw, dict) and net_raw.get("subnet") is None and "subnet" in found:
-            raw["network"] = {**net_raw, "subnet": found["subnet"]}
+        if ic is not None:
+            raw = dict(raw)
+            filled = _fill_from_install_config(raw, ic)
     try:
         inventory = Inventory.model_validate(raw)
     except ValidationError as exc:
-        raise InventoryError(source, problems + _pydantic_problems(exc)) from None
+        problems += _pydantic_problems(exc)
+        raise InventoryError(source, _cite_install_config(problems, ic, filled)) from None
     problems += list(_semantic_problems(inventory))
     problems += list(_layout_problems(inventory, base_dir))
+    warnings: list[Problem] = []
+    if ic is not None:
+        ic_errors, warnings = _install_config_problems(inventory, ic)
+        problems += ic_errors
     if problems:
-        raise InventoryError(source, problems)
-    return LoadedInventory(inventory, Path(source), base_dir)
+        raise InventoryError(source, _cite_install_config(problems, ic, filled))
+    return LoadedInventory(inventory, Path(source), base_dir, tuple(warnings))
 
 
 # --- checks that span keys -------------------------------------------------------
@@ -587,8 +931,26 @@ def _semantic_problems(inv: Inventory) -> Iterator[Problem]:
                 bootstrap_at = i
         elif node.role == "master":
             masters += 1
+        if node.arch == "aarch64":
+            if inv.boot.aarch64 is None:
+                yield Problem(
+                    f"{at}.arch",
+                    "aarch64, but boot.aarch64 is not set: give its kernel, initramfs and "
+                    "rootfs (or image)",
+                )
+            if node.firmware == "bios":
+                yield Problem(
+                    f"{at}.firmware", "bios: an aarch64 machine boots with UEFI (write uefi)"
+                )
     if masters == 0:
         yield Problem("nodes", "no node has role master (at least one is required)")
+    arm = inv.boot.aarch64
+    if arm is not None and arm.rootfs is None and arm.image is None:
+        yield Problem(
+            "boot.aarch64",
+            "neither rootfs (live PXE) nor image (the legacy installer) is set: "
+            "an Arm node would have nothing to install",
+        )
 
     if net.dhcp_range is not None and subnet is not None:
         first, last = net.dhcp_range

@@ -119,6 +119,8 @@ class DhcpReservation:
     hostname: str
     node: str
     firmware: Literal["auto", "bios", "uefi"]
+    arch: Literal["x86_64", "aarch64"] = "x86_64"
+    index: int = 0  # its place in the inventory: warnings name the key nodes[index]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,7 @@ class NodeBoot:
     image_url: str | None
     rootfs_url: str | None
     kernel_args: tuple[str, ...]  # complete command line, in order
+    arch: Literal["x86_64", "aarch64"] = "x86_64"
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,37 +390,99 @@ def _http_base(loaded: LoadedInventory) -> str:
     return f"http://{host}" if port == 80 else f"http://{host}:{port}"
 
 
-def _node_boot(loaded: LoadedInventory, node: Node, base: str) -> NodeBoot:
+def arg_key(arg: str) -> str:
+    """The key of a kernel argument: `ip` of `ip=enp1s0f0:dhcp`; a bare flag is its own key."""
+    return arg.split("=", 1)[0]
+
+
+def override_args(base: list[str], extra: list[str], at: int) -> list[str]:
+    """`extra` inserted at index `at` of `base`, except that an argument whose key `base`
+    has replaces every occurrence of that key in `base`, at the first one's place.
+
+    So a node's `ip=enp1s0f0:dhcp` takes the place of the derived `ip=dhcp` (a DGX has
+    many NICs: with a global ip=dhcp dracut waits on each), and a node's one console=
+    replaces all the global ones. Repeats within `extra` are the operator's and stay.
+    """
+    replacing: dict[str, list[str]] = {}
+    for arg in extra:
+        replacing.setdefault(arg_key(arg), []).append(arg)
+    present = {arg_key(a) for a in base}
+    fresh = [a for a in extra if arg_key(a) not in present]
+    out: list[str] = []
+    placed: set[str] = set()
+    for i, arg in enumerate(base):
+        if i == at:
+            out.extend(fresh)
+        key = arg_key(arg)
+        if key not in replacing:
+            out.append(arg)
+        elif key not in placed:
+            out.extend(replacing[key])
+            placed.add(key)
+    if at >= len(base):
+        out.extend(fresh)
+    return out
+
+
+def _node_ignition(ignition_dir: Path, node: Node) -> str:
+    """`node/<name>.ign` when that file exists (checked at each plan build: on reload
+    too), else the role's file."""
+    own = f"node/{node.name}.ign"
+    try:
+        if (ignition_dir / own).is_file():
+            return own
+    except OSError:  # unreadable folder: the role file, and `check` says why
+        pass
+    return IGNITION_FILE[node.role]
+
+
+def _node_boot(loaded: LoadedInventory, node: Node, base: str, ignition_dir: Path) -> NodeBoot:
     boot = loaded.inventory.boot
+    if node.arch == "aarch64":
+        arm = boot.aarch64
+        assert arm is not None  # validated: an aarch64 node needs boot.aarch64
+        kernel, initramfs, rootfs, image = arm.kernel, arm.initramfs, arm.rootfs, arm.image
+    else:
+        kernel, initramfs, rootfs = boot.kernel, boot.initramfs, boot.rootfs
+        # Live PXE: an image URL only when the inventory writes one (the model's default
+        # is the legacy installer's image; without it coreos-installer copies the live one).
+        written = rootfs is None or "image" in boot.model_fields_set
+        image = boot.image if written else None
     device = node.install_device or boot.install_device
-    ignition_file = IGNITION_FILE[node.role]
+    if rootfs and not device.startswith("/"):
+        device = f"/dev/{device}"  # coreos-installer wants a path; SEED's `vda` stays as is
+    ignition_file = _node_ignition(ignition_dir, node)
     ignition_url = f"{base}/ignition/{ignition_file}"
-    image_url = f"{base}/images/{boot.image}" if boot.image else None
-    rootfs_url = f"{base}/images/{boot.rootfs}" if boot.rootfs else None
-    args = ["ip=dhcp", "rd.neednet=1", *boot.kernel_args, "coreos.inst=yes"]
-    args.append(f"coreos.inst.install_dev={device}")
-    if rootfs_url:
-        args.append(f"coreos.live.rootfs_url={rootfs_url}")
+    image_url = f"{base}/images/{image}" if image else None
+    rootfs_url = f"{base}/images/{rootfs}" if rootfs else None
+    derived = ["ip=dhcp", "rd.neednet=1"]
+    if rootfs_url:  # live PXE as coreos-installer documents it: no coreos.inst=yes
+        derived += [f"coreos.live.rootfs_url={rootfs_url}", f"coreos.inst.install_dev={device}"]
+    else:  # the legacy installer (SEED.md)
+        derived += ["coreos.inst=yes", f"coreos.inst.install_dev={device}"]
     if image_url:
-        args.append(f"coreos.inst.image_url={image_url}")
-    args.append(f"coreos.inst.ignition_url={ignition_url}")
-    args.extend(node.kernel_args)
+        derived.append(f"coreos.inst.image_url={image_url}")
+    derived.append(f"coreos.inst.ignition_url={ignition_url}")
+    # Node arguments beat boot.kernel_args, which beat the derived ones (same key).
+    args = override_args(derived, boot.kernel_args, at=2)
+    args = override_args(args, node.kernel_args, at=len(args))
     return NodeBoot(
         node=node.name,
         role=node.role,
         mac=node.mac,
         ip=node.ip,
         firmware=node.firmware,
-        kernel=boot.kernel,
-        initramfs=boot.initramfs,
-        kernel_url=f"{base}/images/{boot.kernel}",
-        initramfs_url=f"{base}/images/{boot.initramfs}",
+        kernel=kernel,
+        initramfs=initramfs,
+        kernel_url=f"{base}/images/{kernel}",
+        initramfs_url=f"{base}/images/{initramfs}",
         ignition_file=ignition_file,
         ignition_url=ignition_url,
         install_device=device,
         image_url=image_url,
         rootfs_url=rootfs_url,
         kernel_args=tuple(args),
+        arch=node.arch,
     )
 
 
@@ -488,7 +553,8 @@ def build_plan(loaded: LoadedInventory) -> Plan:
         NodeInfo(n.name, f"{n.name}.{domain}", n.role, n.mac, n.ip, n.gpu) for n in inv.nodes
     )
     reservations = tuple(
-        DhcpReservation(n.mac, n.ip, n.name, n.name, n.firmware) for n in inv.nodes
+        DhcpReservation(n.mac, n.ip, n.name, n.name, n.firmware, n.arch, i)
+        for i, n in enumerate(inv.nodes)
     )
     net = inv.network
     subnet = net.subnet
@@ -522,7 +588,7 @@ def build_plan(loaded: LoadedInventory) -> Plan:
             else 0.0
         ),
     )
-    node_boots = tuple(_node_boot(loaded, n, base) for n in inv.nodes)
+    node_boots = tuple(_node_boot(loaded, n, base, ignition_dir) for n in inv.nodes)
     boot = BootPlan(
         http_base=base,
         tftp_root=loaded.path(inv.boot.tftp_root),

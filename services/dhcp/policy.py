@@ -40,9 +40,13 @@ BROADCAST = "255.255.255.255"
 MAX_PROBES = 3  # pool addresses pinged for one DISCOVER; all answered: no offer this time
 MAX_HOPS = 16  # RFC 1542 4.1.1: a request relayed more often than this is in a loop
 # NAKs (and INFORM answers) answer whatever a client claims, so garbage could make us a
-# flood source: per sender (its address, or its relay; for INFORM, per destination), a
-# burst then a steady rate; the oldest of at most NAK_SOURCES senders is forgotten first.
+# flood source: per sender (its address; its MAC without one or behind a relay; for
+# INFORM, per destination), a burst then a steady rate; the oldest of at most
+# NAK_SOURCES senders is forgotten first.
 NAK_BURST, NAK_RATE, NAK_SOURCES = 10.0, 10.0, 1024
+# Clients without an address (or behind one relay), keyed by MAC: all of them together
+# (a flood of made-up MACs) have this much.
+NAK_ANY_BURST, NAK_ANY_RATE, NAK_ANY = 25.0, 25.0, "0.0.0.0"
 HOSTNAME_MAX = 253  # a DNS name's longest text form
 _PRINTABLE = bytes(b if 0x20 <= b < 0x7F else ord("?") for b in range(256))
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
@@ -55,6 +59,8 @@ ARCH_NAMES = {
 HTTP_ARCHS = {15, 16, 19}
 ARM64_ARCHS = {11, 19}
 X64_ARCHS = {7, 9, 16}
+X86_ARCHS = {0, 6, 7, 9, 15, 16}  # any x86 firmware: an aarch64 node never sends these
+ARCH_WARN_EVERY = 300.0  # s: one warning line per node, not one per retransmission
 
 # What every reply of a kind carries, in wire order; the rest only when asked (option 55).
 ALWAYS = (
@@ -119,6 +125,9 @@ class BootChoice:
     file: str  # a TFTP file name or an http URL
     http: bool
     detail: str
+    # The client's option 93 contradicts its node's `arch` (the kernel it gets is for
+    # the other architecture): the operator's line naming the key, else "".
+    mismatch: str = ""
 
 
 class DhcpCore:
@@ -145,6 +154,9 @@ class DhcpCore:
         self._own_text = frozenset(str(a) for a in self.own_addresses)
         self._broadcast_text = frozenset({BROADCAST, str(plan.subnet.broadcast_address)})
         self.nak_limit: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        # Apart, so that no flood of senders evicts (and refills) the overall bucket.
+        self.nak_any: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self.arch_warned: dict[str, float] = {}  # node -> when; bounded by the inventory
         reserved = {r.ip for r in plan.reservations} | {plan.server_id}
         if plan.router is not None:
             reserved.add(plan.router)
@@ -196,7 +208,7 @@ class DhcpCore:
             return Outcome(log=f"{msg.mac} from {src[0]}:{src[1]}: {looped}: ignored")
         counters[codec.MESSAGE_NAMES.get(mtype, f"type{mtype}").lower()] += 1
         if self.plan.mode == "proxy":
-            return self._proxy(msg, src, pxe_port)
+            return self._proxy(msg, src, pxe_port, now)
         handler = {
             DISCOVER: self._discover,
             REQUEST: self._request,
@@ -238,17 +250,38 @@ class DhcpCore:
         return ""
 
     def _nak_allowed(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> bool:
-        """A token bucket per sender (its relay, else its address; all clients without
-        an address share 0.0.0.0), bounded in senders."""
-        return self._allowed(str(msg.giaddr) if msg.giaddr != ZERO else src[0], now)
+        """A token bucket per sender, bounded in senders. Clients without an address
+        (0.0.0.0: every rebooting client) and the clients behind one relay are told
+        apart by their MAC, or one host sending garbage would silence the NAKs to all of
+        them (which then wait out their timeout); together they have NAK_ANY_* at most."""
+        relayed = msg.giaddr != ZERO
+        if not relayed and src[0] != "0.0.0.0":
+            return self._allowed(src[0], now)
+        group = str(msg.giaddr) if relayed else NAK_ANY
+        key = f"{group} {msg.mac}"
+        if not self._allowed(key, now, peek=True):
+            return False
+        if not self._allowed(group, now, NAK_ANY_BURST, NAK_ANY_RATE, table=self.nak_any):
+            return False
+        return self._allowed(key, now)
 
-    def _allowed(self, key: str, now: float) -> bool:
-        tokens, then = self.nak_limit.pop(key, (NAK_BURST, now))
-        tokens = min(NAK_BURST, tokens + max(0.0, now - then) * NAK_RATE)
+    def _allowed(
+        self,
+        key: str,
+        now: float,
+        burst: float = NAK_BURST,
+        rate: float = NAK_RATE,
+        peek: bool = False,
+        table: OrderedDict[str, tuple[float, float]] | None = None,
+    ) -> bool:
+        """Take a token from `key`'s bucket (`peek`: only say whether one is there)."""
+        buckets = self.nak_limit if table is None else table
+        tokens, then = buckets.pop(key, (burst, now))
+        tokens = min(burst, tokens + max(0.0, now - then) * rate)
         allowed = tokens >= 1.0
-        self.nak_limit[key] = (tokens - 1.0 if allowed else tokens, now)
-        if len(self.nak_limit) > NAK_SOURCES:
-            self.nak_limit.popitem(last=False)
+        buckets[key] = (tokens - 1.0 if allowed and not peek else tokens, now)
+        while len(buckets) > NAK_SOURCES:
+            buckets.popitem(last=False)
         return allowed
 
     # --- server mode ------------------------------------------------------------------
@@ -287,6 +320,7 @@ class DhcpCore:
         out = Outcome(replies=[self._to_client(reply, msg, src)], log=f"OFFER {ip} to {mac}")
         if node is not None:
             out.events.append((node.node, "dhcp-offer", _detail(ip, boot)))
+            self._warn_mismatch(out, node, boot, now)
         return out
 
     def probed(self, ip: IPv4Address, answered: bool, now: float) -> str:
@@ -347,6 +381,7 @@ class DhcpCore:
         )
         if node is not None:
             out.events.append((node.node, "dhcp-ack", _detail(ip, boot)))
+            self._warn_mismatch(out, node, boot, now)
         return out
 
     def _decline(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
@@ -422,7 +457,7 @@ class DhcpCore:
 
     # --- proxyDHCP ---------------------------------------------------------------------
 
-    def _proxy(self, msg: DhcpMessage, src: tuple[str, int], pxe_port: bool) -> Outcome:
+    def _proxy(self, msg: DhcpMessage, src: tuple[str, int], pxe_port: bool, now: float) -> Outcome:
         mtype = msg.message_type
         boot = self.boot_choice(msg, self.plan.by_mac.get(msg.mac))
         if boot is None or mtype not in ((REQUEST, INFORM) if pxe_port else (DISCOVER, REQUEST)):
@@ -443,8 +478,22 @@ class DhcpCore:
         node = self.plan.by_mac.get(msg.mac)
         outcome = Outcome(replies=[out], log=f"proxy boot info to {msg.mac}: {boot.file}")
         if node is not None:
-            outcome.events.append((node.node, "dhcp-offer", f"proxy {boot.detail}"))
+            outcome.events.append((node.node, "dhcp-offer", f"proxy {_detail(None, boot)}"))
+            self._warn_mismatch(outcome, node, boot, now)
         return outcome
+
+    def _warn_mismatch(
+        self, out: Outcome, node: DhcpReservation, boot: BootChoice | None, now: float
+    ) -> None:
+        """Counted every time; the warning line at most every ARCH_WARN_EVERY s per node
+        (the event detail carries it every time)."""
+        if boot is None or not boot.mismatch:
+            return
+        self.counters["arch_mismatch"] += 1
+        last = self.arch_warned.get(node.node)
+        if last is None or not 0 <= now - last < ARCH_WARN_EVERY:
+            self.arch_warned[node.node] = now
+            out.warning = boot.mismatch
 
     # --- replies ----------------------------------------------------------------------
 
@@ -559,28 +608,41 @@ class DhcpCore:
         vendor = msg.options.get(codec.OPT_VENDOR_CLASS, b"")
         archs = codec.architectures(msg.options.get(codec.OPT_CLIENT_ARCH))
         arch = archs[0] if archs else None
+        mismatch = arch_mismatch(node, arch)
         classes = codec.user_classes(msg.options.get(codec.OPT_USER_CLASS))
         if b"iPXE" in classes or codec.OPT_IPXE in msg.options:
-            return BootChoice(files.ipxe_script_url, http=True, detail="ipxe script")
+            return BootChoice(files.ipxe_script_url, True, "ipxe script", mismatch)
         http = vendor.startswith(b"HTTPClient") or arch in HTTP_ARCHS
         if not (http or vendor.startswith(b"PXEClient") or arch is not None):
             return None
         firmware = node.firmware if node is not None else "auto"
+        arm_node = node is not None and node.arch == "aarch64"
+        # The client's own report decides between arm64 and x86 (a loader it cannot run
+        # gets it nowhere; a contradiction is warned instead); the node's arch fills in
+        # when the report is silent, or says BIOS on a node pinned to UEFI.
         if firmware == "bios":
             loader = files.bios
         elif arch in ARM64_ARCHS:
             loader = files.uefi_arm64
-        elif firmware == "uefi" or arch in X64_ARCHS:
+        elif arch in X64_ARCHS:
+            loader = files.uefi_x64
+        elif arm_node and (arch is None or firmware == "uefi"):
+            loader = files.uefi_arm64
+        elif firmware == "uefi":
             loader = files.uefi_x64
         elif arch is None or arch == 0:
             loader = files.bios  # a PXE ROM that does not send option 93 is a BIOS one
         else:
             self.counters["unsupported_arch"] += 1
             return None
-        name = ARCH_NAMES.get(arch, f"arch {arch}") if arch is not None else "bios"
+        if arch is not None:
+            name = ARCH_NAMES.get(arch, f"arch {arch}")
+        else:  # no report: name what the node's keys chose
+            kinds = {files.uefi_arm64: "uefi-arm64", files.uefi_x64: "uefi-x64"}
+            name = kinds.get(loader, "bios")
         if http:
-            return BootChoice(files.http_url(loader), http=True, detail=f"{name} {loader}")
-        return BootChoice(loader, http=False, detail=f"{name} {loader}")
+            return BootChoice(files.http_url(loader), True, f"{name} {loader}", mismatch)
+        return BootChoice(loader, False, f"{name} {loader}", mismatch)
 
 
 def client_info(msg: DhcpMessage) -> ClientInfo:
@@ -626,5 +688,26 @@ def clean_hostname(raw: bytes | None, domain: str) -> str | None:
     return name
 
 
-def _detail(ip: IPv4Address, boot: BootChoice | None) -> str:
-    return f"{ip} {boot.detail}" if boot is not None else str(ip)
+def arch_mismatch(node: DhcpReservation | None, arch: int | None) -> str:
+    """A line naming the key when a node's option 93 contradicts its `arch`, else ""."""
+    if node is None or arch is None:
+        return ""
+    if arch in ARM64_ARCHS and node.arch != "aarch64":
+        want = "aarch64"
+    elif arch in X86_ARCHS and node.arch == "aarch64":
+        want = "x86_64"
+    else:
+        return ""
+    key = f"nodes[{node.index}].arch"
+    return (
+        f"{node.node} ({node.mac}) network-boots as {ARCH_NAMES[arch]} (DHCP option 93 = "
+        f"{arch}) but {key} is {node.arch}: it gets the {node.arch} kernel, which cannot "
+        f"boot there; set {key}: {want} if that is the machine"
+    )
+
+
+def _detail(ip: IPv4Address | None, boot: BootChoice | None) -> str:
+    text = " ".join(x for x in (str(ip) if ip else "", boot.detail if boot else "") if x)
+    if boot is not None and boot.mismatch:
+        text += f" (warning: {boot.mismatch})"
+    return text

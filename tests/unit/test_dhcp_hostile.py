@@ -10,78 +10,36 @@ from typing import Any
 
 import pytest
 
-from appliance.inventory import parse_inventory
-from appliance.plan import Plan, build_plan
 from services.dhcp import codec
 from services.dhcp.codec import DhcpMessage
-from services.dhcp.leases import LeaseTable
-from services.dhcp.policy import ClientInfo, DhcpCore, Outcome, clean_hostname
+from services.dhcp.policy import ClientInfo, DhcpCore, clean_hostname
 from services.dhcp.strangers import Strangers
-from tests.helpers import CONFIG
+from tests.unit.dhcp_builders import (
+    MASTER0,
+    SERVER,
+    STRANGER,
+    dhcp_core,
+    dora,
+    msg,
+    reply,
+    send,
+)
 
-SERVER = IPv4Address("10.33.3.18")
-MASTER0 = "52:54:00:00:03:50"
-STRANGER = "de:ad:be:ef:00:01"
-CLIENT = ("0.0.0.0", 68)
 POOL = ("10.33.3.100", "10.33.3.199")
-
-
-def _plan(raw: dict[str, Any], **network: Any) -> Plan:
-    raw["network"].update(network)
-    return build_plan(parse_inventory(raw, "x.yaml", CONFIG))
 
 
 @pytest.fixture
 def core(dgxpod_raw: dict[str, Any]) -> DhcpCore:
-    return DhcpCore(_plan(dgxpod_raw).dhcp, LeaseTable(None), 67)
+    return dhcp_core(dgxpod_raw)
 
 
 @pytest.fixture
 def pool_core(dgxpod_raw: dict[str, Any]) -> DhcpCore:
-    plan = _plan(dgxpod_raw, dhcp_range=list(POOL))
-    return DhcpCore(plan.dhcp, LeaseTable(None), 67)
-
-
-def msg(mac: str, mtype: int, **fields: Any) -> DhcpMessage:
-    options: dict[int, bytes] = {codec.OPT_MESSAGE_TYPE: bytes((mtype,))}
-    options.update(fields.pop("options", {}))
-    return DhcpMessage(
-        op=fields.pop("op", codec.BOOTREQUEST),
-        xid=fields.pop("xid", 0x1234),
-        chaddr=bytes.fromhex(mac.replace(":", "")),
-        options=options,
-        **fields,
-    )
-
-
-def send(
-    core: DhcpCore, m: DhcpMessage, now: float = 1000.0, src: tuple[str, int] = CLIENT
-) -> Outcome:
-    return core.handle(codec.encode(m), src, now)
-
-
-def reply(out: Outcome) -> DhcpMessage:
-    assert len(out.replies) == 1, out.log
-    return codec.parse(out.replies[0].data)
+    return dhcp_core(dgxpod_raw, dhcp_range=list(POOL))
 
 
 def random_mac(rng: random.Random) -> str:
     return "02:" + ":".join(f"{rng.randrange(256):02x}" for _ in range(5))
-
-
-def dora(core: DhcpCore, mac: str, now: float = 1000.0, **opts: bytes) -> DhcpMessage:
-    extra = {int(k.removeprefix("o")): v for k, v in opts.items()}
-    offer = reply(send(core, msg(mac, codec.DISCOVER, options=extra), now))
-    request = msg(
-        mac,
-        codec.REQUEST,
-        options={
-            codec.OPT_SERVER_ID: SERVER.packed,
-            codec.OPT_REQUESTED_IP: offer.yiaddr.packed,
-            **extra,
-        },
-    )
-    return reply(send(core, request, now + 1))
 
 
 def decline(mac: str, ip: IPv4Address, server: IPv4Address | None = SERVER) -> DhcpMessage:
@@ -179,17 +137,17 @@ def test_clean_hostname(sent: bytes, kept: str | None) -> None:
 
 
 def test_pool_client_hostname_is_stored_and_echoed(pool_core: DhcpCore) -> None:
-    hostname = {f"o{codec.OPT_HOSTNAME}": b"scratch-box"}
+    hostname = {codec.OPT_HOSTNAME: b"scratch-box"}
     offer = reply(send(pool_core, msg(STRANGER, codec.DISCOVER, options={12: b"scratch-box"})))
     assert offer.options[codec.OPT_HOSTNAME] == b"scratch-box"
-    ack = dora(pool_core, STRANGER, 1010, **hostname)
+    ack = dora(pool_core, STRANGER, 1010, hostname)
     assert ack.options[codec.OPT_HOSTNAME] == b"scratch-box"
     binding = pool_core.table.by_mac[STRANGER]
     assert binding.state == "bound" and binding.hostname == "scratch-box"
 
 
 def test_hostile_hostname_is_neither_stored_nor_echoed(pool_core: DhcpCore) -> None:
-    ack = dora(pool_core, STRANGER, **{f"o{codec.OPT_HOSTNAME}": b"evil\r\n<script>"})
+    ack = dora(pool_core, STRANGER, opts={codec.OPT_HOSTNAME: b"evil\r\n<script>"})
     assert codec.OPT_HOSTNAME not in ack.options
     assert pool_core.table.by_mac[STRANGER].hostname is None
     assert pool_core.counters["bad_hostname"] >= 1
@@ -202,7 +160,7 @@ def test_pool_client_without_hostname_gets_none(pool_core: DhcpCore) -> None:
 
 
 def test_inventory_node_keeps_its_inventory_name(core: DhcpCore) -> None:
-    ack = dora(core, MASTER0, **{f"o{codec.OPT_HOSTNAME}": b"localhost"})
+    ack = dora(core, MASTER0, opts={codec.OPT_HOSTNAME: b"localhost"})
     assert ack.options[codec.OPT_HOSTNAME] == b"master-0"
 
 
@@ -384,8 +342,7 @@ def test_an_exhausted_pool_costs_no_scan_per_discover(dgxpod_raw: dict[str, Any]
 
     raw = dgxpod_raw
     raw["network"]["subnet"] = "10.33.0.0/16"
-    plan = _plan(raw, dhcp_range=["10.33.100.0", "10.33.115.255"])  # 4096 addresses
-    core = DhcpCore(plan.dhcp, LeaseTable(None), 67)
+    core = dhcp_core(raw, dhcp_range=["10.33.100.0", "10.33.115.255"])  # 4096 addresses
     rng = random.Random(9)
     for _ in range(4096):
         assert send(core, msg(random_mac(rng), codec.DISCOVER)).replies
@@ -447,3 +404,51 @@ def test_sightings_of_a_failed_write_wait_for_the_next() -> None:
     assert set(s.pending) == {n.mac for n in notes}
     s.put_back([Sighting("02:00:00:00:00:09", 1.0, 2.0, 1, "", "", "", "")], lost=0)
     assert len(s.pending) == 3 and s.evicted == 1
+
+
+def test_one_host_sending_garbage_does_not_silence_naks_to_rebooting_clients(
+    pool_core: DhcpCore,
+) -> None:
+    """Every client without an address sends from 0.0.0.0: one host broadcasting ~10
+    bogus REQUESTs a second must not use up the NAKs of every rebooting client (dhclient
+    and udhcpc would wait out their timeout). Keyed by MAC; all together stay bounded."""
+
+    def bad(mac: str) -> DhcpMessage:
+        return msg(mac, codec.REQUEST, options={codec.OPT_REQUESTED_IP: bytes([192, 0, 2, 1])})
+
+    noisy = "02:00:00:00:0e:01"
+    noisy_naks = sum(  # five seconds of garbage, over the rate
+        len(send(pool_core, bad(noisy), 1000 + i / 20).replies) for i in range(100)
+    )
+    assert noisy_naks <= 10 + 5 * 10 + 1  # its own share: a burst, then 10 a second
+    rebooting = [f"02:00:00:00:0f:{i:02x}" for i in range(5)]
+    assert all(send(pool_core, bad(mac), 1005.0).replies for mac in rebooting)
+    # Made-up MACs by the thousand: the NAKs stay bounded overall.
+    rng = random.Random(4)
+    sent = sum(
+        len(send(pool_core, bad(random_mac(rng)), 2000 + i / 1000).replies) for i in range(1000)
+    )
+    assert 0 < sent <= 50
+
+
+def test_one_client_behind_a_relay_does_not_silence_naks_to_the_others(
+    pool_core: DhcpCore,
+) -> None:
+    """The same through a relay: every client behind it was keyed by the relay's
+    address. Per MAC there too, the relay's own total bounded."""
+    relay = IPv4Address("10.33.3.1")
+
+    def bad(mac: str) -> DhcpMessage:
+        opts = {codec.OPT_REQUESTED_IP: bytes([192, 0, 2, 1])}
+        return msg(mac, codec.REQUEST, giaddr=relay, hops=1, options=opts)
+
+    for i in range(100):
+        send(pool_core, bad("02:00:00:00:0e:02"), 1000 + i / 20, src=("10.33.3.1", 67))
+    rebooting = [f"02:00:00:00:0f:{i:02x}" for i in range(5)]
+    assert all(send(pool_core, bad(m), 1005.0, src=("10.33.3.1", 67)).replies for m in rebooting)
+    rng = random.Random(5)
+    sent = sum(
+        len(send(pool_core, bad(random_mac(rng)), 2000 + i / 1000, src=("10.33.3.1", 67)).replies)
+        for i in range(1000)
+    )
+    assert 0 < sent <= 50

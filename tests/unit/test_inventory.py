@@ -263,9 +263,9 @@ def test_install_config_supplies_name_domain_and_subnet(
     inv = parse_inventory(dgxpod_raw, "inv.yaml", tmp_path).inventory
     assert (inv.cluster.name, inv.cluster.base_domain) == ("dgxpod", "nvidia.com")
     assert str(inv.network.subnet) == "10.33.3.0/24"
-    # Explicit keys win over install-config.yaml.
-    dgxpod_raw["cluster"]["name"] = "other"
-    assert parse_inventory(dgxpod_raw, "inv.yaml", tmp_path).inventory.cluster.name == "other"
+    # An explicit key must agree (tests/unit/test_install_config.py: a differing one is refused).
+    dgxpod_raw["cluster"]["name"] = "dgxpod"
+    assert parse_inventory(dgxpod_raw, "inv.yaml", tmp_path).inventory.cluster.name == "dgxpod"
 
 
 def test_install_config_legacy_machine_cidr_and_missing_file(
@@ -278,7 +278,10 @@ def test_install_config_legacy_machine_cidr_and_missing_file(
     del dgxpod_raw["network"]["subnet"]
     dgxpod_raw["cluster"]["install_config"] = "ic.yaml"
     lines = _errors(dgxpod_raw, tmp_path)
-    assert lines[0] == "inv.yaml: network.gateway: 10.33.3.1 is outside network.subnet 10.0.0.0/16"
+    assert lines[0] == (
+        "inv.yaml: network.gateway: 10.33.3.1 is outside network.subnet "
+        "(from ic.yaml networking.machineCIDR) 10.0.0.0/16"
+    )
     dgxpod_raw["cluster"]["install_config"] = "missing.yaml"
     dgxpod_raw["network"]["subnet"] = "10.33.3.0/24"
     assert _errors(dgxpod_raw, tmp_path) == [

@@ -144,7 +144,8 @@ def test_node_kernel_args_and_rootfs(dgxpod_raw: dict[str, Any]) -> None:
     dgxpod_raw["listen"] = {"http": "0.0.0.0:80", "ingress_http": None}
     plan = build_plan(parse_inventory(dgxpod_raw, "x.yaml", CONFIG))
     args = plan.boot.by_mac["02:00:00:00:03:44"].kernel_args
-    assert args[-1] == "ip=enp1s0f0:dhcp"
+    assert args[0] == "ip=enp1s0f0:dhcp"  # in the place of the derived ip=dhcp
+    assert [a for a in args if a.startswith("ip=")] == ["ip=enp1s0f0:dhcp"]
     assert "coreos.live.rootfs_url=http://10.33.3.18/images/rhcos/rootfs.img" in args
     assert not any(a.startswith("coreos.inst.image_url") for a in args)
 

@@ -1017,17 +1017,16 @@ def master(plan: BootPlan) -> NodeBoot:
 def test_kernel_args_are_complete_and_in_order(plan: BootPlan) -> None:
     args = master(plan).kernel_args
     base = "http://127.0.0.1:8080"
+    # Live PXE with an image written explicitly; the node's ip= replaces the derived one.
     assert args == (
-        "ip=dhcp",
+        "ip=enp1s0f0:dhcp",
         "rd.neednet=1",
         "console=tty0",
         "console=ttyS0,115200n8",
-        "coreos.inst=yes",
-        "coreos.inst.install_dev=/dev/nvme0n1",
         f"coreos.live.rootfs_url={base}/images/rhcos/rootfs.img",
+        "coreos.inst.install_dev=/dev/nvme0n1",
         f"coreos.inst.image_url={base}/images/rhcos/metal.raw.gz",
         f"coreos.inst.ignition_url={base}/ignition/master.ign",
-        "ip=enp1s0f0:dhcp",
         "nvidia-drm.modeset=1",
     )
     worker = plan.by_mac["52:54:00:00:00:44"]
