@@ -33,10 +33,15 @@ class ServiceError(Exception):
 
 
 class BindError(ServiceError):
-    def __init__(self, service: str, endpoint: Endpoint, exc: OSError) -> None:
+    def __init__(
+        self, service: str, endpoint: Endpoint, exc: OSError, proto: str | None = None
+    ) -> None:
         reason = exc.strerror or str(exc)
         super().__init__(f"{service}: cannot bind {endpoint}: {reason}")
         self.errno = exc.errno
+        # The supervisor names who holds it (EADDRINUSE); proto None: tcp or udp.
+        self.endpoint = endpoint
+        self.proto = proto
 
 
 class Control(Protocol):
@@ -139,7 +144,8 @@ def bind_socket(service: str, endpoint: Endpoint, kind: socket.SocketKind) -> so
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise BindError(service, endpoint, exc) from None
+        proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
+        raise BindError(service, endpoint, exc, proto) from None
     return sock
 
 
