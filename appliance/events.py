@@ -36,6 +36,34 @@ STAGES: tuple[str, ...] = (
 )
 _STAGE_INDEX = {stage: i for i, stage in enumerate(STAGES)}
 
+# Not progress but a state: a node asked for a boot file (loader, kernel, initramfs,
+# rootfs, image, ignition) and was refused. It stays until the node gets past the point
+# where it failed (progress.timeline), so it is kept out of the ordered STAGES.
+BOOT_ERROR = "boot-error"
+STATES: tuple[str, ...] = (BOOT_ERROR,)
+# What failed -> the stage whose (later) success clears the error. The rootfs and the
+# image are fetched after the initramfs and before the ignition.
+BOOT_FILE_STAGES = {
+    "loader": "bootloader",
+    "kernel": "kernel",
+    "initramfs": "initramfs",
+    "rootfs": "ignition",
+    "image": "ignition",
+    "ignition": "ignition",
+    "file": "ignition",  # another file under images_dir, named by a boot config
+}
+
+
+def boot_error_detail(what: str, path: str, cause: str, via: str) -> str:
+    """The detail of a boot-error event: `kernel /images/k: missing (http 404)`. The first
+    word is ours (a BOOT_FILE_STAGES key); the path is the client's."""
+    return f"{what} {path}: {cause} ({via})"
+
+
+def blocked_stage(detail: str) -> str:
+    """The stage a boot-error's detail blocks (see boot_error_detail)."""
+    return BOOT_FILE_STAGES.get(detail.split(" ", 1)[0], "ignition")
+
 
 def stage_index(stage: str) -> int:
     """Position of `stage` in STAGES; ValueError for an unknown stage."""
@@ -168,7 +196,8 @@ class EventBus:
         time: float | None = None,
         ok: bool = True,
     ) -> Event:
-        stage_index(stage)  # an unknown stage is a bug in the caller: fail loudly
+        if stage not in STATES:
+            stage_index(stage)  # an unknown stage is a bug in the caller: fail loudly
         event = Event(node, stage, detail, _wallclock() if time is None else time, source, ok=ok)
         self.published += 1
         for sub in self._subscriptions:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.events import STAGES
+from appliance.events import BOOT_ERROR, STAGES, STATES, blocked_stage
 
 INSTALL_STAGES = STAGES[: STAGES.index("ignition") + 1]
 JOIN_STAGES = STAGES[STAGES.index("machine-config") : STAGES.index("node-ready") + 1]
@@ -53,7 +53,8 @@ def timeline(
     it is shown as "previous", and the new install starts from the beginning.
     Each stage's state is one of done, skipped (a later stage happened without it,
     e.g. no dhcp-offer under proxyDHCP), next (what the node waits for), pending or
-    previous.
+    previous; or error: the node's latest request for that stage's file was refused
+    (`boot_error` says how), until the node gets past it.
     """
     expected = expected_stages(node.role, node.gpu)
     since_reinstall = node.reinstall_requested or 0.0
@@ -64,7 +65,9 @@ def timeline(
     done = [i for i, s in enumerate(order) if s in current]
     last_index = done[-1] if done else -1
     waiting_for = order[last_index + 1] if last_index + 1 < len(order) else None
-    latest = max((v[1] for v in current.values()), default=None)
+    # A boot error is no progress: the node still waits since its last stage.
+    latest = max((v[1] for s, v in current.items() if s not in STATES), default=None)
+    error = _boot_error(current)
     stages: list[dict[str, Any]] = []
     for i, stage in enumerate(order):
         entry: dict[str, Any] = {"stage": stage, "first": None, "last": None, "detail": ""}
@@ -80,6 +83,8 @@ def timeline(
             entry["state"] = "next"
         else:
             entry["state"] = "pending"
+        if error is not None and stage == error["stage"]:
+            entry.update(state="error", error=error["detail"], error_time=error["last"])
         stages.append(entry)
     # Waiting since the latest stage, or since the reinstall request (or never started).
     since = latest if latest is not None else node.reinstall_requested
@@ -92,7 +97,25 @@ def timeline(
         "progress": round((last_index + 1) / len(order), 4) if order else 0.0,
         "complete": waiting_for is None,
         "next_boot": _next_boot(node),
+        "boot_error": error,
     }
+
+
+def _boot_error(current: Mapping[str, tuple[float, float, str]]) -> dict[str, Any] | None:
+    """The node's boot error while it stands: none of the stages from the one it blocks
+    on happened after it (a retrying firmware's DHCP or loader fetch does not clear a
+    missing kernel; the kernel, or anything after it, does)."""
+    seen = current.get(BOOT_ERROR)
+    if seen is None:
+        return None
+    # Only the latest boot error counts (its time and detail): the row's first time may
+    # be an older error, long cleared.
+    _first, last, detail = seen
+    blocked = blocked_stage(detail)
+    start = STAGES.index(blocked)
+    if any(current[s][1] >= last for s in STAGES[start:] if s in current):
+        return None
+    return {"stage": blocked, "detail": detail, "last": last}
 
 
 def _next_boot(node: NodeFacts) -> str:

@@ -10,11 +10,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from appliance.logs import escape
 from appliance.progress import progress_bar
+from appliance.unknown import suggestion
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
 GREEN, BLUE, DIM, BOLD, RESET = "\x1b[32m", "\x1b[34m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
+RED = "\x1b[31m"
 
 
 def duration(seconds: float | None) -> str:
@@ -36,6 +39,11 @@ def duration(seconds: float | None) -> str:
 
 def clock(t: float | None) -> str:
     return time.strftime("%H:%M:%S", time.localtime(t)) if t is not None else "--:--:--"
+
+
+def stamp(t: float | None) -> str:
+    """A date and time: unknown machines may have been seen days ago."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t is not None else "-"
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -88,11 +96,13 @@ def _service_note(name: str, svc: Mapping[str, Any]) -> str:
         return f"{c.get('queries', 0)} queries, {c.get('forwarded', 0)} forwarded"
     if name == "dhcp":
         return f"{c.get('received', 0)} received, {svc.get('leases_bound', 0)} leases bound"
+    refused = sum((svc.get("boot_errors") or {}).values())
+    boot_errors = f", {refused} boot files refused to nodes" if refused else ""
     if name == "tftp":
         done, sent = c.get("completed", 0), c.get("bytes", 0)
-        return f"{done} transfers, {sent} bytes, {svc.get('transfers', 0)} open"
+        return f"{done} transfers, {sent} bytes, {svc.get('transfers', 0)} open{boot_errors}"
     if name == "http":
-        return f"{svc.get('requests', 0)} requests, {svc.get('bytes', 0)} bytes"
+        return f"{svc.get('requests', 0)} requests, {svc.get('bytes', 0)} bytes{boot_errors}"
     if name == "proxy":
         frontends = svc.get("frontends") or {}
         backends = [b for fe in frontends.values() for b in fe.get("backends", [])]
@@ -105,6 +115,9 @@ def _service_note(name: str, svc: Mapping[str, Any]) -> str:
 
 
 def _waiting(node: Mapping[str, Any], now: float) -> str:
+    error = node.get("boot_error")
+    if error:
+        return f"{error.get('stage')}: BOOT ERROR"
     if node.get("complete"):
         return "complete"
     since = node.get("since")
@@ -112,7 +125,22 @@ def _waiting(node: Mapping[str, Any], now: float) -> str:
     return f"{node.get('waiting_for')}{elapsed}"
 
 
+def boot_error_lines(view: Mapping[str, Any]) -> list[str]:
+    """One line per node whose latest boot file request was refused (under the table)."""
+    return [
+        f"{node['name']}: boot error at {clock(error.get('last'))}: {error.get('detail', '')}"
+        for node in view.get("nodes", [])
+        if (error := node.get("boot_error"))
+    ]
+
+
 def nodes_table(view: Mapping[str, Any], now: float) -> list[str]:
+    """The table of `appliance nodes`, then a line per boot error."""
+    errors = boot_error_lines(view)
+    return _nodes_rows(view, now) + (["", *errors] if errors else [])
+
+
+def _nodes_rows(view: Mapping[str, Any], now: float) -> list[str]:
     rows = []
     for node in view.get("nodes", []):
         fraction = float(node.get("progress", 0.0))
@@ -143,11 +171,23 @@ def watch_screen(
     """The whole screen of `appliance watch` on a terminal: a table and the latest events."""
     bold, dim, reset = (BOLD, DIM, RESET) if color else ("", "", "")
     lines = [f"{bold}{title}{reset}  {dim}{clock(now)}  (Ctrl-C to quit){reset}", ""]
-    table = nodes_table(view, now)
+    table = _nodes_rows(view, now)
     lines.append(f"{bold}{table[0]}{reset}")
     for line, node in zip(table[1:], view.get("nodes", []), strict=True):
-        shade = GREEN if node.get("complete") else BLUE if node.get("current") else ""
+        shade = (
+            RED
+            if node.get("boot_error")
+            else GREEN
+            if node.get("complete")
+            else BLUE
+            if node.get("current")
+            else ""
+        )
         lines.append(f"{shade}{line}{reset}" if color and shade else line)
+    errors = boot_error_lines(view)
+    if errors:
+        red = RED if color else ""
+        lines += ["", *(f"{red}{line}{reset}" for line in errors)]
     lines += ["", f"{bold}latest events{reset}"]
     if not recent:
         lines.append(f"{dim}(none yet){reset}")
@@ -160,3 +200,33 @@ def event_line(ev: Mapping[str, Any]) -> str:
     """One event as a plain line (also the whole output of `watch` when not on a terminal)."""
     node, stage, detail = ev.get("node", ""), ev.get("stage", ""), ev.get("detail", "")
     return f"{clock(ev.get('time'))}  {node:<14} {stage:<19} {detail}".rstrip()
+
+
+def unknown_lines(body: Mapping[str, Any]) -> list[str]:
+    """`appliance unknown`: machines that network-booted here but are not in the inventory,
+    with the inventory MAC they are likely a typo of."""
+    machines = body.get("machines") or []
+    total, evicted = body.get("total", len(machines)), body.get("evicted", 0)
+    head = f"{total} unknown machines"
+    if len(machines) < total:
+        head += f" ({len(machines)} shown, from {body.get('offset', 0)})"
+    if evicted:
+        head += f"; {evicted} forgotten to keep the list bounded"
+    if not machines:
+        return [head]
+    rows = [
+        [
+            str(m.get("mac", "")),
+            str(m.get("arch_name") or m.get("arch") or "-"),
+            stamp(m.get("first_seen")),
+            stamp(m.get("last_seen")),
+            str(m.get("seen", "")),
+            escape(str(m.get("vendor_class") or "-"))[:32],  # the client's words
+            suggestion(m),
+        ]
+        for m in machines
+    ]
+    return [
+        head,
+        *_table(["MAC", "ARCH", "FIRST SEEN", "LAST SEEN", "SEEN", "VENDOR CLASS", "NOTE"], rows),
+    ]

@@ -10,6 +10,7 @@ const STAGE_LABELS = {  // short: thirteen stages share one row (the full name i
   "machine-config": "MCS fetch", "csr-client": "client CSR", "csr-serving": "serving CSR",
   "node-ready": "node Ready", "bootstrap-complete": "bootstrap done",
   "gpu-discovered": "GPU found", "gpu-operator-ready": "operator", "gpu-validated": "validated",
+  "boot-error": "boot error",
 };
 const MAX_EVENTS = 60;
 const SLOW_REFRESH_MS = 5000;
@@ -88,14 +89,17 @@ async function api(path) {
 
 function nodeRow(node) {
   const steps = node.timeline.map((entry) => {
-    const title = entry.first
+    const title = entry.state === "error"
+      ? `${entry.stage}: boot error at ${stamp(entry.error_time)}\n${entry.error}`
+      : entry.first
       ? `${entry.stage}\n${stamp(entry.last)}${entry.detail ? "\n" + entry.detail : ""}` +
         (entry.state === "previous" ? "\n(previous install)" : "")
       : `${entry.stage}: ${entry.state === "next" ? "waiting for it" : entry.state}`;
     return h("div", { class: `step ${entry.state}`, title, "data-stage": entry.stage, "data-state": entry.state },
       h("div", { class: "pin" }),
       h("div", { class: "label" }, label(entry.stage)),
-      h("div", { class: "when" }, entry.state === "done" ? clock(entry.last) : "\u00a0"));
+      h("div", { class: "when" }, entry.state === "done" ? clock(entry.last)
+        : entry.state === "error" ? clock(entry.error_time) : "\u00a0"));
   });
   const current = node.current
     ? `${label(node.current)}`
@@ -104,7 +108,13 @@ function nodeRow(node) {
   const waiting = node.complete
     ? "complete"
     : `waiting for ${label(node.waiting_for)}` + (node.since ? ` · ${span(now() - node.since)}` : "");
-  return h("div", { class: `node${node.complete ? " complete" : ""}`, id: `node-${node.name}`, "data-node": node.name },
+  // A refused boot file (403/404, a TFTP error): red until the node gets past that stage.
+  const error = node.boot_error
+    ? h("div", { class: "boot-error", "data-role": "boot-error", title: `${stamp(node.boot_error.last)}\n${node.boot_error.detail}` },
+      h("b", {}, "boot error "), node.boot_error.detail)
+    : null;
+  const cls = ["node", node.complete ? "complete" : "", node.boot_error ? "failed" : ""].filter(Boolean).join(" ");
+  return h("div", { class: cls, id: `node-${node.name}`, "data-node": node.name, "data-boot-error": node.boot_error ? "1" : null },
     h("div", {},
       h("div", { class: "node-name" }, node.name,
         h("span", { class: `badge role-${node.role}` }, node.role),
@@ -116,7 +126,8 @@ function nodeRow(node) {
       h("div", { class: "now", "data-role": "current" }, current),
       h("div", { class: "wait", "data-role": "waiting", "data-since": node.since || "", "data-complete": node.complete ? "1" : "" },
         waiting),
-      detail ? h("div", { class: "wait mono", title: detail }, detail.length > 34 ? detail.slice(0, 33) + "…" : detail) : null,
+      detail && !error ? h("div", { class: "wait mono", title: detail }, detail.length > 34 ? detail.slice(0, 33) + "…" : detail) : null,
+      error,
       h("div", { class: "bar", title: `${Math.round(node.progress * 100)}%` },
         h("div", { style: `width:${(node.progress * 100).toFixed(1)}%` }))));
 }
@@ -167,7 +178,8 @@ function setLive(mode, text) {
 function addEvent(ev, fresh) {
   const list = $("events");
   // ok === false: a refused attempt (a CSR left pending or denied), not a stage reached.
-  const cls = [fresh ? "new" : "", ev.ok === false ? "refused" : ""].filter(Boolean).join(" ");
+  const cls = [fresh ? "new" : "", ev.ok === false ? "refused" : "",
+    ev.stage === "boot-error" ? "error" : ""].filter(Boolean).join(" ");
   const item = h("li", { class: cls, "data-id": ev.id, "data-ok": String(ev.ok !== false) },
     h("span", { class: "t mono" }, clock(ev.time)),
     h("span", {}, ev.node),
@@ -293,6 +305,23 @@ function renderCluster(body) {
   $("gpu-note").textContent = gpu.since ? `step since ${clock(gpu.since)}` : "";
 }
 
+function renderUnknown(body) {
+  // Machines that PXE-booted here and got no answer; a MAC a digit or two from a node's
+  // is most likely a typo in the inventory.
+  const rows = body.machines.map((m) => [
+    h("span", { class: "mono" }, m.mac), m.arch_name || m.arch || "–",
+    h("span", { class: "muted", title: stamp(m.first_seen) }, ago(m.first_seen)),
+    h("span", { class: "muted", title: stamp(m.last_seen) }, ago(m.last_seen)),
+    String(m.seen),
+    (m.closest || []).length
+      ? h("span", { class: "hint" }, "did you mean " + m.closest.map((c) => `${c.key} ${c.name} ${c.mac}`).join(" or ") + "?")
+      : ""]);
+  replace($("unknown"), table(["MAC", "arch", "first seen", "last seen", "seen", ""], rows, "none: every machine that booted is in the inventory"));
+  $("unknown-note").textContent = body.total
+    ? `${body.total} machine${body.total === 1 ? "" : "s"}${body.evicted ? ` · ${body.evicted} forgotten` : ""}`
+    : "";
+}
+
 function renderStatus(body) {
   $("cluster").textContent = `${body.cluster || "?"} · ${body.plan.nodes} nodes · ${Object.values(body.services).filter((s) => s.state === "running").length} services running`;
   $("version").textContent = `v${body.version}`;
@@ -300,14 +329,16 @@ function renderStatus(body) {
 }
 
 async function refreshSide() {
-  const [status, backends, leases, csr, cluster] = await Promise.all([
+  const [status, backends, leases, csr, cluster, unknown] = await Promise.all([
     api("/api/v1/status"), api("/api/v1/backends"), api("/api/v1/leases"),
-    api("/api/v1/csr-decisions?limit=50"), api("/api/v1/cluster")]);
+    api("/api/v1/csr-decisions?limit=50"), api("/api/v1/cluster"),
+    api("/api/v1/unknown-machines?limit=20")]);
   renderStatus(status);
   renderBackends(backends);
   renderLeases(leases);
   renderCsr(csr);
   renderCluster(cluster);
+  renderUnknown(unknown);
 }
 
 // --- start ----------------------------------------------------------------------------

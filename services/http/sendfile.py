@@ -22,6 +22,7 @@ import os
 import secrets
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,17 @@ def _open(path: Path) -> tuple[int, os.stat_result]:
 class SendfileResponse(web.StreamResponse):
     """A file with Range, conditionals, HEAD and a zero-copy body on plain TCP."""
 
-    def __init__(self, path: str | Path, chunk_size: int = 256 << 10) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        chunk_size: int = 256 << 10,
+        opened: Callable[[int], None] | None = None,
+    ) -> None:
         super().__init__()
         self._path = Path(path)
         self._chunk_size = chunk_size
+        # Told how the open went: 0 (opened), 403 (unreadable) or 404 (gone meanwhile).
+        self._opened = opened
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
@@ -73,14 +81,21 @@ class SendfileResponse(web.StreamResponse):
             fd, st = await loop.run_in_executor(None, _open, self._path)
         except PermissionError:
             self.set_status(403)
+            self._tell(403)
             return await super().prepare(request)
         except OSError:
             self.set_status(404)
+            self._tell(404)
             return await super().prepare(request)
+        self._tell(0)
         try:
             return await self._answer(request, fd, st)
         finally:
             os.close(fd)
+
+    def _tell(self, status: int) -> None:
+        if self._opened is not None:
+            self._opened(status)
 
     async def _answer(
         self, request: web.BaseRequest, fd: int, st: os.stat_result

@@ -20,10 +20,12 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
+from appliance.events import BOOT_ERROR
 from appliance.plan import Plan
 from appliance.service import ServiceContext, start_web
 from services import bootconfig
 from services.bootconfig import client_ipv4
+from services.booterrors import BootErrors, boot_file
 from services.http.ranges import Validators, content_range, evaluate, multipart
 from services.http.sendfile import SendfileResponse
 from services.tftp.files import Refused, jailed, served
@@ -45,6 +47,7 @@ class HttpService:
         self.counters: dict[str, int] = {}
         self.requests = 0
         self.bytes = 0  # response bodies as announced (Content-Length) when prepared
+        self.boot_errors = BootErrors()
 
     async def start(self, plan: Plan) -> None:
         self.plan = plan
@@ -59,7 +62,12 @@ class HttpService:
             self.runner = None
 
     def status(self) -> dict[str, Any]:
-        return {"counters": dict(self.counters), "requests": self.requests, "bytes": self.bytes}
+        return {
+            "counters": dict(self.counters),
+            "requests": self.requests,
+            "bytes": self.bytes,
+            "boot_errors": self.boot_errors.status(),
+        }
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
@@ -87,14 +95,25 @@ class HttpService:
         if request.method != "HEAD" and response.content_length:
             self.bytes += response.content_length
 
-    def _file(self, root: Path, rel: str) -> SendfileResponse:
+    def _file(
+        self,
+        request: web.Request,
+        root: Path,
+        rel: str,
+        route: str,
+        stage: str | None = None,
+    ) -> SendfileResponse:
+        """The file, or 403/404 (a boot error when a node asked for one of its boot files).
+        `stage`: the node event to publish once the file opens (a GET from a node)."""
         try:
             path = served(root, rel, self.plan.boot.private)
         except Refused as exc:
             self._count("refused")
+            self._boot_error(request, route, rel, "refused", "403", str(exc))
             raise web.HTTPForbidden(text=f"{exc}\n") from None
         if not path.is_file():
             self._count("not_found")
+            self._boot_error(request, route, rel, "missing", "404", str(root))
             raise web.HTTPNotFound(text="not found\n")
         self._count("files")
         # The body goes out with sendfile() (services/http/sendfile.py). The chunk size
@@ -105,28 +124,32 @@ class HttpService:
         server = self.runner.server if self.runner is not None else None
         busy = len(server.connections) if server is not None else 0
         chunk = BIG_CHUNK if busy < MANY_DOWNLOADS else SMALL_CHUNK
-        return SendfileResponse(path, chunk_size=chunk)
+
+        def opened(status: int) -> None:
+            # The stage is reached when the file opens: an unreadable kernel is no kernel.
+            if status:
+                cause = "unreadable" if status == 403 else "missing"
+                self._boot_error(request, route, rel, cause, str(status), str(root))
+            elif stage is not None and (node := self._node(request)) is not None:
+                self._event(node.name, stage, f"http {request.path}")
+
+        return SendfileResponse(path, chunk_size=chunk, opened=opened)
 
     async def images(self, request: web.Request) -> SendfileResponse:
         rel = request.match_info["path"]
-        response = self._file(self.plan.boot.images_dir, rel)
+        stage = None
         node = self._node(request)
         if node is not None and request.method == "GET":
             boot = self.plan.boot.by_mac.get(node.mac)
-            if boot is not None and rel == boot.kernel:
-                self._event(node.name, "kernel", f"http /images/{rel}")
-            elif boot is not None and rel == boot.initramfs:
-                self._event(node.name, "initramfs", f"http /images/{rel}")
-        return response
+            what = boot_file(boot, self.plan.dhcp.boot_files, "images", rel)
+            stage = what if what in ("kernel", "initramfs") else None
+        return self._file(request, self.plan.boot.images_dir, rel, "images", stage)
 
     async def loaders(self, request: web.Request) -> SendfileResponse:
         """tftp_root over HTTP: UEFI HTTP boot fetches its loader here."""
         rel = request.match_info["path"]
-        response = self._file(self.plan.boot.tftp_root, rel)
-        node = self._node(request)
-        if node is not None and request.method == "GET":
-            self._event(node.name, "bootloader", f"http /boot/{rel}")
-        return response
+        stage = "bootloader" if request.method == "GET" else None
+        return self._file(request, self.plan.boot.tftp_root, rel, "root", stage)
 
     async def generated(self, request: web.Request) -> web.Response:
         found = bootconfig.virtual_file(
@@ -153,8 +176,13 @@ class HttpService:
         node = self.plan.by_name.get(name)
         if node is None:
             raise web.HTTPNotFound(text="not found\n")
-        own = self.plan.boot.ignition_dir / f"{name}.ign"
-        filename = own.name if own.is_file() else f"{node.role}.ign"
+        # The contract path <ignition_dir>/node/<name>.ign; its role's file without one.
+        own = f"node/{name}.ign"
+        try:
+            mine = (self.plan.boot.ignition_dir / own).is_file()
+        except OSError:
+            mine = False
+        filename = own if mine else f"{node.role}.ign"
         return self._ignition(request, filename, {node.ip}, f"node {name}")
 
     def _ignition(
@@ -164,6 +192,9 @@ class HttpService:
         addr = client_ipv4(client)
         if addr is None or addr not in owners:
             self._count("ignition_refused")
+            # The audit trail has every refusal; a node of the inventory asking for
+            # another's file is also a boot error (one line a minute: firmware retries).
+            self._boot_error(request, "ignition", filename, "not_owner", "403")
             audit.warning(
                 "ignition: refused %s (%s) to %s: not an address of its node(s)",
                 filename,
@@ -174,12 +205,15 @@ class HttpService:
         if self.ctx.boot.bootstrap_retired and self.plan.by_ip[addr].role == "bootstrap":
             self._count("ignition_refused")
             audit.warning("ignition: refused %s to %s: bootstrap is complete", filename, client)
+            self._boot_error(request, "ignition", filename, "bootstrap_retired", "410")
             raise web.HTTPGone(text="bootstrap is complete: its ignition is no longer served\n")
         try:
             data = jailed(self.plan.boot.ignition_dir, filename).read_bytes()
-        except (Refused, OSError):
+        except (Refused, OSError) as exc:
             self._count("not_found")
-            self.log.warning("ignition: %s is missing in %s", filename, self.plan.boot.ignition_dir)
+            cause = "unreadable" if isinstance(exc, PermissionError) else "missing"
+            where = str(self.plan.boot.ignition_dir)
+            self._boot_error(request, "ignition", filename, cause, "404", where)
             raise web.HTTPNotFound(text="ignition file not found\n") from None
         node = self.plan.by_ip[addr]
         self._count("ignition_served")
@@ -199,6 +233,39 @@ class HttpService:
 
     def _event(self, node: str, stage: str, detail: str) -> None:
         self.ctx.bus.publish(node, stage, detail, source="http")
+
+    def _boot_error(
+        self,
+        request: web.Request,
+        route: str,
+        rel: str,
+        cause: str,
+        status: str,
+        why: str = "",
+    ) -> bool:
+        """A known node was refused one of its boot files: a line and an event, once per
+        node, path and cause a minute (firmware retries), every one counted. False when
+        the client is no node or the file none of its boot files."""
+        if request.method not in ("GET", "HEAD"):
+            return False
+        node = self._node(request)
+        if node is None:
+            return False  # a stranger's 404 is no node's boot failure
+        if route == "ignition":
+            what: str | None = "ignition"
+        else:
+            boot = self.plan.boot.by_mac.get(node.mac)
+            what = boot_file(boot, self.plan.dhcp.boot_files, route, rel)
+        if what is None:
+            return False  # a name firmware probes for: not finding it is normal
+        report = self.boot_errors.refused(
+            node.name, request.remote or "", what, request.path, cause,
+            f"http {status}", time.monotonic(), why,
+        )  # fmt: skip
+        if report is not None:
+            self.log.warning("%s", report.line)
+            self.ctx.bus.publish(node.name, BOOT_ERROR, report.detail, source="http")
+        return True
 
 
 def generated_response(request: web.Request, body: bytes, content_type: str) -> web.Response:

@@ -18,11 +18,20 @@ from typing import Any
 from tftpy.TftpPacketFactory import TftpPacketFactory
 from tftpy.TftpPacketTypes import TftpPacketRRQ, TftpPacketWRQ
 
+from appliance.events import BOOT_ERROR
 from appliance.plan import Plan
 from appliance.service import ServiceContext, bind_socket
 from services.bootconfig import IMAGES_PREFIX, client_ipv4
+from services.booterrors import BootErrors, boot_file, tftp_cause
 from services.tftp import session as session_module
-from services.tftp.admission import Limits, Slots, TokenBuckets, drop_reason, own_endpoints
+from services.tftp.admission import (
+    Limits,
+    Slots,
+    TokenBuckets,
+    drop_reason,
+    is_new_request,
+    own_endpoints,
+)
 from services.tftp.files import Refused, Source, open_source
 from services.tftp.session import Session
 from services.tftp.transfer import (
@@ -36,6 +45,9 @@ from services.tftp.transfer import (
 
 MAX_TRANSFERS = Limits().max_transfers
 STOP_WAIT = 5.0  # s: how long stop() waits for the transfers' threads to end
+# A resent request is looked at once more after this long: the client's ERROR that ends
+# its transfer may still be on its way to the transfer's thread (the request came first).
+RECHECK = 0.05
 
 
 UDP_SERVICES = ("dns", "dhcp")  # our other UDP listeners (TCP ports are another space)
@@ -84,9 +96,12 @@ class TftpService:
         self.slots = Slots(self.limits)
         self._admitted: dict[Session, tuple[tuple[Any, ...], bool]] = {}
         self._by_tid: dict[tuple[Any, ...], Session] = {}  # the latest transfer to each TID
+        self._request: dict[Session, bytes] = {}  # the request that started it
+        self._rechecks: set[tuple[Any, ...]] = set()  # TIDs with a RECHECK pending
         self.error_limit = TokenBuckets(self.limits)
         self.listen_port = 0
         self.own: frozenset[tuple[str, int]] = frozenset()
+        self.boot_errors = BootErrors()
 
     async def start(self, plan: Plan) -> None:
         self.plan = plan
@@ -117,12 +132,16 @@ class TftpService:
             "counters": dict(self.counters),
             "transfers": len(self.sessions),
             "transfers_to_nodes": self.slots.nodes,
+            "boot_errors": self.boot_errors.status(),
         }
 
     # --- requests ------------------------------------------------------------------
 
-    def on_request(self, data: bytes, addr: tuple[Any, ...], listener: _Listener) -> None:
-        self.counters["requests"] += 1
+    def on_request(
+        self, data: bytes, addr: tuple[Any, ...], listener: _Listener, again: bool = False
+    ) -> None:
+        """`again`: a RECHECK of a request that looked like a resend (counted already)."""
+        self.counters["requests"] += not again
         now = time.monotonic()
         if drop_reason(data, addr[0], addr[1], self.listen_port, self.own) is not None:
             # Not a request, or from a port no client uses: an answer could start a loop
@@ -153,9 +172,17 @@ class TftpService:
         is_node = ip is not None and ip in self.plan.by_ip
         tid = tuple(addr[:2])
         running = self._by_tid.get(tid)
-        answered = running is not None and running.xfer is not None and running.xfer.heard
+        answered = running is None or is_new_request(
+            same=self._request.get(running) == data,
+            heard=running.xfer is not None and running.xfer.heard,
+            ended=running.xfer is not None and running.xfer.done,
+        )
         why = self.slots.refuse_reason(tid, is_node, answered)
         if why == "duplicate":  # the client sent its request again: its transfer is running
+            if not again and tid not in self._rechecks and self.loop is not None:
+                self._rechecks.add(tid)
+                self.loop.call_later(RECHECK, self._recheck, data, addr, listener)
+                return
             self.counters["duplicate"] += 1
             return
         if why is not None:
@@ -171,7 +198,9 @@ class TftpService:
             )
         except Refused as exc:
             self.counters["refused" if exc.code == ERR_ACCESS else "not_found"] += 1
-            if exc.code == ERR_ACCESS:
+            # A node's boot file: a boot error says it (rate-limited); else an access refusal.
+            said = self._boot_error(addr[0], packet.filename, exc.code, str(exc), now)
+            if not said and exc.code == ERR_ACCESS:
                 self.log.warning("refused %r to %s: %s", packet.filename, addr[0], exc)
             self._error(listener, addr, now, exc.code, str(exc))
             return
@@ -187,16 +216,29 @@ class TftpService:
             neg = negotiate(options, source.size)
             readinto = source.readinto if source.raw else None  # files: os.preadv
             xfer = ReadTransfer(source.read, source.size, neg, now, readinto)
-        if not self._spawn(xfer, source, addr, is_node):
+        if not self._spawn(xfer, source, addr, is_node, data):
             self._error(listener, addr, now, ERR_UNDEFINED, "server busy, try again")
             return
         self._event(addr[0], source)
 
+    def _recheck(self, data: bytes, addr: tuple[Any, ...], listener: _Listener) -> None:
+        self._rechecks.discard(tuple(addr[:2]))
+        if self.listener is None or self.listener.is_closing():
+            return  # stopped meanwhile: no new transfer
+        try:
+            self.on_request(data, addr, listener, again=True)
+        except Exception:  # as datagram_received: one request never takes the service down
+            self.counters["errors"] += 1
+            self.log.exception("error on a request from %s", addr[0])
+
     def _error(
         self, listener: _Listener, addr: tuple[Any, ...], now: float, code: int, message: str
     ) -> None:
-        """An ERROR from the listener, unless this address (or everyone) had its share."""
-        if self.error_limit.allow(addr[0], now):
+        """An ERROR from the listener, unless this address (or every stranger) had its
+        share: a node's answers never wait on what strangers spent."""
+        ip = client_ipv4(addr[0])
+        node = ip is not None and ip in self.plan.by_ip
+        if self.error_limit.allow(addr[0], now, node):
             listener.reply(error_packet(code, message), addr)
         else:
             self.counters["rate_limited"] += 1
@@ -207,6 +249,7 @@ class TftpService:
         source: Source,
         addr: tuple[Any, ...],
         is_node: bool,
+        request: bytes = b"",
     ) -> bool:
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -232,6 +275,7 @@ class TftpService:
         self.slots.admit(tid, is_node)
         self._admitted[session] = (tid, is_node)
         self._by_tid[tid] = session
+        self._request[session] = request
         self.counters["transfers"] += 1
         try:
             session.start()
@@ -246,6 +290,7 @@ class TftpService:
 
     def _release(self, session: Session) -> None:
         self.sessions.discard(session)
+        self._request.pop(session, None)
         if (admitted := self._admitted.pop(session, None)) is not None:
             self.slots.release(*admitted)
             if self._by_tid.get(admitted[0]) is session:
@@ -288,6 +333,32 @@ class TftpService:
             self.counters["completed"] += 1
 
     # --- events -------------------------------------------------------------------
+
+    def _boot_error(self, client: str, name: str, code: int, message: str, now: float) -> bool:
+        """A known node was refused one of its boot files: a line and an event (once per
+        node, path and cause a minute: PXE ROMs resend), every one counted. True when
+        the refusal was a node's boot file (said here, or said recently)."""
+        ip = client_ipv4(client)
+        node = self.plan.by_ip.get(ip) if ip is not None else None
+        if node is None:
+            return False
+        clean = name.replace("\\", "/").lstrip("/")
+        images = clean.startswith(IMAGES_PREFIX)
+        rel = clean[len(IMAGES_PREFIX) :] if images else clean
+        boot = self.plan.boot.by_mac.get(node.mac)
+        what = boot_file(boot, self.plan.dhcp.boot_files, "images" if images else "root", rel)
+        if what is None:
+            return False  # a name pxelinux or GRUB only probes for
+        cause = tftp_cause(code, message)
+        root = self.plan.boot.images_dir if images else self.plan.boot.tftp_root
+        reason = str(root) if cause == "missing" else message
+        report = self.boot_errors.refused(
+            node.name, client, what, name, cause, f"tftp error {code}", now, reason
+        )
+        if report is not None:
+            self.log.warning("%s", report.line)
+            self.ctx.bus.publish(node.name, BOOT_ERROR, report.detail, source="tftp")
+        return True
 
     def _event(self, client: str, source: Source) -> None:
         ip = client_ipv4(client)

@@ -21,7 +21,15 @@ import pytest
 
 from appliance.store import Store
 from tests.helpers import ROOT
-from tests.integration.admin_env import MACS, MASTER, AdminEnv, dhcp_exchange, start
+from tests.integration.admin_env import (
+    BOOTSTRAP,
+    MACS,
+    MASTER,
+    AdminEnv,
+    dhcp_exchange,
+    discover_unknown,
+    start,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -151,3 +159,56 @@ def test_dashboard_shows_stages_arriving_live(env: AdminEnv, page: Any) -> None:
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 20_000
+
+
+def test_dashboard_shows_a_boot_error_red_until_the_node_gets_past_it(
+    env: AdminEnv, page: Any
+) -> None:
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.goto(env.admin + "/", wait_until="domcontentloaded", timeout=20_000)
+    page.wait_for_selector("#live.on", timeout=15_000)
+    assert page.locator("#node-bootstrap[data-boot-error]").count() == 0
+
+    # The bootstrap machine asks for a kernel that is not there (a 404 from its address).
+    kernel = env.base / "images" / "rhcos" / "installer-kernel"
+    aside = kernel.with_name("kernel-aside")
+    kernel.rename(aside)
+    try:
+        assert env.fetch("/images/rhcos/installer-kernel", BOOTSTRAP) == 404
+        page.wait_for_selector(
+            '#node-bootstrap .step[data-stage="kernel"][data-state="error"]', timeout=15_000
+        )
+    finally:
+        aside.rename(kernel)
+    row = page.locator("#node-bootstrap")
+    assert row.get_attribute("data-boot-error") == "1"
+    message = page.locator('#node-bootstrap [data-role="boot-error"]').inner_text()
+    assert "/images/rhcos/installer-kernel" in message and "missing" in message
+    color = page.eval_on_selector(
+        '#node-bootstrap .step[data-stage="kernel"] .pin',
+        "e => getComputedStyle(e).backgroundColor",
+    )
+    assert color == "rgb(229, 83, 75)"  # --bad: red
+    assert "boot error" in page.locator("#events li").first.inner_text()
+
+    # An unknown machine one digit off the bootstrap's MAC: the panel suggests it.
+    discover_unknown(env, "52:54:00:00:10:53")
+    page.wait_for_function(
+        "document.querySelector('#unknown').innerText.includes('52:54:00:00:10:53')",
+        timeout=15_000,
+    )
+    assert (
+        "did you mean nodes[0] bootstrap 52:54:00:00:00:53?"
+        in page.locator("#unknown").inner_text()
+    )
+
+    # The kernel is back and fetched: the next progress clears the red state.
+    assert env.fetch("/images/rhcos/installer-kernel", BOOTSTRAP) == 200
+    page.wait_for_selector(
+        '#node-bootstrap .step[data-stage="kernel"][data-state="done"]', timeout=15_000
+    )
+    assert row.get_attribute("data-boot-error") is None
+    assert page.locator('#node-bootstrap [data-role="boot-error"]').count() == 0
+    assert not errors, errors
