@@ -5,7 +5,8 @@ and unpacked with `dpkg-deb` (never installed). Its virtio NIC driver is a modul
 the module and everything it depends on (read from each module's `.modinfo` ELF
 section: the package ships no modules.dep) go into the initramfs with an insmod
 order. The initramfs is a gzipped newc cpio written by this module: the static
-busybox (Debian busybox-static), `init.sh` as /init and `lease.sh` for udhcpc.
+busybox (Debian busybox-static), `init.sh` as /init, `lease.sh` for udhcpc and
+`live.sh`, the live PXE argument checks.
 
 Everything is cached under tests/e2e/.cache (git-ignored): the kernel by package
 version, the initramfs by a hash of what went into it.
@@ -153,6 +154,7 @@ def build_initramfs(modules: list[Path], dest: Path) -> None:
     cpio.symlink("bin/sh", "busybox")
     cpio.file("init", (HERE / "init.sh").read_bytes(), 0o755)
     cpio.file("bin/lease.sh", (HERE / "lease.sh").read_bytes(), 0o755)
+    cpio.file("bin/live.sh", (HERE / "live.sh").read_bytes(), 0o755)
     names = []
     for path in modules:
         cpio.file(f"lib/modules/{path.name}", path.read_bytes())
@@ -191,6 +193,7 @@ def prepare(cache: Path = CACHE) -> Guest:
         BUSYBOX.read_bytes(),
         (HERE / "init.sh").read_bytes(),
         (HERE / "lease.sh").read_bytes(),
+        (HERE / "live.sh").read_bytes(),
         version.encode(),
         " ".join(order).encode(),
         Path(__file__).read_bytes(),

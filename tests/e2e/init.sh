@@ -3,13 +3,16 @@
 # Does what an installer does with the network before it writes a disk: takes a
 # lease, resolves the cluster names, fetches its ignition and talks to the API VIP
 # through the load balancer. Every step prints an E2E-STEP line; the last line is
-# `E2E-RESULT {json}` for the test to parse. Then it powers the VM off.
+# `E2E-RESULT {json}` for the test to parse. Then it powers the VM off. An RHCOS live PXE
+# command line (coreos.live.rootfs_url) is checked by live.sh instead.
 export PATH=/bin
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 exec </dev/console >/dev/console 2>&1
+# Kernel messages (link up, ...) on the console would land inside the result line.
+dmesg -n 1
 
 say() { echo "E2E-STEP $*"; }
 bye() { sync; poweroff -f; sleep 30; }
@@ -36,6 +39,12 @@ while [ $i -lt 50 ] && [ -z "$nic" ]; do
     i=$((i + 1))
 done
 [ -n "$nic" ] || { echo 'E2E-RESULT {"error":"no network interface"}'; bye; }
+
+# An RHCOS live PXE command line: check it as dracut and coreos-installer read it.
+if grep -q 'coreos.live.rootfs_url=' /proc/cmdline; then
+    . /bin/live.sh
+fi
+
 mac=$(cat "/sys/class/net/$nic/address")
 say "nic $nic $mac"
 

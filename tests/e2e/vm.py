@@ -26,8 +26,20 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 PROBE_LIMIT = 15.0  # seconds; a working KVM boots the probe in about 2, TCG in about 5
 
 
+_probed: dict[tuple[Path, Path], tuple[str, str]] = {}
+
+
 def probe_accel(kernel: Path, initramfs: Path, workdir: Path) -> tuple[str, str]:
-    """("kvm" | "tcg", why): KVM when /dev/kvm opens and boots the probe in time."""
+    """("kvm" | "tcg", why): KVM when /dev/kvm opens and boots the probe in time.
+
+    Probed once per process: each e2e module asks, and a hanging KVM costs the limit."""
+    key = (kernel, initramfs)
+    if key not in _probed:
+        _probed[key] = _probe(kernel, initramfs, workdir)
+    return _probed[key]
+
+
+def _probe(kernel: Path, initramfs: Path, workdir: Path) -> tuple[str, str]:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg", "/dev/kvm is missing or not usable"
     log = workdir / "kvm-probe.log"
