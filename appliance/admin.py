@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from appliance import sse
+from appliance import sse, unknown
 from appliance.events import STAGES, Subscription
 from appliance.metrics import ApplianceCollector, StoreFacts, store_facts
 from appliance.openapi import document
@@ -387,6 +387,13 @@ class AdminService:
         (total, evicted), machines = await store.read(
             lambda s: (s.unknown_machine_counts(), s.unknown_machines(limit, offset))
         )
+        nodes = self._plan().nodes
+        for machine in machines:
+            # The likely typo in the inventory: a node's MAC a digit or two away.
+            machine["arch_name"] = unknown.arch_name(
+                str(machine.get("arch") or ""), str(machine.get("vendor_class") or "")
+            )
+            machine["closest"] = unknown.closest(str(machine["mac"]), nodes)
         body = {
             "total": total,
             "evicted": evicted,

@@ -1,6 +1,6 @@
 """The `appliance` command line: run, check, plan, render, and the admin client.
 
-The client commands (status, nodes, watch, reinstall, drain/disable/enable, reload)
+The client commands (status, nodes, unknown, watch, reinstall, drain/disable/enable, reload)
 talk to the running daemon's admin API, found through the same `--config`.
 
 Every error is one line per problem on stderr and a non-zero exit; a traceback
@@ -22,8 +22,17 @@ from typing import Any
 import yaml
 
 from appliance import __version__
-from appliance.checks import file_warnings, install_warnings
+from appliance.checks import (
+    Finding,
+    current_user,
+    for_check,
+    install_warnings,
+    listener_endpoints,
+    preflight,
+    user_named,
+)
 from appliance.client import ClientError
+from appliance.hostinfo import read_host, read_sockets, socket_owners
 from appliance.inventory import InventoryError, load_inventory
 from appliance.logs import setup_logging
 from appliance.plan import ARecord, NsRecord, Plan, PtrRecord, SrvRecord, build_plan
@@ -50,7 +59,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="serve every enabled service (foreground)")
-    sub.add_parser("check", parents=[common], help="validate the inventory and summarise it")
+    check = sub.add_parser(
+        "check",
+        parents=[common],
+        help="validate the inventory, summarise it and preflight this host",
+        description="Exit status 2: the inventory is invalid; 1: `appliance run` would "
+        "refuse to start on this host (the `error:` lines). `warning:` lines are what it "
+        "runs without.",
+    )
+    check.add_argument(
+        "--user",
+        metavar="NAME",
+        help="check file access for the user the daemon runs as (default: this user)",
+    )
     plan = sub.add_parser("plan", parents=[common], help="print the derived plan")
     plan.add_argument("--format", choices=("yaml", "json"), default="yaml")
     render = sub.add_parser(
@@ -67,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="the raw API answer")
     nodes = sub.add_parser("nodes", parents=[common], help="every node's install progress")
     nodes.add_argument("--json", action="store_true", help="the raw API answer")
+    unknown = sub.add_parser(
+        "unknown",
+        parents=[common],
+        help="machines that network-booted here but are not in the inventory",
+    )
+    unknown.add_argument("--json", action="store_true", help="the raw API answer")
+    unknown.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
+    unknown.add_argument("--offset", type=int, default=0, help="skip this many, newest first")
     watch = sub.add_parser(
         "watch", parents=[common], help="follow node stages live (Ctrl-C to quit)"
     )
@@ -136,14 +165,30 @@ def _kind(record: ARecord | PtrRecord | SrvRecord | NsRecord) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    plan = _load(args.config)
+    loaded = load_inventory(Path(args.config))
+    plan = build_plan(loaded)
     print(f"{args.config}: OK")
     for line in _summary(plan):
         print(line)
-    warnings = file_warnings(plan) + install_warnings(plan)
-    for w in warnings:
+    if args.user is None:
+        user = current_user()
+    else:
+        try:
+            user = user_named(args.user)
+        except KeyError:
+            print(f"appliance: --user {args.user}: no such user", file=sys.stderr)
+            return EXIT_INVALID
+    for w in loaded.warnings:
         print(f"warning: {w}")
-    return 0
+    rows = read_sockets()
+    ports = {ep.port for _, ep, _ in listener_endpoints(plan)}
+    owners = socket_owners({r.inode for r in rows if r.port in ports})
+    findings = for_check(preflight(plan, read_host(), user, rows, owners))
+    findings += [Finding(p.path, p.message) for p in install_warnings(plan)]
+    for finding in findings:
+        print(f"{'error' if finding.error else 'warning'}: {finding}")
+    # Exit 1: `run` would refuse to start on this host (the inventory itself is valid).
+    return EXIT_FAILED if any(f.error for f in findings) else 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -189,6 +234,19 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
 
     body = client.call(_load(args.config), "GET", "/api/v1/nodes")
     print(json.dumps(body, indent=2) if args.json else "\n".join(nodes_table(body, body["time"])))
+    return 0
+
+
+def _cmd_unknown(args: argparse.Namespace) -> int:
+    from appliance import client
+    from appliance.terminal import unknown_lines
+
+    if not 1 <= args.limit <= 1000 or args.offset < 0:
+        print("appliance: --limit must be 1-1000 and --offset at least 0", file=sys.stderr)
+        return EXIT_INVALID
+    path = f"/api/v1/unknown-machines?limit={args.limit}&offset={args.offset}"
+    body = client.call(_load(args.config), "GET", path)
+    print(json.dumps(body, indent=2) if args.json else "\n".join(unknown_lines(body)))
     return 0
 
 
@@ -261,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reinstall": _cmd_reinstall,
         "status": _cmd_status,
         "nodes": _cmd_nodes,
+        "unknown": _cmd_unknown,
         "watch": _cmd_watch,
         "drain": _cmd_backend,
         "disable": _cmd_backend,

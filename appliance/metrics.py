@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from appliance.events import STAGES
+from appliance.events import STAGES, STATES
 from appliance.store import Store
 
 DHCP_MESSAGES = ("discover", "offer", "request", "decline", "ack", "nak", "release", "inform")
@@ -24,6 +24,8 @@ HEALTH_STATES = ("unknown", "up", "down")
 ADMIN_STATES = ("enabled", "drain", "disabled")
 LEASE_STATES = ("offered", "bound", "declined", "released")
 CSR_DECISIONS = ("approve", "pending", "deny")
+# services.booterrors.CAUSES (appliance/ does not import the services)
+BOOT_ERROR_CAUSES = ("missing", "unreadable", "not_owner", "bootstrap_retired", "refused")
 
 
 @dataclass
@@ -40,7 +42,7 @@ class StoreFacts:
 def store_facts(store: Store, now: float) -> StoreFacts:
     reached: Counter[str] = Counter()
     for stages in store.progress().values():
-        reached.update(stages.keys())
+        reached.update(s for s in stages if s not in STATES)  # a boot error is not reached
     return StoreFacts(
         events=store.event_counts(),
         nodes_reached=reached,
@@ -98,7 +100,7 @@ def families(status: Mapping[str, Any], facts: StoreFacts) -> list[Metric]:
     )
     _store(status.get("store") or {}, counter, gauge)
     family = counter("events", "Stored node events, by stage", ("stage",))
-    for stage in _ordered(STAGES, facts.events):
+    for stage in _ordered(STAGES + STATES, facts.events):
         family.add_metric([stage], facts.events.get(stage, 0))
     reached = gauge("nodes_reached", "Nodes that have reached each stage", ("stage",))
     for stage in _ordered(STAGES, facts.nodes_reached):
@@ -114,6 +116,18 @@ def families(status: Mapping[str, Any], facts: StoreFacts) -> list[Metric]:
     _tftp(services.get("tftp"), counter, gauge)
     _http(services.get("http"), counter)
     _proxy(services.get("proxy"), counter, gauge)
+    family = counter(
+        "boot_errors",
+        "Boot files refused to inventory nodes (403/404, TFTP errors), by service and cause",
+        ("service", "cause"),
+    )
+    for name in ("http", "tftp"):
+        svc = services.get(name) or {}
+        if svc.get("state") != "running":
+            continue
+        counts = svc.get("boot_errors") or {}
+        for cause in _ordered(BOOT_ERROR_CAUSES, counts):
+            family.add_metric([name, cause], _num(counts.get(cause)))
 
     family = counter("csr_decisions", "CSR reviews recorded, by decision", ("decision",))
     for decision in _ordered(CSR_DECISIONS, facts.csr_decisions):

@@ -13,7 +13,7 @@ from functools import cache
 from typing import Any
 
 from appliance import __version__
-from appliance.events import STAGES
+from appliance.events import STAGES, STATES
 
 Schema = dict[str, Any]
 
@@ -41,6 +41,8 @@ BOOL: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "number", "description": "seconds since the Unix epoch"}
 ANY_OBJ: Schema = {"type": "object", "additionalProperties": True}
 STAGE: Schema = {"type": "string", "enum": list(STAGES)}
+# An event's stage: a progress stage, or a state such as boot-error (not progress).
+EVENT_STAGE: Schema = {"type": "string", "enum": [*STAGES, *STATES]}
 EVENT_ID: Schema = {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}
 # One message of the events stream (fields as the SSE format has them; data is JSON).
 SSE_EVENT: Schema = {
@@ -61,11 +63,25 @@ SCHEMAS: dict[str, Schema] = {
             "stage": STAGE,
             "state": {
                 "type": "string",
-                "enum": ["done", "skipped", "next", "pending", "previous"],
+                "enum": ["done", "skipped", "next", "pending", "previous", "error"],
+                "description": "error: the node's latest request for this stage's file "
+                "was refused (see the node's boot_error)",
             },
             "first": _nullable(TIME),
             "last": _nullable(TIME),
             "detail": STR,
+        },
+        {"error": STR, "error_time": TIME},
+    ),
+    "BootError": _obj(
+        {
+            "stage": STAGE,
+            "detail": {
+                **STR,
+                "description": "what was refused, the path, the cause and how: "
+                "`kernel /images/k: missing in /srv/images (http 404)`",
+            },
+            "last": {**TIME, "description": "when it was refused (the latest time)"},
         }
     ),
     "Node": _obj(
@@ -87,13 +103,19 @@ SCHEMAS: dict[str, Schema] = {
             "next_boot": {"type": "string", "enum": ["install", "local"]},
             "installed_at": _nullable(TIME),
             "reinstall_requested": _nullable(TIME),
+            "boot_error": {
+                "allOf": [_ref("BootError")],  # a $ref takes no siblings in OpenAPI 3.0
+                "nullable": True,
+                "description": "the node was refused a boot file (403/404, a TFTP error) "
+                "and has not got past that stage since",
+            },
         }
     ),
     "Event": _obj(
         {
             "id": INT,
             "node": STR,
-            "stage": STAGE,
+            "stage": EVENT_STAGE,
             "detail": STR,
             "time": TIME,
             "source": STR,
@@ -189,6 +211,25 @@ SCHEMAS: dict[str, Schema] = {
                         "arch": STR,
                         "user_class": STR,
                         "hostname": STR,
+                        "arch_name": {
+                            **STR,
+                            "description": "bios, uefi-x64, uefi-arm64... (option 93, or "
+                            "the PXE vendor class); empty when unknown",
+                        },
+                        "closest": {
+                            "type": "array",
+                            "description": "inventory nodes whose MAC differs in 1 or 2 hex "
+                            "digits (the nearest; ties in inventory order): a likely typo",
+                            "items": _obj(
+                                {
+                                    "index": INT,
+                                    "key": STR,
+                                    "name": STR,
+                                    "mac": STR,
+                                    "distance": INT,
+                                }
+                            ),
+                        },
                     }
                 ),
             },

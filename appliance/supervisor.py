@@ -24,13 +24,16 @@ from typing import Any
 
 from appliance import __version__
 from appliance.bootstate import BootState
+from appliance.checks import current_user, name_holders, preflight
 from appliance.client import TOKEN_FILE
 from appliance.events import EventBus
+from appliance.hostinfo import read_host
 from appliance.inventory import InventoryError, load_inventory
 from appliance.notify import notify, reloading_message, watchdog_interval, watchdog_loop
 from appliance.plan import Plan, build_plan
 from appliance.plandiff import diff_plans
 from appliance.service import (
+    BindError,
     ReloadResult,
     Service,
     ServiceContext,
@@ -59,8 +62,12 @@ def default_specs() -> list[ServiceSpec]:
 
 
 def load_plan(config: Path) -> Plan:
-    """Load and derive; raises InventoryError with every problem."""
-    return build_plan(load_inventory(config))
+    """Load and derive; raises InventoryError with every problem. Warnings (install-config
+    disagreements) are logged: at start and at every reload."""
+    loaded = load_inventory(config)
+    for warning in loaded.warnings:
+        log.warning("%s: %s", config, warning)
+    return build_plan(loaded)
 
 
 def ensure_token(state_dir: Path) -> str:
@@ -288,8 +295,9 @@ class Supervisor:
             for name, service in fresh.items():
                 await self._stop_one(name, service)
             await self._restore(replaced, old)
-            log.error("reload refused: %s; keeping the running plan", exc)
-            return ReloadResult(False, (str(exc),))
+            line = await _with_holder(exc)
+            log.error("reload refused: %s; keeping the running plan", line)
+            return ReloadResult(False, (line,))
 
         # Phase 2: retire what was replaced or switched off, hand the plan to the rest.
         reloaded: list[str] = []
@@ -388,6 +396,29 @@ def _where(spec: ServiceSpec, plan: Plan) -> str:
     return f"on {', '.join(eps)}" if eps else ""
 
 
+async def _with_holder(exc: ServiceError) -> str:
+    """The error line; for an address in use, with who holds it (read off the loop:
+    it walks /proc)."""
+    if isinstance(exc, BindError) and exc.errno == errno.EADDRINUSE:
+        held = await asyncio.to_thread(name_holders, exc.endpoint, exc.proto)
+        if held:
+            return f"{exc}; {held}"
+    return str(exc)
+
+
+def _preflight(plan: Plan) -> bool:
+    """Log what this host lacks for the plan; False when `run` must not start.
+
+    Ports are not looked at here: the bind decides, and its error names the holder."""
+    findings = preflight(plan, read_host(), current_user())
+    for finding in findings:
+        (log.error if finding.error else log.warning)("preflight: %s", finding)
+    if any(f.error for f in findings):
+        log.error("preflight: refusing to start (see the errors above)")
+        return False
+    return True
+
+
 async def run(config: Path, specs: Sequence[ServiceSpec] | None = None) -> int:
     """`appliance run`: start, serve until SIGTERM/SIGINT, reload on SIGHUP."""
     try:
@@ -396,11 +427,13 @@ async def run(config: Path, specs: Sequence[ServiceSpec] | None = None) -> int:
         for line in exc.lines():
             log.error("%s", line)
         return 2
+    if not _preflight(plan):
+        return 1
     sup = Supervisor(config, specs)
     try:
         await sup.start(plan)
     except ServiceError as exc:
-        log.error("%s", exc)
+        log.error("%s", await _with_holder(exc))  # after the stop: only others hold it now
         return 1
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[ReloadResult]] = set()

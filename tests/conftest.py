@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.helpers import CONFIG, Daemon
+from tests.helpers import Daemon, dgxpod_data
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -26,7 +24,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def dgxpod_raw() -> dict[str, Any]:
     """The article's inventory as plain data, to be edited by each test."""
-    return copy.deepcopy(yaml.safe_load((CONFIG / "dgxpod.yaml").read_text()))
+    return dgxpod_data()
 
 
 @pytest.fixture

@@ -38,6 +38,14 @@ def need_tool(name: str) -> str:
     pytest.skip(f"{name} is not installed (Debian package; .ci/run installs it)")
 
 
+def dgxpod_data() -> dict[str, Any]:
+    """config/dgxpod.yaml as plain data, without its upstream_dns: a test's appliance
+    forwards nowhere (10.33.3.1 is the article's site resolver, not a test host)."""
+    raw: dict[str, Any] = yaml.safe_load((CONFIG / "dgxpod.yaml").read_text())
+    raw["network"].pop("upstream_dns", None)
+    return raw
+
+
 def free_port(kind: socket.SocketKind = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind((host, 0))
@@ -82,6 +90,17 @@ def loopback_inventory(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
 def write_inventory(path: Path, raw: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m appliance ARGS` as an operator runs it, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 class Daemon:

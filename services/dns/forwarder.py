@@ -73,9 +73,7 @@ def same_question(reply: bytes, question: bytes) -> bool:
     case (0x20 mixing), type and class exactly: lower-casing those too would turn type
     65 (HTTPS, low byte 'A') into 97 and refuse every such answer."""
     end = 12 + len(question)
-    return (
-        reply[12 : end - 4].lower() == question[:-4] and reply[end - 4 : end] == question[-4:]
-    )
+    return reply[12 : end - 4].lower() == question[:-4] and reply[end - 4 : end] == question[-4:]
 
 
 class Forwarder:

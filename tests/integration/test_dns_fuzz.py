@@ -19,7 +19,6 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
-import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -27,10 +26,10 @@ from appliance.inventory import parse_inventory
 from appliance.plan import build_plan
 from services.dns.engine import DnsEngine, Forward, Reply
 from services.dns.wire import parse_query
-from tests.helpers import CONFIG
+from tests.helpers import CONFIG, dgxpod_data
 
 D = "dgxpod.nvidia.com"
-RAW: dict[str, Any] = yaml.safe_load((CONFIG / "dgxpod.yaml").read_text())
+RAW: dict[str, Any] = dgxpod_data()
 
 
 def _engine(**network: Any) -> DnsEngine:

@@ -44,7 +44,7 @@ import services.dns
 from appliance.inventory import Listen
 from appliance.supervisor import Supervisor, load_plan
 from tests import helpers
-from tests.helpers import CONFIG, free_port, need_tool, write_inventory
+from tests.helpers import free_port, need_tool, write_inventory
 
 D = "dgxpod.nvidia.com"
 LB = "10.33.3.54"
@@ -77,7 +77,7 @@ def free_dns_port(host: str = "127.0.0.1") -> int:
 
 def dgxpod_inventory(state_dir: Path, dns_port: int, **network: Any) -> dict[str, Any]:
     """config/dgxpod.yaml with dns on 127.0.0.1:dns_port, admin on a free port, rest off."""
-    raw: dict[str, Any] = yaml.safe_load((CONFIG / "dgxpod.yaml").read_text())
+    raw = helpers.dgxpod_data()
     raw["listen"] = dict.fromkeys(Listen.model_fields)  # every listener off ...
     raw["listen"]["dns"] = f"127.0.0.1:{dns_port}"  # ... but these two
     raw["listen"]["admin"] = f"127.0.0.1:{free_port()}"
@@ -114,14 +114,19 @@ def start_daemon(tmp: Path, raw: dict[str, Any]) -> Daemon:
     return Daemon(config, raw, tmp / "daemon.log")
 
 
-@pytest.fixture(scope="module")
-def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """The article's cluster, no upstream: shared by the read-only tests below."""
-    tmp = tmp_path_factory.mktemp("pod")
+def serving_pod(tmp: Path) -> Iterator[Daemon]:
+    """The article's cluster, no upstream, run from `tmp` for a module's fixture; its
+    log must show no traceback at the end."""
     d = start_daemon(tmp, dgxpod_inventory(tmp / "state", free_dns_port()))
     yield d
     d.stop()
     assert "Traceback" not in d.output()
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """The article's cluster, no upstream: shared by the read-only tests below."""
+    yield from serving_pod(tmp_path_factory.mktemp("pod"))
 
 
 # --- clients ---------------------------------------------------------------------------

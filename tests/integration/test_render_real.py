@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import json
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dns.exception
 import dns.flags
@@ -22,21 +19,23 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
-import yaml
 
 from appliance.inventory import load_inventory, parse_inventory
 from appliance.plan import Plan, build_plan
 from appliance.render import render_dnsmasq, render_haproxy
 from tests.helpers import (
     CONFIG,
-    ROOT,
     Daemon,
+    dgxpod_data,
     free_port,
     loopback_inventory,
     need_tool,
     write_inventory,
 )
 from tests.integration.test_dns_real import Upstream, free_dns_port
+from tests.integration.test_proxy_real import ADDR, LB, Backends
+
+_Answers = TypeVar("_Answers")
 
 
 def _config(name: str) -> Plan:
@@ -44,7 +43,7 @@ def _config(name: str) -> Plan:
 
 
 def _dgxpod(edit: Callable[[dict[str, Any]], None]) -> Plan:
-    raw = copy.deepcopy(yaml.safe_load((CONFIG / "dgxpod.yaml").read_text()))
+    raw = dgxpod_data()
     edit(raw)
     return build_plan(parse_inventory(raw, "test.yaml", CONFIG))
 
@@ -136,15 +135,9 @@ def test_haproxy_accepts_the_rendered_config(tmp_path: Path, case: str) -> None:
 # is used exactly as printed). Both are asked the same questions by the same clients.
 
 DOMAIN = "demo.example.com"
-DNS_NODES = {
-    "bootstrap": "127.0.0.53",
-    "master-0": "127.0.0.50",
-    "master-1": "127.0.0.51",
-    "master-2": "127.0.0.52",
-    "worker-0": "127.0.0.44",
-    "worker-1": "127.0.0.46",
-}
-DNS_LB = "127.0.0.54"
+# The proxy tests' loopback nodes but worker-2, and their load balancer address.
+DNS_NODES = {name: ip for name, ip in ADDR.items() if name != "worker-2"}
+DNS_LB = LB
 DNS_TIMEOUT = 2.0
 
 
@@ -305,24 +298,33 @@ class _Dnsmasq:
                 self.proc.wait()
 
 
-@pytest.mark.tool("dnsmasq")
-def test_dnsmasq_render_answers_as_the_appliance(tmp_path: Path) -> None:
-    port = free_dns_port()
-    raw = _dns_inventory(tmp_path, port)
-    config = write_inventory(tmp_path / "inventory.yaml", raw)
+def _ours_then_dnsmasqs(
+    tmp_path: Path, config: Path, port: int, ask: Callable[[], _Answers]
+) -> tuple[_Answers, _Answers]:
+    """`ask`'s answers from the appliance serving `config`, then from dnsmasq serving its
+    render on the same port."""
     daemon = Daemon(config, tmp_path / "daemon.log", env={"PYTHONUNBUFFERED": "1"})
     try:
         daemon.wait_for("serving ")
-        ours = _ask_all(port)
+        ours = ask()
     finally:
         daemon.stop()
     conf = tmp_path / "dnsmasq.conf"
     conf.write_text(render_dnsmasq(build_plan(load_inventory(config))))
     dnsmasq = _Dnsmasq(conf, tmp_path / "dnsmasq.log", port)
     try:
-        theirs = _ask_all(port)
+        theirs = ask()
     finally:
         dnsmasq.stop()
+    return ours, theirs
+
+
+@pytest.mark.tool("dnsmasq")
+def test_dnsmasq_render_answers_as_the_appliance(tmp_path: Path) -> None:
+    port = free_dns_port()
+    raw = _dns_inventory(tmp_path, port)
+    config = write_inventory(tmp_path / "inventory.yaml", raw)
+    ours, theirs = _ours_then_dnsmasqs(tmp_path, config, port, lambda: _ask_all(port))
     diffs = [
         f"{key[2]}: {d}" for key in ours for d in _compare_dns(ours[key], theirs[key], *key[:2])
     ]
@@ -353,44 +355,9 @@ def _listening(host: str, port: int) -> bool:
         )
 
 
-class _Backends:
-    """tests/integration/proxy_backends.py in a process of its own."""
-
-    def __init__(self, log: Path) -> None:
-        self.err = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.proxy_backends"],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.err,
-            text=True,
-        )
-
-    def call(self, **cmd: Any) -> None:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        answer = json.loads(self.proc.stdout.readline() or '{"ok": false, "error": "died"}')
-        assert answer["ok"], answer
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, AssertionError, ValueError):
-            self.call(op="exit")
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()  # by PID (Popen)
-            self.proc.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                pipe.close()
-        self.err.close()
-
-
 @pytest.fixture
-def px_backends(tmp_path: Path) -> Iterator[_Backends]:
-    b = _Backends(tmp_path / "backends.log")
+def px_backends(tmp_path: Path) -> Iterator[Backends]:
+    b = Backends(tmp_path / "backends.log")
     yield b
     b.close()
 
@@ -486,7 +453,7 @@ def _echo(port: int) -> tuple[socket.socket, str]:
 @pytest.mark.parametrize("kind", ["appliance", "haproxy"])
 @pytest.mark.parametrize("balance", ["roundrobin", "leastconn", "source"])
 def test_haproxy_render_balances_as_the_appliance(
-    tmp_path: Path, px_backends: _Backends, kind: str, balance: str
+    tmp_path: Path, px_backends: Backends, kind: str, balance: str
 ) -> None:
     port, lb_port = free_port(), free_port(host=PX_LB)
     for name, ip in PX_WORKERS.items():
@@ -544,7 +511,7 @@ def _timed_who(port: int) -> tuple[float, str]:
 
 @pytest.mark.parametrize("kind", ["appliance", "haproxy"])
 def test_haproxy_render_times_out_and_checks_as_the_appliance(
-    tmp_path: Path, px_backends: _Backends, kind: str
+    tmp_path: Path, px_backends: Backends, kind: str
 ) -> None:
     """connect_timeout with retry on another backend, passive mark-down, rise/fall of the
     HTTP check (router's :1936), idle timeout: the same numbers through both."""
@@ -646,19 +613,7 @@ def test_dnsmasq_render_with_upstreams_forwards_as_the_appliance(tmp_path: Path)
         return out
 
     try:
-        daemon = Daemon(config, tmp_path / "daemon.log", env={"PYTHONUNBUFFERED": "1"})
-        try:
-            daemon.wait_for("serving ")
-            ours = addresses()
-        finally:
-            daemon.stop()
-        conf = tmp_path / "dnsmasq.conf"
-        conf.write_text(render_dnsmasq(build_plan(load_inventory(config))))
-        dnsmasq = _Dnsmasq(conf, tmp_path / "dnsmasq.log", port)
-        try:
-            theirs = addresses()
-        finally:
-            dnsmasq.stop()
+        ours, theirs = _ours_then_dnsmasqs(tmp_path, config, port, addresses)
     finally:
         upstream.close()
     assert ours == theirs

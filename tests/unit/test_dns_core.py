@@ -15,7 +15,7 @@ from services.dns.authority import NOERROR, NXDOMAIN, Authority
 from services.dns.cache import ForwardCache, UpstreamPicker
 from services.dns.engine import DnsEngine, Forward, Reply, cache_reply
 from services.dns.wire import parse_query, patch_reply, template_key, truncate
-from tests.helpers import CONFIG
+from tests.helpers import CONFIG, dgxpod_data
 
 D = "dgxpod.nvidia.com"
 
@@ -85,9 +85,7 @@ def test_truncate_keeps_question_and_opt() -> None:
 
 
 def _raw() -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load((CONFIG / "dgxpod.yaml").read_text())  # type: ignore[no-any-return]
+    return dgxpod_data()
 
 
 # --- authority -------------------------------------------------------------------------

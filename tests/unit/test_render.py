@@ -10,7 +10,7 @@ import pytest
 from appliance.inventory import load_inventory, parse_inventory
 from appliance.plan import Plan, build_plan
 from appliance.render import KINDS, render, render_dnsmasq, render_haproxy, render_hosts
-from tests.helpers import CONFIG
+from tests.helpers import CONFIG, dgxpod_data
 
 D = "dgxpod.nvidia.com"
 
@@ -36,7 +36,7 @@ ARTICLE_DNSMASQ = [
 
 @pytest.fixture(scope="module")
 def plan() -> Plan:
-    return build_plan(load_inventory(CONFIG / "dgxpod.yaml"))
+    return variant(dgxpod_data())
 
 
 def variant(raw: dict[str, Any]) -> Plan:
@@ -79,7 +79,7 @@ def test_unknown_kind_is_a_clear_error(plan: Plan) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_output_is_deterministic_and_newline_terminated(plan: Plan, kind: str) -> None:
-    again = build_plan(load_inventory(CONFIG / "dgxpod.yaml"))
+    again = variant(dgxpod_data())
     text = render(plan, kind)
     assert text == render(again, kind)
     assert text.endswith("\n") and not text.endswith("\n\n")
