@@ -57,6 +57,8 @@ class ReloadResult:
     ok: bool
     errors: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()  # services that took the new plan
+    diff_summary: str = ""  # plandiff: what the new plan changed, one line
+    diff_lines: tuple[str, ...] = ()  # and one line per change
 
 
 class Service(Protocol):

@@ -18,7 +18,6 @@ from typing import Any, TextIO
 
 from appliance import client
 from appliance.client import ClientError
-from appliance.plan import Plan
 from appliance.terminal import (
     CLEAR,
     HIDE_CURSOR,
@@ -36,14 +35,16 @@ TTY_TICK = 1.0  # seconds between redraws on a terminal (keep-alive interval ask
 class Watch:
     def __init__(
         self,
-        plan: Plan,
+        target: client.Target,
         *,
         tty: bool,
         count: int | None = None,
         timeout: float | None = None,
         out: TextIO | None = None,
+        domain: str = "",
     ) -> None:
-        self.plan = plan
+        self.domain = domain  # the cluster the answering daemon serves
+        self.target = target
         self.tty = tty
         self.count = count
         self.deadline = time.monotonic() + timeout if timeout else None
@@ -53,7 +54,7 @@ class Watch:
         self.seen = 0
 
     def run(self, *, once: bool = False) -> int:
-        self.view = client.call(self.plan, "GET", "/api/v1/nodes")
+        self.view = client.call(self.target, "GET", "/api/v1/nodes")
         if once:
             self._print("\n".join(nodes_table(self.view, self.view["time"])))
             return 0
@@ -67,7 +68,7 @@ class Watch:
             failures = 0
             while True:
                 try:
-                    for message in client.events(self.plan, after=after, keepalive=self._tick()):
+                    for message in client.events(self.target, after=after, keepalive=self._tick()):
                         if self._expired():
                             return 0
                         if message is None:
@@ -106,7 +107,7 @@ class Watch:
         self.seen += 1
         if self.tty:
             self.recent.appendleft(ev)
-            self.view = client.call(self.plan, "GET", "/api/v1/nodes")
+            self.view = client.call(self.target, "GET", "/api/v1/nodes")
             self._draw()
         else:
             self._print(event_line(ev))
@@ -126,7 +127,7 @@ class Watch:
 
     def _draw(self) -> None:
         now = time.time()
-        title = f"appliance watch: {self.plan.domain}"
+        title = f"appliance watch: {self.domain}"
         lines = watch_screen(self.view, list(self.recent), now, title=title)
         self.out.write(CLEAR + "\n".join(lines) + "\n")
         self.out.flush()
