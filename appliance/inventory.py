@@ -235,11 +235,35 @@ class FrontendSeconds(_Strict):
     ingress_https: Annotated[float, Field(gt=0)] = 3600.0  # websockets through the router
 
 
+Balance = Literal["roundrobin", "leastconn", "source"]
+
+
+class FrontendBalance(_Strict):
+    """Algorithm per frontend (added key: load_balancer.balance_per_frontend); unset: default."""
+
+    api: Balance | None = None
+    machine_config: Balance | None = None
+    ingress_http: Balance | None = None
+    ingress_https: Balance | None = None
+
+
+# OpenShift's documented user-managed balancer: source for the routers (sticky clients),
+# roundrobin for the API and machine-config servers.
+DEFAULT_BALANCE: dict[str, Balance] = {
+    "api": "roundrobin",
+    "machine_config": "roundrobin",
+    "ingress_http": "source",
+    "ingress_https": "source",
+}
+
+
 class LoadBalancer(_Strict):
     address: IPv4
     backend_ports: BackendPorts = BackendPorts()
     # Added keys (the proxy service); the defaults are HAProxy-like.
-    balance: Literal["roundrobin", "leastconn", "source"] = "roundrobin"
+    # balance, when written, applies to every frontend; unwritten, DEFAULT_BALANCE does.
+    balance: Balance = "roundrobin"
+    balance_per_frontend: FrontendBalance = FrontendBalance()
     check_interval: Annotated[float, Field(gt=0, le=3600)] = 2.0
     rise: Annotated[int, Field(ge=1, le=100)] = 2
     fall: Annotated[int, Field(ge=1, le=100)] = 3
@@ -250,6 +274,13 @@ class LoadBalancer(_Strict):
     # Graceful stop (SIGTERM): seconds open connections may take to finish after the
     # listeners close; what is still open then is cut.
     stop_timeout: Annotated[float, Field(ge=0, le=3600)] = 10.0
+
+    def balance_of(self, frontend: str) -> Balance:
+        """The algorithm of one frontend: its own entry, else balance if written, else default."""
+        own: Balance | None = getattr(self.balance_per_frontend, frontend)
+        if own is not None:
+            return own
+        return self.balance if "balance" in self.model_fields_set else DEFAULT_BALANCE[frontend]
 
 
 class Loaders(_Strict):
@@ -315,6 +346,58 @@ class Listen(_Strict):
     admin: ListenAt | None = parse_endpoint("127.0.0.1:9000")
 
 
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_CHANNEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _k8s_name(value: str) -> str:
+    # Not lowercased for the operator: the API would refuse the name, OLM would never resolve.
+    if not _K8S_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a Kubernetes object name (lowercase a-z, 0-9, '-' and '.', "
+            "at most 253 characters)"
+        )
+    return value
+
+
+def _channel(value: str) -> str:
+    if not _CHANNEL.fullmatch(value):
+        raise ValueError(f"{value!r} is not an OLM channel name (letters, digits, '.', '_', '-')")
+    return value
+
+
+K8sName = Annotated[str, AfterValidator(_k8s_name)]
+Channel = Annotated[str, AfterValidator(_channel)]
+
+
+class OperatorSubscription(_Strict):
+    """Where OLM takes an operator from (added key: kubernetes.gpu.nfd / .operator)."""
+
+    catalog_source: K8sName
+    catalog_namespace: Label = "openshift-marketplace"
+    channel: Channel | None = None  # None: the package's default channel in the catalog
+    starting_csv: K8sName | None = None  # None: the channel's head
+
+
+class NfdSubscription(OperatorSubscription):
+    catalog_source: K8sName = "redhat-operators"
+
+
+class GpuOperatorSubscription(OperatorSubscription):
+    catalog_source: K8sName = "certified-operators"
+
+
+class GpuSettings(_Strict):
+    """The GPU bring-up (added key: kubernetes.gpu); absent, today's defaults."""
+
+    nfd: NfdSubscription = NfdSubscription()
+    operator: GpuOperatorSubscription = GpuOperatorSubscription()
+    # Merged (JSON merge patch: null removes) over the spec of the CSV's ClusterPolicy example.
+    cluster_policy: dict[str, Any] = {}
+    # The validation pod asks for all of a node's GPUs and nvidia-smi must list each.
+    validate_all_gpus: bool = True
+
+
 class Kubernetes(_Strict):
     kubeconfig: str | None = None
     approve_csrs: bool = True
@@ -327,6 +410,7 @@ class Kubernetes(_Strict):
     approvals_per_minute: Annotated[float, Field(gt=0, le=100_000)] = 60.0
     approval_burst: Annotated[int, Field(ge=1, le=100_000)] = 20
     validation_image: str = "nvcr.io/nvidia/cuda:12.4.1-base-ubi8"
+    gpu: GpuSettings = GpuSettings()
 
 
 class Inventory(_Strict):

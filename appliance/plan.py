@@ -7,6 +7,7 @@ shared/INVENTORY.md to the letter.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import os
@@ -18,7 +19,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from appliance.inventory import Endpoint, LoadedInventory, Node
+from appliance.inventory import (
+    Endpoint,
+    GpuSettings,
+    LoadedInventory,
+    Node,
+    OperatorSubscription,
+)
 
 DNS_TTL = 60  # short: a reload should reach clients quickly
 DNS_NEGATIVE_TTL = 30  # SOA minimum, the negative-caching TTL (RFC 2308)
@@ -238,6 +245,25 @@ class NodeInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class OperatorSource:
+    """Where OLM takes an operator from (kubernetes.gpu.nfd / .operator)."""
+
+    catalog_source: str
+    catalog_namespace: str = "openshift-marketplace"
+    channel: str | None = None  # None: the package's default channel
+    starting_csv: str | None = None  # None: the channel's head
+
+
+@dataclass(frozen=True, slots=True)
+class GpuPlan:
+    nfd: OperatorSource = OperatorSource("redhat-operators")
+    operator: OperatorSource = OperatorSource("certified-operators")
+    # Merged over the spec of the GPU operator CSV's ClusterPolicy example.
+    cluster_policy: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    validate_all_gpus: bool = True  # the pod asks for all of a node's GPUs, each is checked
+
+
+@dataclass(frozen=True, slots=True)
 class KubernetesPlan:
     kubeconfig: Path
     approve_csrs: bool
@@ -247,6 +273,7 @@ class KubernetesPlan:
     approvals_per_minute: float = 60.0
     approval_burst: int = 20
     validation_image: str = "nvcr.io/nvidia/cuda:12.4.1-base-ubi8"
+    gpu: GpuPlan = GpuPlan()
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,7 +553,7 @@ def _frontends(loaded: LoadedInventory) -> tuple[Frontend, ...]:
                 port,
                 backends,
                 check=checks[name],
-                balance=lb.balance,
+                balance=lb.balance_of(name),
                 connect_timeout=lb.connect_timeout,
                 idle_timeout=getattr(lb.idle_timeout, name),
                 max_connections=lb.max_connections,
@@ -534,6 +561,20 @@ def _frontends(loaded: LoadedInventory) -> tuple[Frontend, ...]:
             )
         )
     return tuple(out)
+
+
+def _gpu_plan(settings: GpuSettings) -> GpuPlan:
+    def source(sub: OperatorSubscription) -> OperatorSource:
+        return OperatorSource(
+            sub.catalog_source, sub.catalog_namespace, sub.channel, sub.starting_csv
+        )
+
+    return GpuPlan(
+        source(settings.nfd),
+        source(settings.operator),
+        MappingProxyType(copy.deepcopy(settings.cluster_policy)),
+        settings.validate_all_gpus,
+    )
 
 
 def build_plan(loaded: LoadedInventory) -> Plan:
@@ -624,6 +665,7 @@ def build_plan(loaded: LoadedInventory) -> Plan:
             approvals_per_minute=k8s.approvals_per_minute,
             approval_burst=k8s.approval_burst,
             validation_image=k8s.validation_image,
+            gpu=_gpu_plan(k8s.gpu),
         ),
         load_balancer=inv.load_balancer.address,
         by_name=MappingProxyType({n.name: n for n in nodes}),

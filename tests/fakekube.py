@@ -527,6 +527,13 @@ class FakeKube:
             },
         )
 
+    def set_allocatable_gpus(self, name: str, gpus: int) -> None:
+        """The device plugin advertises `gpus` nvidia.com/gpu on the node."""
+        node = self.get("nodes", name)
+        assert node is not None
+        node["status"]["allocatable"] = {"cpu": "64", "nvidia.com/gpu": str(gpus)}
+        self.put("nodes", node)
+
     def set_node_ready(self, name: str, ready: bool) -> None:
         node = self.get("nodes", name)
         assert node is not None

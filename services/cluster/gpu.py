@@ -13,20 +13,21 @@ here is a function of API objects and `now`; services.cluster.gpuflow does the I
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from appliance.plan import OperatorSource
 
 NFD_NAMESPACE = "openshift-nfd"
 NFD_PACKAGE = "nfd"
-NFD_CATALOG = "redhat-operators"
 NFD_INSTANCE = "nfd-instance"
 GPU_NAMESPACE = "nvidia-gpu-operator"
 GPU_PACKAGE = "gpu-operator-certified"
-GPU_CATALOG = "certified-operators"
-CATALOG_NAMESPACE = "openshift-marketplace"
 CLUSTER_POLICY = "gpu-cluster-policy"
 SMI_POD_PREFIX = "nvidia-smi-"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -298,18 +299,24 @@ def operator_group(ns: str) -> dict[str, Any]:
     }
 
 
-def subscription(ns: str, package: str, catalog: str) -> dict[str, Any]:
-    # No channel: OLM takes the package's default channel of the cluster's catalog.
+def subscription(ns: str, package: str, source: OperatorSource) -> dict[str, Any]:
+    # No channel: OLM takes the package's default channel of the catalog; no starting
+    # CSV: that channel's head.
+    spec: dict[str, Any] = {
+        "name": package,
+        "source": source.catalog_source,
+        "sourceNamespace": source.catalog_namespace,
+        "installPlanApproval": "Automatic",
+    }
+    if source.channel is not None:
+        spec["channel"] = source.channel
+    if source.starting_csv is not None:
+        spec["startingCSV"] = source.starting_csv
     return {
         "apiVersion": "operators.coreos.com/v1alpha1",
         "kind": "Subscription",
         "metadata": {"name": package, "namespace": ns},
-        "spec": {
-            "name": package,
-            "source": catalog,
-            "sourceNamespace": CATALOG_NAMESPACE,
-            "installPlanApproval": "Automatic",
-        },
+        "spec": spec,
     }
 
 
@@ -325,15 +332,35 @@ def nfd_instance(csv: Mapping[str, Any] | None) -> dict[str, Any]:
     return {**body, "metadata": meta}
 
 
-def cluster_policy(csv: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The ClusterPolicy of the GPU operator's alm-examples (None: the CSV has none)."""
+def merge_patch(base: Any, patch: Any) -> Any:
+    """`patch` over `base` as a JSON merge patch (RFC 7386): mappings merge key by key,
+    null removes a key, anything else replaces. Neither argument is modified."""
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    out = dict(base) if isinstance(base, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def cluster_policy(
+    csv: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The ClusterPolicy of the GPU operator's alm-examples with `overrides` (kubernetes.gpu.
+    cluster_policy) merged over its spec (None: the CSV has none)."""
     body = alm_example(csv, "ClusterPolicy")
     if body is None:
         return None
     meta = dict(body.get("metadata") or {})
     meta["name"] = CLUSTER_POLICY
     meta.pop("namespace", None)  # cluster-scoped
-    return {**body, "metadata": meta}
+    spec = copy.deepcopy(body.get("spec") or {})
+    if overrides:
+        spec = merge_patch(spec, overrides)
+    return {**body, "metadata": meta, "spec": spec}
 
 
 def smi_pod_name(node: str) -> str:
@@ -341,9 +368,9 @@ def smi_pod_name(node: str) -> str:
     return (SMI_POD_PREFIX + name)[:63].rstrip("-")
 
 
-def smi_pod(node: str, hostname: str, image: str) -> dict[str, Any]:
-    """One nvidia-smi run on `hostname`: one GPU, never restarted."""
-    limits = {GPU_RESOURCE: 1}
+def smi_pod(node: str, hostname: str, image: str, gpus: int = 1) -> dict[str, Any]:
+    """One nvidia-smi run on `hostname` with `gpus` GPUs (all of the node's), never restarted."""
+    limits = {GPU_RESOURCE: gpus}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -371,6 +398,16 @@ def smi_pod(node: str, hostname: str, image: str) -> dict[str, Any]:
             ],
         },
     }
+
+
+def count_problem(listed: int, expected: int | None) -> str | None:
+    """Why a validation fails on the GPU count (None: it does not; expected None: unchecked)."""
+    if expected is None or listed == expected:
+        return None
+    return (
+        f"nvidia-smi lists {listed} GPU{'s' if listed != 1 else ''}, the node has {expected} "
+        f"({GPU_RESOURCE} allocatable)"
+    )
 
 
 def summary(result: Mapping[str, Any]) -> str:

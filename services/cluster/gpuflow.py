@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from appliance.plan import Plan
+from appliance.plan import OperatorSource, Plan
 from services.cluster import gpu
 from services.cluster.gpu import DONE, GpuState, Progress, Timeouts
 from services.cluster.kube import (
@@ -44,6 +44,16 @@ def gpu_nodes(plan: Plan) -> list[str]:
     return [n.name for n in plan.nodes if n.gpu and n.role != "bootstrap"]
 
 
+def _requested(pod: Mapping[str, Any]) -> int | None:
+    """The GPUs a validation pod asked for (its first container's limit)."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        limits = (container.get("resources") or {}).get("limits") or {}
+        value = limits.get(gpu.GPU_RESOURCE)
+        if isinstance(value, int | str) and str(value).isdigit():
+            return int(value)
+    return None
+
+
 def wanted(plan: Plan) -> bool:
     return plan.kubernetes.gpu_operator and bool(gpu_nodes(plan))
 
@@ -67,6 +77,7 @@ class GpuFlow:
         self.log = logging.getLogger("cluster.gpu")
         self.state = GpuState.from_json(ctx.store.cluster_state(STORE_KEY), clock())
         self.created: list[str] = []  # objects this process created (kind/name), in order
+        self.expected: dict[str, int | None] = {}  # GPUs each validation pod asked for
 
     def status(self) -> dict[str, Any]:
         plan = self.plan()
@@ -136,7 +147,9 @@ class GpuFlow:
     async def _look(self, kube: Kube, plan: Plan) -> Progress:
         step = self.state.step
         if step == "nfd-operator":
-            return await self._subscribe(kube, gpu.NFD_NAMESPACE, gpu.NFD_PACKAGE, gpu.NFD_CATALOG)
+            return await self._subscribe(
+                kube, gpu.NFD_NAMESPACE, gpu.NFD_PACKAGE, plan.kubernetes.gpu.nfd
+            )
         if step == "nfd-csv":
             return await self._csv(kube, gpu.NFD_NAMESPACE, gpu.NFD_PACKAGE)
         if step == "nfd-instance":
@@ -146,12 +159,14 @@ class GpuFlow:
         if step == "gpu-labels":
             return self._labels(plan)
         if step == "gpu-operator":
-            return await self._subscribe(kube, gpu.GPU_NAMESPACE, gpu.GPU_PACKAGE, gpu.GPU_CATALOG)
+            return await self._subscribe(
+                kube, gpu.GPU_NAMESPACE, gpu.GPU_PACKAGE, plan.kubernetes.gpu.operator
+            )
         if step == "gpu-csv":
             return await self._csv(kube, gpu.GPU_NAMESPACE, gpu.GPU_PACKAGE)
         if step == "cluster-policy":
             csv = await self._installed_csv(kube, gpu.GPU_NAMESPACE, gpu.GPU_PACKAGE)
-            body = gpu.cluster_policy(csv)
+            body = gpu.cluster_policy(csv, plan.kubernetes.gpu.cluster_policy)
             if body is None:
                 name = gpu.installed_csv(
                     await kube.get(SUBSCRIPTIONS, gpu.GPU_PACKAGE, gpu.GPU_NAMESPACE)
@@ -185,13 +200,15 @@ class GpuFlow:
             self.created.append(f"{body.get('kind')}/{name}")
             self.log.info("created %s %s", body.get("kind"), name)
 
-    async def _subscribe(self, kube: Kube, ns: str, package: str, catalog: str) -> Progress:
+    async def _subscribe(
+        self, kube: Kube, ns: str, package: str, source: OperatorSource
+    ) -> Progress:
         # Looked up first: with the least-privilege role the namespace was created with
         # the role (`render --as rbac`) and the loop may read it but not create namespaces.
         if await kube.get(NAMESPACES, ns) is None:
             await self._create(kube, NAMESPACES, gpu.namespace(ns))
         await self._create(kube, OPERATOR_GROUPS, gpu.operator_group(ns), ns)
-        await self._create(kube, SUBSCRIPTIONS, gpu.subscription(ns, package, catalog), ns)
+        await self._create(kube, SUBSCRIPTIONS, gpu.subscription(ns, package, source), ns)
         return DONE
 
     async def _installed_csv(self, kube: Kube, ns: str, package: str) -> dict[str, Any] | None:
@@ -220,6 +237,7 @@ class GpuFlow:
 
     async def _validate(self, kube: Kube, plan: Plan) -> Progress:
         image = plan.kubernetes.validation_image
+        all_gpus = plan.kubernetes.gpu.validate_all_gpus
         waiting: list[str] = []
         for node in gpu_nodes(plan):
             if node in self.state.validated:
@@ -229,19 +247,32 @@ class GpuFlow:
                 waiting.append(f"Node {node}")
                 continue
             name = gpu.smi_pod_name(node)
+            # All of the node's GPUs, as its device plugin advertises them (validate_all_gpus);
+            # the count asked for is kept so a restart checks against the same number.
+            expected = self.expected.get(node)
             pod = await kube.get(PODS, name, gpu.GPU_NAMESPACE)
             if pod is None:
-                await self._create(
-                    kube, PODS, gpu.smi_pod(node, seen.hostname, image), gpu.GPU_NAMESPACE
-                )
+                if not all_gpus:
+                    expected = None
+                elif not seen.gpus:
+                    waiting.append(f"Node {node}: no {gpu.GPU_RESOURCE} allocatable yet")
+                    continue
+                else:
+                    expected = seen.gpus
+                pod_body = gpu.smi_pod(node, seen.hostname, image, expected or 1)
+                await self._create(kube, PODS, pod_body, gpu.GPU_NAMESPACE)
+                self.expected[node] = expected
                 waiting.append(f"pod {name}: created")
                 continue
+            if all_gpus and expected is None:
+                expected = _requested(pod)  # a pod created before a restart
             phase = gpu.pod_phase(pod)
             if phase not in ("Succeeded", "Failed"):
                 waiting.append(f"pod {name}: {phase}")
                 continue
             log = await kube.pod_log(name, gpu.GPU_NAMESPACE)
-            result = self._result(node, name, phase, log)
+            result = self._result(node, name, phase, log, expected)
+            self.expected.pop(node, None)
             await kube.delete(PODS, name, gpu.GPU_NAMESPACE)  # its log is read and kept
             self._save(replace(self.state, validated={**self.state.validated, node: result}))
             if result["ok"]:
@@ -257,7 +288,9 @@ class GpuFlow:
             return Progress(False, "nvidia-smi", f"nvidia-smi failed on {why}")
         return DONE
 
-    def _result(self, node: str, pod: str, phase: str, log: str) -> dict[str, Any]:
+    def _result(
+        self, node: str, pod: str, phase: str, log: str, expected: int | None
+    ) -> dict[str, Any]:
         now = self.clock()
         try:
             report = parse_nvidia_smi(log)
@@ -272,7 +305,18 @@ class GpuFlow:
                 "time": now,
                 "log": log[-LOG_TAIL:],
             }
-        return {"ok": True, "pod": pod, "time": now, **report.to_dict()}
+        problem = gpu.count_problem(report.count, expected)
+        if problem is not None:
+            return {
+                "ok": False,
+                "error": problem,
+                "pod": pod,
+                "time": now,
+                "expected": expected,
+                "count": report.count,
+                "log": log[-LOG_TAIL:],
+            }
+        return {"ok": True, "pod": pod, "time": now, "expected": expected, **report.to_dict()}
 
     def _publish(self, node: str, stage: str, detail: str) -> None:
         self.ctx.bus.publish(node, stage, detail, source="cluster", time=self.clock())

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from appliance.plan import Plan
-from services.cluster.gpu import HOSTNAME_LABEL
+from services.cluster.gpu import GPU_RESOURCE, HOSTNAME_LABEL
 from services.cluster.informer import Informer
 from services.cluster.kube import NODES, Kube
 from services.cluster.review import ClusterFacts, find_node
@@ -37,6 +37,7 @@ class NodeSeen:
     name: str  # the Node object's name (short name or FQDN)
     labels: Mapping[str, str]
     ready: bool
+    gpus: int | None = None  # status.allocatable nvidia.com/gpu (None: not advertised)
 
     @property
     def hostname(self) -> str:
@@ -50,7 +51,16 @@ class NodeSeen:
             return None
         labels = meta.get("labels") or {}
         clean = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
-        return cls(name, clean, node_ready(obj))
+        return cls(name, clean, node_ready(obj), _allocatable_gpus(obj))
+
+
+def _allocatable_gpus(obj: Mapping[str, Any]) -> int | None:
+    # The device plugin advertises a plain integer quantity; anything else is not trusted.
+    allocatable = (obj.get("status") or {}).get("allocatable")
+    value = allocatable.get(GPU_RESOURCE) if isinstance(allocatable, Mapping) else None
+    if isinstance(value, int | str) and str(value).isdigit():
+        return int(value)
+    return None
 
 
 @dataclass

@@ -566,6 +566,14 @@ async def test_gpu_bring_up_resumes_after_a_restart(tmp_path: Path, fake: FakeKu
             "policy wait",
         )
         fake.set_policy_state("gpu-cluster-policy", "ready")
+        # The pods ask for all of a node's GPUs: none before the device plugin says how many.
+        await until(
+            lambda: "Node worker-0: no nvidia.com/gpu allocatable yet" in gpu_status(sup)["status"],
+            "allocatable wait",
+        )
+        assert fake.items("pods", "nvidia-gpu-operator") == []
+        fake.set_allocatable_gpus(f"worker-0.{D}", 2)
+        fake.set_allocatable_gpus("worker-1", 1)
         pods = await until(
             lambda: (
                 len(fake.items("pods", "nvidia-gpu-operator")) == 2
@@ -577,7 +585,8 @@ async def test_gpu_bring_up_resumes_after_a_restart(tmp_path: Path, fake: FakeKu
         assert selectors == [f"worker-0.{D}", "worker-1"]
         for pod in pods:
             (container,) = pod["spec"]["containers"]
-            assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
+            gpus = 2 if pod["metadata"]["name"] == "nvidia-smi-worker-0" else 1
+            assert container["resources"]["limits"] == {"nvidia.com/gpu": gpus}
             assert pod["spec"]["restartPolicy"] == "Never"
         fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-0", "Running")
         await until(
@@ -637,6 +646,8 @@ async def test_failed_validation_is_recorded_and_retried(tmp_path: Path, fake: F
     await sup0.stop()
     fake.add_node("worker-0", ready=True, labels=GPU_LABEL)
     fake.add_node("worker-1", ready=True, labels=GPU_LABEL)
+    fake.set_allocatable_gpus("worker-0", 2)
+    fake.set_allocatable_gpus("worker-1", 1)
     fake.put("namespaces", {"metadata": {"name": "nvidia-gpu-operator"}})
     sup = await started(config)
     try:
@@ -662,6 +673,113 @@ async def test_failed_validation_is_recorded_and_retried(tmp_path: Path, fake: F
         await until(lambda: gpu_status(sup)["step"] == "done", "done after the retry")
         validated = gpu_status(sup)["validated"]
         assert validated["worker-1"]["ok"] and validated["worker-1"]["count"] == 1
+    finally:
+        await sup.stop()
+
+
+async def test_gpu_settings_reach_the_cluster(tmp_path: Path, fake: FakeKube) -> None:
+    """kubernetes.gpu: a mirror catalog, a pinned channel and CSV, a ClusterPolicy override;
+    a node that advertises more GPUs than nvidia-smi lists fails its validation."""
+    settings = {
+        "operator": {
+            "catalog_source": "certified-mirror",
+            "catalog_namespace": "mirrors",
+            "channel": "v24.3",
+            "starting_csv": "gpu-operator-certified.v24.3.0",
+        },
+        "cluster_policy": {"driver": {"version": "535.161.08"}, "mig": {"strategy": "mixed"}},
+    }
+    config = inventory(tmp_path, fake.kubeconfig(tmp_path / "kubeconfig"), {"gpu": settings})
+    sup0 = Supervisor(config, specs=[])
+    await sup0.start(load_plan(config))
+    assert sup0.store is not None
+    sup0.store.set_cluster_state(
+        "gpu",
+        {"step": "gpu-operator", "since": time.time(), "discovered": ["worker-0", "worker-1"]},
+        time.time(),
+    )
+    await sup0.stop()
+    for name, gpus in (("worker-0", 8), ("worker-1", 1)):
+        fake.add_node(name, ready=True, labels=GPU_LABEL)
+        fake.set_allocatable_gpus(name, gpus)
+    sup = await started(config)
+    try:
+        sub = await until(
+            lambda: fake.get("subscriptions", "gpu-operator-certified", "nvidia-gpu-operator"),
+            "GPU operator Subscription",
+        )
+        assert sub["spec"]["source"] == "certified-mirror"
+        assert sub["spec"]["sourceNamespace"] == "mirrors"
+        assert sub["spec"]["channel"] == "v24.3"
+        assert sub["spec"]["startingCSV"] == "gpu-operator-certified.v24.3.0"
+        fake.olm_resolve(
+            "nvidia-gpu-operator",
+            "gpu-operator-certified",
+            "gpu-operator-certified.v24.3.0",
+            phase="Succeeded",
+            alm_examples=[POLICY_EXAMPLE],
+            crds=["clusterpolicies"],
+        )
+        policy = await until(
+            lambda: fake.get("clusterpolicies", "gpu-cluster-policy"), "ClusterPolicy created"
+        )
+        assert policy["spec"] == {
+            "driver": {"enabled": True, "version": "535.161.08"},
+            "toolkit": {"enabled": True},
+            "mig": {"strategy": "mixed"},
+        }
+        fake.set_policy_state("gpu-cluster-policy", "ready")
+        await until(lambda: len(fake.items("pods", "nvidia-gpu-operator")) == 2, "pods")
+        pod = fake.get("pods", "nvidia-smi-worker-0", "nvidia-gpu-operator")
+        assert pod is not None
+        assert pod["spec"]["containers"][0]["resources"]["requests"] == {"nvidia.com/gpu": 8}
+        fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-0", "Succeeded", V100_LOG)
+        fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-1", "Succeeded", A100_LOG)
+        status = await until(
+            lambda: gpu_status(sup) if gpu_status(sup)["failed"] else None, "validate failed"
+        )
+        assert (
+            "worker-0: nvidia-smi lists 2 GPUs, the node has 8 (nvidia.com/gpu allocatable)"
+            in status["failed"]
+        )
+        w0, w1 = status["validated"]["worker-0"], status["validated"]["worker-1"]
+        assert (w0["ok"], w0["count"], w0["expected"]) == (False, 2, 8)
+        assert (w1["ok"], w1["count"], w1["expected"]) == (True, 1, 1)
+    finally:
+        await sup.stop()
+
+
+async def test_one_gpu_validation_when_asked(tmp_path: Path, fake: FakeKube) -> None:
+    """validate_all_gpus: false is the earlier behaviour: one GPU, no allocatable needed."""
+    k8s = {"gpu": {"validate_all_gpus": False}}
+    config = inventory(tmp_path, fake.kubeconfig(tmp_path / "kubeconfig"), k8s)
+    sup0 = Supervisor(config, specs=[])
+    await sup0.start(load_plan(config))
+    assert sup0.store is not None
+    sup0.store.set_cluster_state(
+        "gpu",
+        {"step": "validate", "since": time.time(), "discovered": ["worker-0", "worker-1"]},
+        time.time(),
+    )
+    await sup0.stop()
+    fake.add_node("worker-0", ready=True, labels=GPU_LABEL)  # no allocatable advertised
+    fake.add_node("worker-1", ready=True, labels=GPU_LABEL)
+    fake.put("namespaces", {"metadata": {"name": "nvidia-gpu-operator"}})
+    sup = await started(config)
+    try:
+        pods = await until(
+            lambda: (
+                len(fake.items("pods", "nvidia-gpu-operator")) == 2
+                and fake.items("pods", "nvidia-gpu-operator")
+            ),
+            "pods",
+        )
+        for pod in pods:
+            assert pod["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1}
+        fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-0", "Succeeded", V100_LOG)
+        fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-1", "Succeeded", A100_LOG)
+        await until(lambda: gpu_status(sup)["step"] == "done", "done")
+        assert gpu_status(sup)["validated"]["worker-0"]["count"] == 2
     finally:
         await sup.stop()
 
@@ -849,6 +967,8 @@ async def test_the_rendered_role_is_enough_for_the_whole_flow(
         )
         await until(lambda: fake.get("clusterpolicies", "gpu-cluster-policy"), "ClusterPolicy")
         fake.set_policy_state("gpu-cluster-policy", "ready")
+        fake.set_allocatable_gpus("worker-0", 2)  # the device plugin runs now
+        fake.set_allocatable_gpus("worker-1", 1)
         await until(lambda: len(fake.items("pods", "nvidia-gpu-operator")) == 2, "smi pods")
         fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-0", "Succeeded", V100_LOG)
         fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-1", "Succeeded", A100_LOG)

@@ -526,7 +526,8 @@ def test_haproxy_render_times_out_and_checks_as_the_appliance(
             op="start", name=name, host=PX_WORKERS[name], port=port, tls=None, health_port=1936
         )
     hole = _Blackhole(PX_WORKERS[w0], port)
-    config = _px_inventory(tmp_path, lb_port, port, ingress_check="http")
+    # roundrobin: each backend in turn (ingress defaults to source, one backend per client).
+    config = _px_inventory(tmp_path, lb_port, port, ingress_check="http", balance="roundrobin")
     try:
         with _load_balancer(kind, config, tmp_path) as lb:
             time.sleep(2 * INTERVAL)  # first checks: all up

@@ -6,9 +6,13 @@ import json
 
 import pytest
 
+from appliance.inventory import InventoryError, parse_inventory
+from appliance.plan import GpuPlan, build_plan
 from services.cluster import gpu
 from services.cluster.gpu import DONE, STEPS, GpuState, Progress, Timeouts
+from services.cluster.nodes import NodeSeen
 from services.cluster.smi import SmiError, parse_nvidia_smi
+from tests.helpers import CONFIG, dgxpod_data
 
 # What `oc logs nvidia-smi` printed on a DGX-1 in the article's time (driver 418 layout).
 V100_LOG = """\
@@ -224,3 +228,136 @@ def test_state_survives_json_and_rejects_garbage() -> None:
     assert GpuState.from_json(None, 99.0) == GpuState.new(99.0)
     assert GpuState.from_json({"step": "no-such-step"}, 99.0).step == STEPS[0]
     assert GpuState.from_json({"step": "validate", "since": "x"}, 99.0) == GpuState.new(99.0)
+
+
+# --- kubernetes.gpu: where the operators come from, the ClusterPolicy, all GPUs ---------------
+
+
+def _gpu_plan(gpu_key: dict[str, object] | None) -> GpuPlan:
+    raw = dgxpod_data()
+    if gpu_key is not None:
+        raw.setdefault("kubernetes", {})["gpu"] = gpu_key
+    return build_plan(parse_inventory(raw, "test.yaml", CONFIG)).kubernetes.gpu
+
+
+def test_gpu_defaults_are_todays_subscriptions() -> None:
+    plan = _gpu_plan(None)
+    assert plan.validate_all_gpus and dict(plan.cluster_policy) == {}
+    nfd = gpu.subscription(gpu.NFD_NAMESPACE, gpu.NFD_PACKAGE, plan.nfd)
+    op = gpu.subscription(gpu.GPU_NAMESPACE, gpu.GPU_PACKAGE, plan.operator)
+    for sub, catalog in ((nfd, "redhat-operators"), (op, "certified-operators")):
+        # No channel, no starting CSV: OLM takes the catalog's default channel, its head.
+        assert sub["spec"] == {
+            "name": sub["metadata"]["name"],
+            "source": catalog,
+            "sourceNamespace": "openshift-marketplace",
+            "installPlanApproval": "Automatic",
+        }
+
+
+def test_gpu_subscriptions_follow_the_inventory() -> None:
+    plan = _gpu_plan(
+        {
+            "nfd": {"channel": "stable", "catalog_source": "my-mirror"},
+            "operator": {
+                "catalog_source": "certified-mirror",
+                "catalog_namespace": "mirrors",
+                "channel": "v24.3",
+                "starting_csv": "gpu-operator-certified.v24.3.0",
+            },
+        }
+    )
+    nfd = gpu.subscription(gpu.NFD_NAMESPACE, gpu.NFD_PACKAGE, plan.nfd)["spec"]
+    assert (nfd["source"], nfd["sourceNamespace"], nfd["channel"]) == (
+        "my-mirror",
+        "openshift-marketplace",
+        "stable",
+    )
+    assert "startingCSV" not in nfd
+    op = gpu.subscription(gpu.GPU_NAMESPACE, gpu.GPU_PACKAGE, plan.operator)["spec"]
+    assert op["source"] == "certified-mirror" and op["sourceNamespace"] == "mirrors"
+    assert op["channel"] == "v24.3" and op["startingCSV"] == "gpu-operator-certified.v24.3.0"
+
+
+@pytest.mark.parametrize(
+    ("key", "words"),
+    [
+        ({"operator": {"channel": ""}}, "channel"),
+        ({"operator": {"catalog_namespace": "Not A Namespace"}}, "catalog_namespace"),
+        ({"nfd": {"starting_csv": "nfd v4"}}, "starting_csv"),
+        ({"operator": {"chanel": "stable"}}, "chanel"),
+        ({"validate_all_gpus": "perhaps"}, "validate_all_gpus"),
+        ({"cluster_policy": ["driver"]}, "cluster_policy"),
+    ],
+)
+def test_gpu_key_mistakes_are_refused(key: dict[str, object], words: str) -> None:
+    with pytest.raises(InventoryError, match=words):
+        _gpu_plan(key)
+
+
+POLICY = {
+    "apiVersion": "nvidia.com/v1",
+    "kind": "ClusterPolicy",
+    "metadata": {"name": "gpu-cluster-policy"},
+    "spec": {
+        "driver": {"enabled": True, "version": "550.54.15", "rdma": {"enabled": False}},
+        "mig": {"strategy": "single"},
+        "toolkit": {"enabled": True},
+        "dcgm": {"enabled": True},
+        "devicePlugin": {"config": {"name": "", "default": ""}},
+    },
+}
+
+
+def _csv_with(example: dict[str, object]) -> dict[str, object]:
+    return {"metadata": {"annotations": {"alm-examples": json.dumps([example])}}}
+
+
+def test_cluster_policy_overrides_are_merged_over_the_example() -> None:
+    overrides = {
+        "driver": {"version": "535.161.08", "rdma": {"enabled": True}},
+        "mig": {"strategy": "mixed"},
+        "dcgm": None,  # null removes, as in a JSON merge patch
+        "validator": {"plugin": {"env": [{"name": "WITH_WORKLOAD", "value": "false"}]}},
+    }
+    body = gpu.cluster_policy(_csv_with(POLICY), overrides)
+    assert body is not None
+    spec = body["spec"]
+    assert spec["driver"] == {"enabled": True, "version": "535.161.08", "rdma": {"enabled": True}}
+    assert spec["mig"] == {"strategy": "mixed"}
+    assert spec["toolkit"] == {"enabled": True}  # untouched keys stay
+    assert "dcgm" not in spec
+    assert spec["validator"]["plugin"]["env"][0]["name"] == "WITH_WORKLOAD"
+    assert POLICY["spec"]["mig"] == {"strategy": "single"}  # the example is not modified
+    assert gpu.cluster_policy(_csv_with(POLICY), {}) == gpu.cluster_policy(_csv_with(POLICY))
+
+
+def test_smi_pod_asks_for_every_gpu_of_the_node() -> None:
+    pod = gpu.smi_pod("worker-0", "worker-0", "img", gpus=8)
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
+    assert container["resources"]["requests"] == {"nvidia.com/gpu": 8}
+
+
+@pytest.mark.parametrize(
+    ("allocatable", "count"),
+    [
+        ({"nvidia.com/gpu": "8"}, 8),
+        ({"cpu": "64"}, None),
+        ({"nvidia.com/gpu": "x"}, None),
+        (None, None),
+    ],
+)
+def test_node_gpu_allocatable(allocatable: object, count: int | None) -> None:
+    obj = {"metadata": {"name": "w"}, "status": {"allocatable": allocatable}}
+    seen = NodeSeen.from_object(obj)
+    assert seen is not None and seen.gpus == count
+
+
+def test_every_gpu_must_be_listed() -> None:
+    report = parse_nvidia_smi(V100_LOG)  # two GPUs
+    assert gpu.count_problem(report.count, 2) is None
+    assert gpu.count_problem(report.count, None) is None  # not asked to check
+    assert gpu.count_problem(report.count, 8) == (
+        "nvidia-smi lists 2 GPUs, the node has 8 (nvidia.com/gpu allocatable)"
+    )

@@ -104,7 +104,8 @@ def test_listeners_and_settings(dgxpod_raw: dict[str, Any]) -> None:
     assert settings["dhcp.lease_time"] == "3600 -> 7200"
     assert settings["kubernetes.gpu_operator"] == "True -> False"
     for fe in ("api", "machine_config", "ingress_http", "ingress_https"):
-        assert settings[f"load_balancer.{fe}.balance"] == "roundrobin -> leastconn"
+        was = "source" if fe.startswith("ingress") else "roundrobin"  # per-frontend default
+        assert settings[f"load_balancer.{fe}.balance"] == f"{was} -> leastconn"
     # The listeners have a section of their own: not repeated as dns.listen etc.
     assert not any(name.endswith(".listen") for name in settings)
     assert "setting dhcp.lease_time changed: 3600 -> 7200" in diff.lines()

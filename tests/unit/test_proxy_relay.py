@@ -281,6 +281,7 @@ async def proxy(
         "backend_ports": {"ingress_http": backend_port},
         "ingress_check": "tcp",
         "check_interval": 60,
+        "balance": "roundrobin",  # spread over both workers (ingress defaults to source)
         **lb,
     }
     raw["listen"]["ingress_http"] = f"{LB}:{port}"

@@ -375,7 +375,8 @@ def test_haproxy_has_the_article_frontends(
     ]
     assert servers == [[n, f"{ip}:{port}"] for n, ip in zip(nodes, ips, strict=True)]
     backend = sections[f"backend {name}"]
-    assert "balance roundrobin" in backend
+    # As OpenShift documents its API/ingress balancer: source for the routers.
+    assert f"balance {'source' if name.startswith('ingress') else 'roundrobin'}" in backend
     assert f"retries {len(nodes) - 1}" in backend  # each backend tried once, as the appliance
 
 
@@ -490,3 +491,34 @@ def test_haproxy_frontend_without_backends_keeps_its_backend(plan: Plan) -> None
         "option httpchk GET /readyz",
         "http-check expect status 200",
     ]
+
+
+def test_haproxy_balance_per_frontend(dgxpod_raw: dict[str, Any]) -> None:
+    dgxpod_raw["load_balancer"]["balance_per_frontend"] = {
+        "api": "leastconn",
+        "ingress_https": "roundrobin",
+    }
+    sections = haproxy_sections(render_haproxy(variant(dgxpod_raw)))
+    assert "balance leastconn" in sections["backend api"]
+    assert "balance roundrobin" in sections["backend machine-config"]  # default kept
+    assert "balance source" in sections["backend ingress-http"]  # default kept
+    assert "balance roundrobin" in sections["backend ingress-https"]
+
+
+def test_explicit_balance_applies_to_every_frontend(dgxpod_raw: dict[str, Any]) -> None:
+    # The contract key, when written, means every frontend; a per-frontend entry wins.
+    dgxpod_raw["load_balancer"]["balance"] = "roundrobin"
+    dgxpod_raw["load_balancer"]["balance_per_frontend"] = {"api": "source"}
+    sections = haproxy_sections(render_haproxy(variant(dgxpod_raw)))
+    assert "balance source" in sections["backend api"]
+    for name in ("machine-config", "ingress-http", "ingress-https"):
+        assert "balance roundrobin" in sections[f"backend {name}"]
+
+
+def test_balance_per_frontend_rejects_unknown_names(dgxpod_raw: dict[str, Any]) -> None:
+    dgxpod_raw["load_balancer"]["balance_per_frontend"] = {"ingres_http": "source"}
+    with pytest.raises(Exception, match="ingres_http"):
+        variant(dgxpod_raw)
+    dgxpod_raw["load_balancer"]["balance_per_frontend"] = {"api": "random"}
+    with pytest.raises(Exception, match="random"):
+        variant(dgxpod_raw)
