@@ -19,6 +19,7 @@ import hmac
 import importlib.resources
 import ipaddress
 import json
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -280,6 +281,7 @@ class AdminService:
         body["time"] = time.time()
         body["plan"] = {
             "domain": plan.domain,
+            "source": os.path.abspath(plan.source),  # which file: clients warn on a mismatch
             "nodes": len(plan.nodes),
             "roles": roles,
             "gpu_nodes": sum(1 for n in plan.nodes if n.gpu),
@@ -550,7 +552,12 @@ class AdminService:
         if control is None:
             return _error(503, "no supervisor")
         result = await control.reload()
-        body = {"ok": result.ok, "errors": list(result.errors), "changed": list(result.changed)}
+        body = {
+            "ok": result.ok,
+            "errors": list(result.errors),
+            "changed": list(result.changed),
+            "diff": {"summary": result.diff_summary, "lines": list(result.diff_lines)},
+        }
         return web.json_response(body, status=200 if result.ok else 422)
 
 

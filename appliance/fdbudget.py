@@ -15,6 +15,7 @@ the one read of the process's state.
 from __future__ import annotations
 
 import resource
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 RESERVE_MIN = 1024  # kept back at least: the baseline, DNS/TCP, TFTP, HTTP, admin, store
@@ -40,10 +41,18 @@ def budget(limit: int) -> FdBudget:
     return FdBudget(limit, reserve)
 
 
+def raise_advice(env: Mapping[str, str]) -> str:
+    """How to raise the limit where the daemon runs: systemd sets INVOCATION_ID (and
+    NOTIFY_SOCKET for Type=notify) in a unit's environment; otherwise a shell started it."""
+    if env.get("INVOCATION_ID") or env.get("NOTIFY_SOCKET"):
+        return "raise LimitNOFILE= in the unit (systemctl edit appliance)"
+    return "raise it with `ulimit -n` in the shell that starts the daemon"
+
+
 def nofile_limit() -> int:
     """The process's soft open-files limit now (unlimited counts as UNLIMITED)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return UNLIMITED if soft == resource.RLIM_INFINITY else int(soft)
 
 
-__all__ = ["RESERVE_MIN", "FdBudget", "budget", "nofile_limit"]
+__all__ = ["RESERVE_MIN", "FdBudget", "budget", "nofile_limit", "raise_advice"]

@@ -165,6 +165,7 @@ SCHEMAS: dict[str, Schema] = {
             "plan": _obj(
                 {
                     "domain": STR,
+                    "source": STR,  # absolute path of the inventory file in force
                     "nodes": INT,
                     "roles": {"type": "object", "additionalProperties": INT},
                     "gpu_nodes": INT,
@@ -273,7 +274,12 @@ SCHEMAS: dict[str, Schema] = {
                 "type": "object",
                 "additionalProperties": INT,
                 "description": "connection caps: cap, floor (guaranteed), per_client; clients",
-            }
+            },
+            "check": {
+                **ANY_OBJ,
+                "description": "the health check: kind (tcp/http/https), port (null: the "
+                "backend's own), path, interval (s)",
+            },
         },
     ),
     "Backends": _obj(
@@ -326,6 +332,8 @@ SCHEMAS: dict[str, Schema] = {
             "ok": BOOL,
             "errors": {"type": "array", "items": STR},
             "changed": {"type": "array", "items": STR},
+            # What the new plan changed (plandiff); empty when refused.
+            "diff": _obj({"summary": STR, "lines": {"type": "array", "items": STR}}),
         }
     ),
     "ReinstallResult": _obj(

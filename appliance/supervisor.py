@@ -335,13 +335,19 @@ class Supervisor:
         log.info("reload: new plan in force (%d nodes): %s", len(new.nodes), diff.summary())
         for line in diff.lines():
             log.info("reload: %s", line)
-        log.info(
-            "reload: took the new plan: %s; started on new listeners: %s; switched off: %s",
-            ", ".join(reloaded) or "none",
-            ", ".join(fresh) or "none",
-            ", ".join(switched_off) or "none",
+        if diff.changes or fresh or switched_off:  # a reload that changed nothing: one line
+            log.info(
+                "reload: took the new plan: %s; started on new listeners: %s; switched off: %s",
+                ", ".join(reloaded) or "none",
+                ", ".join(fresh) or "none",
+                ", ".join(switched_off) or "none",
+            )
+        return ReloadResult(
+            True,
+            changed=tuple(reloaded) + tuple(fresh),
+            diff_summary=diff.summary(),
+            diff_lines=tuple(diff.lines()),
         )
-        return ReloadResult(True, changed=tuple(reloaded) + tuple(fresh))
 
     async def _start_fresh(self, spec: ServiceSpec, plan: Plan, replaced: list[str]) -> Service:
         try:

@@ -85,6 +85,38 @@ async function api(path) {
   return resp.json();
 }
 
+// Synchronous, for the first paint only: the page holds its first data before its load
+// event, so a headless `chromium --screenshot` (taken at load) shows it, not "offline".
+function apiNow(path) {
+  const xhr = new XMLHttpRequest();
+  xhr.open("GET", path, false);
+  if (state.token) xhr.setRequestHeader("Authorization", `Bearer ${state.token}`);
+  xhr.send();
+  if (xhr.status === 401) throw new Error("unauthorized");
+  if (xhr.status !== 200) throw new Error(`${path}: ${xhr.status}`);
+  return JSON.parse(xhr.responseText);
+}
+
+function firstPaint() {
+  try {
+    const nodes = apiNow("/api/v1/nodes");
+    state.skew = nodes.time - Date.now() / 1000;
+    state.lastEventId = nodes.last_event_id;
+    renderNodes(nodes, []);
+    renderStatus(apiNow("/api/v1/status"));
+    renderBackends(apiNow("/api/v1/backends"));
+    renderLeases(apiNow("/api/v1/leases"));
+    renderCsr(apiNow("/api/v1/csr-decisions?limit=50"));
+    renderCluster(apiNow("/api/v1/cluster"));
+    renderUnknown(apiNow("/api/v1/unknown-machines?limit=20"));
+  } catch (e) {
+    return false;  // start() tries again the usual way and says why (locked, offline)
+  }
+  $("auth").hidden = true;
+  setLive("wait", "connecting…");
+  return true;
+}
+
 // --- install progress -------------------------------------------------------------------
 
 function nodeRow(node) {
@@ -229,6 +261,14 @@ function table(headers, rows, empty) {
     h("tbody", {}, rows.map((r) => h("tr", {}, r.map((c) => h("td", {}, c))))));
 }
 
+// Where a backend's health check goes, beside its address: the ingress is probed on the
+// router's :1936, not on the port that carries the traffic.
+function checkTarget(check) {
+  if (!check || check.port === null || check.port === undefined) return null;
+  return h("span", { class: "muted check", title: `${check.kind} check every ${check.interval} s` },
+    ` · check :${check.port}${check.path || ""}`);
+}
+
 function renderBackends(body) {
   const frontends = Object.entries(body.frontends || {});
   let up = 0, total = 0;
@@ -237,7 +277,7 @@ function renderBackends(body) {
       total += 1;
       if (b.health === "up" && b.admin === "enabled") up += 1;
       const last = b.checks && b.checks.length ? b.checks[b.checks.length - 1] : null;
-      return [h("span", {}, b.name), h("span", { class: "mono" }, b.address), pill(b.health), pill(b.admin),
+      return [h("span", {}, b.name), h("span", { class: "mono" }, b.address, checkTarget(fe.check)), pill(b.health), pill(b.admin),
         `${b.active} / ${b.total}`, last ? h("span", { class: "muted", title: last.detail }, ago(last.time)) : "–"];
     });
     return h("div", { class: "fe" },
@@ -281,28 +321,72 @@ function compact(value) {
   return String(value);
 }
 
+// The connection states of the cluster loop (services/cluster/service.py), in words.
+function apiWords(conn) {
+  const d = conn.detail ? ` ${conn.detail}` : "";
+  switch (conn.state) {
+    case undefined: case null: case "": return "–";
+    case "connected": return `connected to${d}`;
+    case "waiting-for-kubeconfig": return `waiting for the kubeconfig${d}`;
+    case "kubeconfig-error": return `cannot use the kubeconfig:${d}`;
+    case "connecting": return `connecting to${d}`;
+    case "reconnecting": return `reconnecting (${conn.detail || "kubeconfig changed"})`;
+    case "unauthorized": return `credentials refused:${d}`;
+    default: return `${conn.state.replace(/-/g, " ")}${conn.detail ? ": " + conn.detail : ""}`;
+  }
+}
+
+// What the GPU bring-up really waits for: nothing happens before the cluster loop has a
+// kubeconfig and reaches the API, whatever step the store last recorded.
+function gpuStatus(conn, live, gpu) {
+  if (typeof live.status === "string" && live.status.startsWith("off")) return live.status;
+  if (conn.state === "waiting-for-kubeconfig") return `waiting for the kubeconfig${conn.detail ? " " + conn.detail : ""}`;
+  if (conn.state === "kubeconfig-error") return `waiting for a usable kubeconfig (${conn.detail || "unreadable"})`;
+  if (conn.state && conn.state !== "connected") {
+    return `waiting for the Kubernetes API (${apiWords(conn)})`;
+  }
+  return live.status || (gpu.waiting ? `waiting for ${gpu.waiting}` : "nothing recorded yet");
+}
+
+function bootstrapWords(boot, conn) {
+  if (boot.complete) {
+    const when = boot.time ? ` at ${stamp(boot.time)}` : "";
+    const drained = boot.drained === undefined ? ""
+      : boot.drained ? "; the bootstrap node is out of the load balancer" : "; still in the load balancer";
+    return `complete${when}${drained}`;
+  }
+  const what = boot.waiting_for || "ConfigMap kube-system/bootstrap status complete";
+  if (conn.state && conn.state !== "connected") return `not complete: the API comes first, then ${what}`;
+  return `not complete: waiting for ${what}`;
+}
+
 function renderCluster(body) {
   const svc = body.service || {};
   const gpu = body.gpu && typeof body.gpu === "object" ? body.gpu : {};
   const live = svc.gpu || {};
   const conn = svc.connection || {};
+  const waitingForApi = conn.state && conn.state !== "connected";
   const rows = [
     ["cluster loop", body.running ? "running" : "not running"],
-    ["Kubernetes API", conn.state ? `${conn.state}${conn.detail ? " · " + conn.detail : ""}` : "–"],
-    ["GPU step", live.step || gpu.step || "–"],
-    ["status", live.status || (gpu.waiting ? `waiting for ${gpu.waiting}` : "nothing recorded yet")],
+    ["Kubernetes API", apiWords(conn)],
+    ["GPU step", waitingForApi ? `${live.step || gpu.step || "–"} (not started: no API yet)` : live.step || gpu.step || "–"],
+    ["status", gpuStatus(conn, live, gpu)],
     ["GPUs discovered on", compact(gpu.discovered)],
-    ["validated", compact(gpu.validated)],
+    // {node: when}: the node names, the times in the tooltip (words, not JSON)
+    ["validated", gpu.validated && typeof gpu.validated === "object" && !Array.isArray(gpu.validated)
+      ? h("span", { title: Object.entries(gpu.validated).map(([n, t]) => `${n} ${stamp(t)}`).join("\n") },
+        compact(Object.keys(gpu.validated)))
+      : compact(gpu.validated)],
   ];
   if (gpu.failed) rows.push(["last failure", String(gpu.failed)]);
   // A worker in trouble (forbidden: the rule it misses; backing off: why) gets a row.
   for (const [name, w] of Object.entries(svc.workers || {})) {
     if (w.state !== "ok" && w.state !== "off") rows.push([`${name} worker`, `${w.state} · ${w.detail || ""}`]);
   }
-  const boot = body.bootstrap || svc.bootstrap;
-  if (boot) rows.push(["bootstrap", compact(boot)]);
+  const boot = svc.bootstrap || body.bootstrap;
+  if (boot && typeof boot === "object") rows.push(["bootstrap", bootstrapWords(boot, conn)]);
   replace($("gpu"), h("div", { class: "gpu-grid" }, rows.flatMap(([k, v]) => [h("div", { class: "muted" }, k), h("div", {}, v)])));
-  $("gpu-note").textContent = gpu.since ? `step since ${clock(gpu.since)}` : "";
+  $("gpu-note").textContent = gpu.since && !waitingForApi ? `step since ${clock(gpu.since)}` : "";
 }
 
 function renderUnknown(body) {
@@ -363,7 +447,8 @@ document.addEventListener("DOMContentLoaded", () => {
     sessionStorage.setItem("appliance-token", state.token);
     start();
   });
-  start();
+  if (firstPaint()) connect();
+  else start();
   setInterval(tickWaiting, 1000);
   setInterval(() => { refreshSide().catch(() => {}); }, SLOW_REFRESH_MS);
 });

@@ -26,7 +26,7 @@ from collections import Counter
 from ipaddress import IPv4Address, ip_address
 from typing import Any
 
-from appliance.fdbudget import FdBudget, budget, nofile_limit
+from appliance.fdbudget import FdBudget, budget, nofile_limit, raise_advice
 from appliance.inventory import Endpoint
 from appliance.plan import LB_FRONTENDS, Frontend, HealthCheck, Plan
 from appliance.service import BindError, ServiceContext, ServiceError, bind_socket
@@ -72,6 +72,8 @@ class FrontendRunner:
         self.last_deadline = 0.0  # the latest deadline given so far
         self.unordered = False
         self.unordered_until = 0.0  # by then every connect started before the reload is due
+        # The first verdicts at start are one summary line, not one line per backend.
+        self.first_said = False
 
     # --- listening ----------------------------------------------------------------
 
@@ -293,8 +295,14 @@ class FrontendRunner:
                     self.warn("check", "health check of %s: %s", backend.spec.name, detail)
                     await asyncio.sleep(check.interval)
                     continue
+                first = backend.health == "unknown" and not self.first_said
                 change = backend.check_result(ok, time.time(), detail)
-                if change is not None:
+                if first:
+                    line = first_verdicts(self.name, self.pool.backends, check.interval)
+                    if line is not None:
+                        self.first_said = True
+                        log.info("%s", line)
+                elif change is not None:
                     log.info(
                         "%s: backend %s is %s (%s)", self.name, backend.spec.name, change, detail
                     )
@@ -315,6 +323,13 @@ class FrontendRunner:
             "listen": str(self.endpoint) if self.endpoint else None,
             "active": len(self.connections),
             "balance": self.frontend.balance,
+            # Where the health check goes: the ingress probes the router's :1936, not :80.
+            "check": {
+                "kind": self.frontend.check.kind,
+                "port": self.frontend.check.port,
+                "path": self.frontend.check.path,
+                "interval": self.frontend.check.interval,
+            },
             "counters": dict(self.counters),
             "limits": self.gate.stats(),
             "backends": [b.stats() for b in self.pool.backends],
@@ -355,6 +370,7 @@ class ProxyService:
         self.ledger = Ledger(self.caps)
         self.local: frozenset[str] = frozenset()  # this host's addresses (self-loops)
         self.local_known = True  # False once reading them failed (said once)
+        self.nofile_said = ""  # the last open-files warning (said once, again if it changes)
 
     async def start(self, plan: Plan) -> None:
         self.loop = asyncio.get_running_loop()
@@ -442,14 +458,18 @@ class ProxyService:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
                 self.ctx.log.info("open files limit raised from %d to %d", soft, target)
             if target < need:
-                self.ctx.log.warning(
-                    "open files limit %d is below the %d that max_connections needs; "
-                    "raise LimitNOFILE=",
-                    target,
-                    need,
+                self._say_nofile(
+                    f"open files limit {target} is below the {need} that max_connections "
+                    f"needs; {raise_advice(os.environ)}"
                 )
         except (OSError, ValueError) as exc:
-            self.ctx.log.warning("cannot raise the open files limit: %s", exc)
+            self._say_nofile(f"cannot raise the open files limit: {exc}")
+
+    def _say_nofile(self, message: str) -> None:
+        # Once: a reload that changes nothing says nothing again.
+        if message != self.nofile_said:
+            self.nofile_said = message
+            self.ctx.log.warning("%s", message)
 
     async def _apply(self, plan: Plan) -> None:
         # Bind every listener that is new or moved first: if one fails, nothing changes.
@@ -605,6 +625,20 @@ class ProxyService:
             "descriptors": {"limit": fds.limit, "reserve": fds.reserve, **self.ledger.stats()},
             "frontends": {name: r.stats() for name, r in self.frontends.items()},
         }
+
+
+def first_verdicts(frontend: str, backends: list[BackendState], interval: float) -> str | None:
+    """One line once every probed backend has its first verdict (None until then):
+    "api: 0 of 4 backends up yet; checking every 2 s" (as HAProxy's start is quiet)."""
+    probed = [
+        b for b in backends if not b.removed and b.admin != "disabled" and b.self_loop is None
+    ]
+    if any(b.health == "unknown" for b in probed):
+        return None
+    up = sum(1 for b in probed if b.health == "up")
+    if up == len(probed):
+        return f"{frontend}: {up} of {len(probed)} backends up"
+    return f"{frontend}: {up} of {len(probed)} backends up yet; checking every {interval:g} s"
 
 
 def _own(

@@ -9,8 +9,11 @@ the events stream. A screenshot goes to docs/dashboard.png.
 
 from __future__ import annotations
 
+import base64
 import os
+import shlex
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -212,3 +215,106 @@ def test_dashboard_shows_a_boot_error_red_until_the_node_gets_past_it(
     assert row.get_attribute("data-boot-error") is None
     assert page.locator('#node-bootstrap [data-role="boot-error"]').count() == 0
     assert not errors, errors
+
+
+def _loaded(env: AdminEnv, page: Any, width: int = 1440) -> None:
+    page.set_viewport_size({"width": width, "height": 1200})
+    page.goto(env.admin + "/", wait_until="domcontentloaded", timeout=20_000)
+    page.wait_for_selector("#node-worker-0 .step", timeout=15_000)
+    page.wait_for_selector("#live.on", timeout=15_000)
+
+
+def test_dashboard_says_what_the_cluster_loop_waits_for(env: AdminEnv, page: Any) -> None:
+    """No kubeconfig yet: the GPU panel says so (not a later GPU step); the bootstrap row
+    is words, not JSON."""
+    _loaded(env, page)
+    page.wait_for_function("document.querySelector('#gpu').innerText.includes('bootstrap')")
+    gpu = page.locator("#gpu").inner_text()
+    assert "waiting for the kubeconfig" in gpu, gpu
+    assert "ignition/auth/kubeconfig" in gpu, gpu
+    assert "{" not in gpu and "waiting_for" not in gpu, gpu
+    # The API is down: the GPU status says it waits for the API, whatever step is stored.
+    page.evaluate(
+        """renderCluster({running: true, gpu: {step: "operator", waiting: "CSV x",
+                                               validated: {"worker-0": 1700000000}},
+           bootstrap: {complete: true, time: 1700000000, why: "ConfigMap complete",
+                       drained: true},
+           service: {connection: {state: "unreachable", detail: "10.0.0.5:6443 refused"},
+                     gpu: {step: "operator", status: "waiting for CSV x for 3 min"},
+                     bootstrap: {complete: true, time: 1700000000, drained: true}}})"""
+    )
+    gpu = page.locator("#gpu").inner_text()
+    assert "waiting for the Kubernetes API" in gpu and "10.0.0.5:6443 refused" in gpu, gpu
+    assert "waiting for CSV x" not in gpu, gpu
+    assert "complete" in gpu and "{" not in gpu, gpu
+    assert "validated\nworker-0" in gpu, gpu
+
+
+def test_dashboard_ingress_rows_show_where_the_check_goes(env: AdminEnv, page: Any) -> None:
+    _loaded(env, page)
+    page.evaluate(
+        """renderBackends({running: true, splice: true, frontends: {ingress_http: {
+             listen: "10.0.0.2:80", balance: "source", active: 0, counters: {},
+             check: {kind: "http", port: 1936, path: "/healthz/ready", interval: 2},
+             backends: [{name: "worker-0", address: "10.0.0.5:80", health: "up",
+                         admin: "enabled", active: 0, total: 3, checks: []}]}}})"""
+    )
+    row = page.locator("#backends tbody tr").first.inner_text()
+    assert "10.0.0.5:80" in row and ":1936" in row, row
+
+
+def test_dashboard_stage_labels_are_not_cut_at_1400_px(env: AdminEnv, page: Any) -> None:
+    _loaded(env, page, width=1400)
+    cut = page.eval_on_selector_all(
+        ".step .label",
+        "els => els.filter(e => e.scrollWidth > e.clientWidth + 0.5).map(e => e.textContent)",
+    )
+    assert not cut, cut
+
+
+def _readme_command() -> list[str]:
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("chromium --headless"):
+            return shlex.split(line)
+    raise AssertionError("no `chromium --headless ... --screenshot` command in README.md")
+
+
+# Pixels of the page's "live" dot (--ok) and of its "offline" dot (--bad), in the header.
+COUNT_DOTS = """async (src) => {
+  const img = new Image(); img.src = src; await img.decode();
+  const c = document.createElement("canvas"); c.width = img.width; c.height = 70;
+  const g = c.getContext("2d"); g.drawImage(img, 0, 0);
+  const d = g.getImageData(0, 0, c.width, 70).data;
+  const near = (i, r, gr, b) =>
+    Math.abs(d[i] - r) + Math.abs(d[i + 1] - gr) + Math.abs(d[i + 2] - b) < 30;
+  let ok = 0, bad = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    if (near(i, 55, 179, 107)) ok++;
+    if (near(i, 229, 83, 75)) bad++;
+  }
+  return [ok, bad];
+}"""
+
+
+def test_the_readme_screenshot_command_shows_the_loaded_page(
+    env: AdminEnv, page: Any, tmp_path: Path
+) -> None:
+    """Exactly README's command (its URL and output file pointed here; --no-sandbox as
+    root, as README says): the picture is the loaded page, with the live dot, not the
+    red "offline" one."""
+    argv = _readme_command()
+    out = tmp_path / "shot.png"
+    argv = [
+        env.admin + "/" if a == "http://127.0.0.1:9000/"
+        else f"--screenshot={out}" if a.startswith("--screenshot=")
+        else CHROMIUM if a == "chromium" else a
+        for a in argv
+    ]  # fmt: skip
+    if os.geteuid() == 0:
+        argv.insert(1, "--no-sandbox")
+    profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp_path)
+    argv.insert(1, f"--user-data-dir={profile}")  # not the operator's profile
+    subprocess.run(argv, check=True, capture_output=True, timeout=60, cwd=tmp_path)
+    png = base64.b64encode(out.read_bytes()).decode()
+    ok, bad = page.evaluate(COUNT_DOTS, f"data:image/png;base64,{png}")
+    assert ok > 10 and bad == 0, (ok, bad)
