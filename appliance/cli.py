@@ -100,7 +100,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"appliance {__version__}")
     _global_options(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="serve every enabled service (foreground)")
+    sub.add_parser(
+        "run",
+        parents=[common],
+        help="serve every enabled service (foreground)",
+        description="Validate the inventory, preflight this host and serve every enabled "
+        "service in the foreground until SIGTERM/SIGINT. Exit 2: invalid inventory; 1: "
+        "could not start.",
+        epilog="example: appliance run --config /etc/appliance/inventory.yaml --log-format json",
+    )
     check = sub.add_parser(
         "check",
         parents=[common],
@@ -108,19 +116,39 @@ def _parser() -> argparse.ArgumentParser:
         description="Exit status 2: the inventory is invalid; 1: `appliance run` would "
         "refuse to start on this host (the `error:` lines). `warning:` lines are what it "
         "runs without.",
+        epilog="example: appliance check --config inventory.yaml --user appliance",
     )
     check.add_argument(
         "--user",
         metavar="NAME",
         help="check file access for the user the daemon runs as (default: this user)",
     )
-    plan = sub.add_parser("plan", parents=[common], help="print the derived plan")
-    plan.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    plan = sub.add_parser(
+        "plan",
+        parents=[common],
+        help="print the derived plan",
+        description="Print the plan derived from the inventory: addresses, DNS records, "
+        "boot files, load-balancer frontends; what every service reads.",
+        epilog="example: appliance plan --format json | jq .dns",
+    )
+    plan.add_argument(
+        "--format", choices=("yaml", "json"), default="yaml", help="output format (default: yaml)"
+    )
     render = sub.add_parser(
-        "render", parents=[common], help="print the equivalent classic configuration"
+        "render",
+        parents=[common],
+        help="print the equivalent classic configuration",
+        description="Print what the inventory means in a classic tool's configuration, "
+        "to compare with or fall back to.",
+        epilog="example: appliance render --as haproxy > /tmp/haproxy.cfg",
     )
     render.add_argument(
-        "--as", dest="kind", choices=("dnsmasq", "haproxy", "hosts", "rbac"), required=True
+        "--as",
+        dest="kind",
+        choices=("dnsmasq", "haproxy", "hosts", "rbac"),
+        required=True,
+        help="dnsmasq.conf, haproxy.cfg, /etc/hosts lines, or the Kubernetes RBAC the "
+        "cluster loop needs",
     )
     reinstall = sub.add_parser(
         "reinstall",
@@ -263,7 +291,23 @@ def _parser() -> argparse.ArgumentParser:
         help="the format of FILE: dnsmasq.conf, /etc/hosts style, or helpernode vars.yaml",
     )
     imp.add_argument("files", metavar="FILE", nargs="+", help="the file(s) to read")
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash or zsh)",
+        description="Print a completion script generated from this command line: "
+        "subcommands, options, their choices and file names.",
+        epilog="examples: appliance completion bash > /etc/bash_completion.d/appliance; "
+        "appliance completion zsh > ~/.zfunc/_appliance",
+    )
+    completion.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete in")
     return p
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from appliance import completion
+
+    print(getattr(completion, args.shell)(_parser()), end="")
+    return 0
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -622,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backup": _cmd_backup,
         "restore": _cmd_restore,
         "import": _cmd_import,
+        "completion": _cmd_completion,
     }
     try:
         return commands[args.command](args)
