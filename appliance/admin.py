@@ -22,7 +22,8 @@ import json
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -34,7 +35,9 @@ from appliance.metrics import ApplianceCollector, StoreFacts, store_facts
 from appliance.openapi import document
 from appliance.plan import NodeInfo, Plan
 from appliance.progress import NodeFacts, timeline
+from appliance.runtime import AdminState, LoadBalancerOff
 from appliance.service import ServiceContext, ServiceSpec, start_web
+from appliance.status import ApplianceStatus, Family, counter, gauge, malformed
 from appliance.store import Store
 from appliance.storequeue import StoreBusy
 
@@ -49,7 +52,11 @@ DASHBOARD_FILES = {
     "style.css": "text/css",
 }
 PUBLIC = ("/healthz", "/", "/api/v1/openapi.json")  # never need the token (no cluster data)
-BACKEND_ACTIONS = {"drain": "drain", "disable": "disabled", "enable": "enabled"}
+BACKEND_ACTIONS: dict[str, AdminState] = {
+    "drain": "drain",
+    "disable": "disabled",
+    "enable": "enabled",
+}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -70,6 +77,27 @@ def _dumps(value: Any) -> str:
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+@dataclass(frozen=True)
+class AdminStatus:
+    requests: int = 0
+    errors: int = 0  # requests that failed with a bug of ours (500)
+    streams: int = 0  # open event streams
+    counters: Mapping[str, int] = field(default_factory=dict)  # malformed, slow heads
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "streams": self.streams,
+            "counters": dict(self.counters),
+        }
+
+    def metrics(self) -> Iterator[Family]:
+        yield malformed("admin", self.counters.get("malformed", 0))
+        yield counter("admin_requests", "Requests to the admin endpoint", self.requests)
+        yield gauge("admin_streams", "Open event streams", self.streams)
 
 
 class AdminService:
@@ -111,17 +139,12 @@ class AdminService:
             await self.runner.cleanup()
             self.runner = None
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "errors": self.errors,
-            "streams": len(self.streams),
-            "counters": dict(self.counters),
-        }
+    def status(self) -> AdminStatus:
+        return AdminStatus(self.requests, self.errors, len(self.streams), dict(self.counters))
 
-    def _status(self) -> dict[str, Any]:
+    def _status(self) -> ApplianceStatus:
         control = self.ctx.control
-        return control.status() if control is not None else {}
+        return control.status() if control is not None else ApplianceStatus()
 
     # --- HTTP ------------------------------------------------------------------------
 
@@ -274,7 +297,7 @@ class AdminService:
 
     async def get_status(self, request: web.Request) -> web.Response:
         plan = self._plan()
-        body = dict(self._status())
+        body = self._status().to_json()
         roles = {
             r: sum(1 for n in plan.nodes if n.role == r) for r in ("bootstrap", "master", "worker")
         }
@@ -405,14 +428,11 @@ class AdminService:
         }
         return web.json_response(body)
 
-    def _proxy(self) -> Any:
-        return self.ctx.services.get("proxy")
-
     async def get_backends(self, request: web.Request) -> web.Response:
-        proxy = self._proxy()
+        proxy = self._status().service("proxy")
         if proxy is None:
             return web.json_response({"running": False, "frontends": {}})
-        return web.json_response({"running": True, **proxy.status()}, dumps=_dumps)
+        return web.json_response({"running": True, **proxy.to_json()}, dumps=_dumps)
 
     async def get_csr_decisions(self, request: web.Request) -> web.Response:
         limit = _int(request.query, "limit", 100, 1, 5000)
@@ -423,14 +443,14 @@ class AdminService:
 
     async def get_cluster(self, request: web.Request) -> web.Response:
         """The cluster loop: GPU bring-up and bootstrap state (kept in the store), its status."""
-        cluster = self.ctx.services.get("cluster")
+        cluster = self._status().service("cluster")
         gpu, bootstrap = await self.ctx.store.read(
             lambda s: (s.cluster_state("gpu"), s.cluster_state("bootstrap"))
         )
         return web.json_response(
             {
                 "running": cluster is not None,
-                "service": cluster.status() if cluster is not None else None,
+                "service": cluster.to_json() if cluster is not None else None,
                 "gpu": gpu,
                 "bootstrap": bootstrap,
             },
@@ -531,20 +551,19 @@ class AdminService:
         state = BACKEND_ACTIONS.get(action)
         if state is None:  # an action that does not exist is a path that does not exist
             raise NotFound(f"unknown action {action!r} (drain, disable or enable)")
-        proxy = self._proxy()
-        if proxy is None:
-            raise NotFound("the load balancer is not running (no frontend listens)")
         try:
-            backend = proxy.set_admin_state(
+            backend = self.ctx.runtime.set_admin_state(
                 request.match_info["frontend"], request.match_info["backend"], state
             )
+        except LoadBalancerOff as exc:
+            raise NotFound(str(exc)) from None
         except KeyError as exc:
             raise NotFound(str(exc.args[0])) from None
-        return web.json_response({"ok": True, "backend": backend.stats()})
+        return web.json_response({"ok": True, "backend": backend.stats()}, dumps=_dumps)
 
     async def post_reinstall(self, request: web.Request) -> web.Response:
         node = self._node(request.match_info["name"])
-        self.ctx.boot.request_reinstall(node.name, time.time())
+        self.ctx.runtime.request_reinstall(node.name, time.time())
         return web.json_response({"ok": True, "node": node.name, "next_boot": "install"})
 
     async def post_reload(self, request: web.Request) -> web.Response:

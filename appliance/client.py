@@ -22,11 +22,11 @@ from typing import Any
 import yaml
 
 from appliance import sse
+from appliance.admintoken import TOKEN_FILE
 from appliance.inventory import Endpoint, parse_endpoint
 from appliance.plan import Plan
 from appliance.store import Store
 
-TOKEN_FILE = "admin.token"  # in state_dir, mode 0600: the admin API's bearer token
 TIMEOUT = 30.0  # seconds for one request
 DEFAULT_ADMIN = "127.0.0.1:9000"  # the inventory's default listen.admin
 DEFAULT_STATE_DIR = "/var/lib/appliance"  # the inventory's default state_dir

@@ -27,29 +27,14 @@ from pydantic import (
     ValidationError,
 )
 
+# Re-exported: they live in appliance.addr so services can use them without pydantic.
+from appliance.addr import Endpoint as Endpoint
+from appliance.addr import normalize_mac as normalize_mac
 from appliance.yamlio import YamlError, load_yaml
 
 # --- reusable value checks ---------------------------------------------------
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_HEX12 = re.compile(r"^[0-9a-f]{12}$")
-
-
-def normalize_mac(value: Any) -> str:
-    """`52-54-00-AA-bb-cc`, `5254.00aa.bbcc`, `525400aabbcc` -> `52:54:00:aa:bb:cc`."""
-    if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not a MAC address: write it as a quoted string")
-    text = value.strip().lower()
-    parts = re.split(r"[:-]", text)
-    if len(parts) == 6 and all(re.fullmatch(r"[0-9a-f]{1,2}", p) for p in parts):
-        digits = "".join(p.zfill(2) for p in parts)
-    else:
-        digits = text.replace(".", "")
-        if "." in text and not re.fullmatch(r"[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}", text):
-            digits = ""
-    if not _HEX12.match(digits):
-        raise ValueError(f"{value!r} is not a MAC address (six hex pairs separated by ':' or '-')")
-    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
 
 
 def _dns_label(value: str) -> str:
@@ -66,21 +51,6 @@ def _dns_name(value: str) -> str:
     if not name or len(name) > 253 or not all(_LABEL.match(x) for x in name.split(".")):
         raise ValueError(f"{value!r} is not a valid DNS domain name")
     return name
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """A parsed `host:port` (IPv6 as `[addr]:port`)."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def is_wildcard(self) -> bool:
-        return ipaddress.ip_address(self.host).is_unspecified
 
 
 def parse_endpoint(value: Any, default_port: int | None = None) -> Endpoint:

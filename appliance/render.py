@@ -474,9 +474,9 @@ def render_haproxy(plan: Plan) -> str:
 
 def render_rbac(plan: Plan) -> str:
     """The cluster loop's least-privilege RBAC objects (built by services.cluster.rbac)."""
-    from services.cluster import rbac  # only this render needs the service
+    from appliance import registry  # the framework names services only there
 
-    return rbac.render(plan)
+    return registry.render_rbac(plan)
 
 
 _RENDERERS: dict[str, Callable[[Plan], str]] = {

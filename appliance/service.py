@@ -23,8 +23,9 @@ from appliance.inventory import Endpoint
 from appliance.plan import Plan
 
 if TYPE_CHECKING:
-    from appliance.bootstate import BootState
     from appliance.events import EventBus
+    from appliance.runtime import RuntimeState
+    from appliance.status import ApplianceStatus, ServiceStatus
     from appliance.storequeue import DaemonStore
 
 
@@ -47,7 +48,7 @@ class BindError(ServiceError):
 class Control(Protocol):
     """The supervisor as the admin API sees it."""
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> ApplianceStatus: ...
 
     async def reload(self) -> ReloadResult: ...
 
@@ -70,19 +71,19 @@ class Service(Protocol):
 
     async def stop(self) -> None: ...
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> ServiceStatus: ...
 
 
 @dataclass
 class ServiceContext:
-    """What the supervisor hands every service: the event bus, the store and a logger."""
+    """What the supervisor hands every service: the event bus, the store, a logger and
+    the shared runtime state (boot once, bootstrap retired, backend admin states).
+    Services never look each other up: what one writes and another applies is there."""
 
     bus: EventBus
     store: DaemonStore  # writes are queued, reads never wait for a lock on the loop
     log: logging.Logger
-    # Services look each other up here (e.g. the cluster loop drains LB backends).
-    services: dict[str, Service]
-    boot: BootState
+    runtime: RuntimeState
     control: Control | None = None
     admin_token: str = ""
 

@@ -48,6 +48,7 @@ BACKOFF_MAX = 1.0  # the longest pause between retries
 ERROR_GIVE_UP = 300.0  # seconds a write failing with another error (disk full) is retried
 BUSY_WARN_AFTER = 2.0  # seconds of lock before the log says so
 BUSY_REMIND_EVERY = 60.0  # and then again every this many seconds while it lasts
+FAIL_REMIND_EVERY = 60.0  # a burst of writes given up is logged at most this often
 QUEUE_SOFT = 100_000  # waiting writes before they count as overflow (kept, logged)
 QUEUE_HARD = 2_000_000  # waiting writes before the oldest events are dropped (lost)
 EVENT_BATCH = 1000  # events per transaction
@@ -106,6 +107,8 @@ class StoreWriter:
         self._locked_since = 0.0  # monotonic, 0 when not locked
         self._reminded = 0.0
         self.counters: Counter[str] = Counter()
+        self._failed_burst = 0  # writes given up since the last one that succeeded
+        self._failed_logged = 0.0  # monotonic: when a give-up was last logged
         self.peak = 0
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
@@ -333,6 +336,13 @@ class StoreWriter:
             break
         self.counters["written"] += len(batch)
         self.counters["commits"] += 1
+        if self._failed_burst:
+            log.warning(
+                "state store %s: writes succeed again; %d were not stored",
+                self.store.path,
+                self._failed_burst,
+            )
+            self._failed_burst = 0
         if self._locked_since:
             locked = time.monotonic() - self._locked_since
             if locked >= BUSY_WARN_AFTER:  # said when it was said that it is locked
@@ -345,9 +355,25 @@ class StoreWriter:
             self._locked_since = 0.0
 
     def _give_up(self, batch: list[_Item], exc: BaseException) -> None:
-        self.counters["failed"] += len(batch)
+        self.counters["failed"] += len(batch)  # stats()["failed"]: status and /metrics
+        # Logged once per burst (a failing disk must not flood the journal); the write
+        # that ends the burst says how many went.
+        now = time.monotonic()
+        first = not self._failed_burst
+        self._failed_burst += len(batch)
+        if not first and now - self._failed_logged < FAIL_REMIND_EVERY:
+            return
+        self._failed_logged = now
         what = batch[0].name if isinstance(batch[0], _Op) else f"{len(batch)} events"
-        log.error("state store %s: %s not stored: %s", self.store.path, what, exc)
+        log.error(
+            "state store %s: %s not stored: %s (%d not stored in this burst; counted, "
+            "logged again at most every %.0f s)",
+            self.store.path,
+            what,
+            exc,
+            self._failed_burst,
+            FAIL_REMIND_EVERY,
+        )
 
     def _abandon(self, batch: list[_Item]) -> None:
         """The stop's deadline passed with the file still locked: count what is left."""

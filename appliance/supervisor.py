@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
-from appliance.bootstate import BootState
+from appliance.admintoken import TOKEN_FILE
 from appliance.checks import current_user, name_holders, preflight
-from appliance.client import TOKEN_FILE
 from appliance.events import EventBus
 from appliance.hostinfo import read_host
 from appliance.inventory import InventoryError, load_inventory
 from appliance.notify import notify, reloading_message, watchdog_interval, watchdog_loop
 from appliance.plan import Plan, build_plan
 from appliance.plandiff import diff_plans
+from appliance.runtime import RuntimeState
 from appliance.service import (
     BindError,
     ReloadResult,
@@ -40,6 +40,7 @@ from appliance.service import (
     ServiceError,
     ServiceSpec,
 )
+from appliance.status import ApplianceStatus, ServiceEntry
 from appliance.store import StoreError
 from appliance.storequeue import DaemonStore
 
@@ -50,15 +51,9 @@ STOP_TIMEOUT = 10.0  # seconds a service gets to stop before it is abandoned (pl
 
 def default_specs() -> list[ServiceSpec]:
     """Every service this build has, in start order (admin last: it reports on the rest)."""
-    from appliance.admin import SPEC as ADMIN
-    from services.cluster import SPEC as CLUSTER
-    from services.dhcp import SPEC as DHCP
-    from services.dns import SPEC as DNS
-    from services.http import SPEC as HTTP
-    from services.proxy import SPEC as PROXY
-    from services.tftp import SPEC as TFTP
+    from appliance import registry  # the composition root; imported late: it loads every shell
 
-    return [DNS, DHCP, TFTP, HTTP, PROXY, CLUSTER, ADMIN]
+    return registry.specs()
 
 
 def load_plan(config: Path) -> Plan:
@@ -94,7 +89,7 @@ class Supervisor:
         self.running: dict[str, Service] = {}
         self.plan: Plan | None = None
         self.store: DaemonStore | None = None
-        self.boot: BootState
+        self.runtime: RuntimeState  # shared by the services: boot once, drains, bootstrap
         self.token = ""
         self.started_at = 0.0
         self.reloads: dict[str, Any] = {"ok": 0, "failed": 0, "last_error": None, "last_at": None}
@@ -110,8 +105,7 @@ class Supervisor:
             bus=self.bus,
             store=self.store,
             log=logging.getLogger(name),
-            services=self.running,
-            boot=self.boot,
+            runtime=self.runtime,
             control=self,
             admin_token=self.token,
         )
@@ -161,7 +155,7 @@ class Supervisor:
             # still queued: nothing in normal running (the writer keeps up within
             # milliseconds), the backlog while another process holds the file's lock.
             self.store = DaemonStore.open(plan.state_dir)
-            self.boot = BootState(self.store)
+            self.runtime = RuntimeState(self.store)
             self.token = ensure_token(plan.state_dir)
         except (StoreError, OSError) as exc:
             raise ServiceError(str(exc)) from None
@@ -372,29 +366,28 @@ class Supervisor:
 
     # --- status ----------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ApplianceStatus:
         plan = self.plan
         services = {}
         for spec in self.specs:
             svc = self.running.get(spec.name)
-            entry: dict[str, Any] = {
-                "state": "running" if svc else "off",
-                "listen": [str(ep) for ep in spec.endpoints(plan) if ep] if plan else [],
-            }
-            if svc is not None:
-                entry.update(svc.status())
-            services[spec.name] = entry
-        return {
-            "version": __version__,
-            "config": str(self.config),
-            "uptime": round(time.time() - self.started_at, 3) if self.started_at else 0,
-            "cluster": plan.domain if plan else None,
-            "nodes": len(plan.nodes) if plan else 0,
-            "services": services,
-            "reloads": dict(self.reloads),
-            "events": {"published": self.bus.published, "dropped": self.bus.dropped},
-            "store": self.store.stats() if self.store is not None else {},
-        }
+            services[spec.name] = ServiceEntry(
+                "running" if svc else "off",
+                tuple(str(ep) for ep in spec.endpoints(plan) if ep) if plan else (),
+                svc.status() if svc is not None else None,
+            )
+        return ApplianceStatus(
+            version=__version__,
+            config=str(self.config),
+            uptime=round(time.time() - self.started_at, 3) if self.started_at else 0,
+            cluster=plan.domain if plan else None,
+            nodes=len(plan.nodes) if plan else 0,
+            services=services,
+            reloads=dict(self.reloads),
+            events_published=self.bus.published,
+            events_dropped=self.bus.dropped,
+            store=self.store.stats() if self.store is not None else {},
+        )
 
 
 def _where(spec: ServiceSpec, plan: Plan) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from urllib.parse import parse_qs
 
-from appliance.inventory import normalize_mac
+from appliance.addr import normalize_mac
 from appliance.plan import BootPlan, NodeBoot
 
 IMAGES_PREFIX = "images/"  # TFTP serves boot.images_dir under this prefix

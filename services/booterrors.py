@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from appliance.events import boot_error_detail
 from appliance.logs import escape
-from appliance.plan import BootFiles, NodeBoot
+from services.bootstage import boot_file
+
+__all__ = ["CAUSES", "BootErrors", "Report", "boot_file", "tftp_cause"]
 
 WINDOW = 60.0  # s: one line and one event per node, path and cause in this time
 KEEP = 4096  # node+path keys remembered (the oldest go first): memory stays bounded
@@ -32,31 +34,6 @@ CAUSES = {
     "bootstrap_retired": "bootstrap retired (bootstrap is complete: its ignition is gone)",
     "refused": "refused",
 }
-
-
-def boot_file(boot: NodeBoot | None, files: BootFiles, route: str, rel: str) -> str | None:
-    """What `rel` is to this node: kernel, initramfs, rootfs, image, loader or file; None
-    for a name a firmware only probes for (pxelinux and GRUB try many that need not
-    exist). `route` is "images" (below images_dir) or "root" (tftp_root, /boot/)."""
-    name = rel.replace("\\", "/").lstrip("/")
-    if route == "images":
-        if boot is not None:
-            for what, url in (
-                ("kernel", boot.kernel_url),
-                ("initramfs", boot.initramfs_url),
-                ("rootfs", boot.rootfs_url),
-                ("image", boot.image_url),
-            ):
-                if url and url.endswith("/images/" + name):
-                    return what
-            if name in (boot.kernel, boot.initramfs):
-                return "kernel" if name == boot.kernel else "initramfs"
-        # Nothing probes images_dir: whatever is asked for there, a boot config named.
-        return "file"
-    loaders = {files.bios, files.uefi_x64, files.uefi_arm64}
-    if name in loaders or name.rsplit("/", 1)[-1] in loaders:
-        return "loader"
-    return None
 
 
 def tftp_cause(code: int, message: str) -> str:

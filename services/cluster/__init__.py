@@ -5,10 +5,3 @@ kubeconfig, or better with the least-privilege ServiceAccount that
 `appliance render --as rbac` prints (services/cluster/rbac.py), and is on whenever the
 daemon runs (it waits quietly for a cluster).
 """
-
-from appliance.service import ServiceSpec
-from services.cluster.service import ClusterService, Timing
-
-SPEC = ServiceSpec("cluster", ClusterService, enabled=lambda plan: True)
-
-__all__ = ["SPEC", "ClusterService", "Timing"]

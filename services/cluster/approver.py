@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.plan import Plan
 from services.cluster.access import Attributes
-from services.cluster.breaker import MARGIN, RateLimit, breaker_open, parse_time
+from services.cluster.approval_round import RATE_LIMITED, plan_round
+from services.cluster.breaker import RateLimit
 from services.cluster.informer import Informer
 from services.cluster.kube import CSRS, NODES, Forbidden, Kube, KubeError
 from services.cluster.nodes import ClusterView
-from services.cluster.review import ClusterFacts, CsrInfo, Decision, is_bootstrapper, review
+from services.cluster.review import CsrInfo, Decision
 
 if TYPE_CHECKING:
     from appliance.service import ServiceContext
@@ -146,77 +147,74 @@ class Approver:
         self._wake.set()
 
     async def review_pending(self, kube: Kube) -> float:
-        """Review every pending CSR once; returns how soon to look again (rate limit)."""
+        """One round: approval_round.plan_round decides, this fetches and applies.
+
+        Returns how soon to look again (the rate limit's next token, at the latest resync).
+        """
         plan = self.plan()
-        if not plan.kubernetes.approve_csrs:
-            return self.resync
-        if not self.view.synced:
-            # Which Nodes exist decides bootstrapper CSRs: never review before knowing.
-            return min(self.resync, 0.1)
         now = self.clock()
         # Each CSR with the very object reviewed: the approval carries its resourceVersion,
         # so a CSR changed while we were busy (the watch runs on) gets a 409, not a blind write.
-        pending: list[tuple[CsrInfo, dict[str, Any]]] = []
+        csrs: list[CsrInfo] = []
+        objects: dict[str, dict[str, Any]] = {}
+        unreadable: list[tuple[str, ValueError]] = []
         for name, obj in list(self.objects.items()):
             try:
                 csr = CsrInfo.from_object(obj)
-            except ValueError as exc:
-                self.log.warning("CSR %s cannot be read: %s", name, exc)
+            except ValueError as err:
+                unreadable.append((name, err))
                 continue
-            if csr.state == "pending":
-                pending.append((csr, obj))
-        since = []
-        for csr, _ in pending:
-            seen = self.first_seen.setdefault(csr.uid or csr.name, now)
-            since.append(parse_time(csr.created) or seen)
-        keep = {csr.uid or csr.name for csr, _ in pending}
-        self.first_seen = {k: t for k, t in self.first_seen.items() if k in keep}
-        was_open, self.breaker = self.breaker, breaker_open(since, len(plan.nodes), now)
+            csrs.append(csr)
+            objects[csr.name] = obj
+        facts = self.view.facts()
+        synced = self.view.synced
+        looked_up: dict[str, str] = {}
+        while True:
+            # Computed again after the lookups (they await): the bucket it returns is then
+            # taken at once, so a reload's reconfigure() in between is not lost.
+            rnd = plan_round(
+                csrs,
+                plan,
+                facts,
+                now,
+                bucket=self.limit,
+                first_seen=self.first_seen,
+                resync=self.resync,
+                synced=synced,
+                looked_up=looked_up,
+            )
+            if not rnd.lookups:
+                break
+            for node in rnd.lookups:
+                looked_up[node] = await self._existing_node(kube, plan, node)
+        if not rnd.reviewed:
+            return rnd.delay
+        for name, problem in unreadable:
+            self.log.warning("CSR %s cannot be read: %s", name, problem)
+        self.limit, self.first_seen = rnd.bucket, dict(rnd.first_seen)
+        was_open, self.breaker = self.breaker, rnd.breaker_open
         if self.breaker and not was_open:
             self.log.warning(
                 "circuit breaker open: %d pending CSRs for %d inventory nodes; no approvals",
-                len(pending),
+                rnd.pending,
                 len(plan.nodes),
             )
         elif was_open and not self.breaker:
             self.log.info("circuit breaker closed: approving again")
-        facts = self.view.facts()
-        self.held = 0
-        delay = self.resync
+        self.held = rnd.held
         refused: Forbidden | None = None
-        for csr, obj in sorted(pending, key=lambda p: (p[0].created, p[0].name)):
-            decision = review(csr, plan, facts)
-            if decision.verdict == "approve" and self.breaker:
-                decision = Decision(
-                    "pending",
-                    f"circuit breaker open: {len(pending)} pending CSRs exceed "
-                    f"{len(plan.nodes)} nodes + {MARGIN}",
-                    decision.kind,
-                    decision.node,
-                )
-            elif decision.verdict == "approve" and is_bootstrapper(csr.username):
-                # The Node watch may lag behind the CSR watch: ask the API itself whether
-                # the node exists before a bootstrapper gets its certificate.
-                found = await self._existing_node(kube, plan, decision.node)
-                if found:
-                    facts = ClusterFacts(facts.nodes | {found})
-                    decision = review(csr, plan, facts)
-            if decision.verdict == "approve" and not self.limit.allow(now):
-                self.held += 1
-                delay = min(delay, max(self.limit.wait(now), 0.05))
-                self._record(csr, Decision("pending", "rate limited", decision.kind, decision.node))
-                continue
-            if decision.verdict == "pending":
-                self._record(csr, decision)
+        for action in rnd.steps:
+            if not action.conclude:
+                self._record(action.csr, action.decision)
                 continue
             try:
-                await self._conclude(kube, csr, obj, decision)
+                await self._conclude(kube, action.csr, objects[action.csr.name], action.decision)
             except Forbidden as exc:
                 # Refused for this CSR's signer (or the approval subresource): leave it
                 # pending with the reason, go on with the others, look again next round.
-                refused = self._refused(csr, decision, exc)
+                refused = self._refused(action.csr, action.decision, exc)
         self.refused = refused
-        return delay
+        return rnd.delay
 
     def _refused(self, csr: CsrInfo, decision: Decision, exc: Forbidden) -> Forbidden:
         if "not permitted to approve requests with signerName" in exc.message:
@@ -334,7 +332,7 @@ class Approver:
                 "reason": decision.reason,
             }
         )
-        if decision.verdict == "pending" and decision.reason != "rate limited":
+        if decision.verdict == "pending" and decision.reason != RATE_LIMITED:
             self.log.warning(
                 "left %s (%s, %s) pending: %s",
                 csr.name,

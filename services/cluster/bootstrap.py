@@ -6,6 +6,8 @@ etcd operator (operator.openshift.io/v1 etcds "cluster"), its condition
 EtcdBootstrapMemberRemoved is True. Then the bootstrap backend is drained from the
 api and machine_config pools of the load balancer, bootstrap.ign is no longer served,
 the store remembers it (key "bootstrap") and a bootstrap-complete event is published.
+Both go through the supervisor's runtime state: the load balancer applies the drain
+(now, or when it starts), HTTP reads "bootstrap retired"; no service is looked up here.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from services.cluster.informer import Informer
 from services.cluster.kube import CONFIGMAPS, ETCDS, Kube
 
 if TYPE_CHECKING:
-    from appliance.service import Service, ServiceContext
+    from appliance.service import ServiceContext
 
 CONFIGMAP_NAMESPACE = "kube-system"
 CONFIGMAP_NAME = "bootstrap"
@@ -69,7 +71,7 @@ class BootstrapWatcher:
         self.waiting = "" if self.complete else "ConfigMap kube-system/bootstrap status complete"
         self.configmap: dict[str, Any] | None = None
         self._wake = asyncio.Event()
-        self._drained_in: Service | None = None  # the proxy instance the drain was applied to
+        self._drained = False  # the drain is in the runtime state (once per watcher)
 
     @property
     def complete(self) -> bool:
@@ -81,7 +83,7 @@ class BootstrapWatcher:
     async def run(self, kube: Kube) -> None:
         if not self.complete:
             await self._watch(kube)
-        while True:  # nothing left to watch; a restarted proxy is drained again
+        while True:  # nothing left to watch (the runtime state re-applies to a new proxy)
             self.ensure_retired()
             await asyncio.sleep(self.poll)
 
@@ -137,7 +139,7 @@ class BootstrapWatcher:
         now = self.clock()
         plan = self.plan()
         nodes = [n.name for n in plan.nodes if n.role == "bootstrap"]
-        self.ctx.boot.bootstrap_retired = True
+        self.ctx.runtime.retire_bootstrap()
         drained = self._drain(plan)
         self.state = {"complete": True, "time": now, "why": why, "drained": drained}
         self.ctx.store.set_cluster_state("bootstrap", self.state, now)
@@ -152,32 +154,25 @@ class BootstrapWatcher:
             self.ctx.bus.publish(node, "bootstrap-complete", detail, source="cluster", time=now)
 
     def ensure_retired(self) -> None:
-        """After a restart of the daemon or of the proxy: drain again, refuse bootstrap.ign.
+        """After a restart of the daemon: drain again, refuse bootstrap.ign.
 
-        Applied once per proxy instance, so an operator who re-enables the backend on
-        purpose (admin API) is not overruled.
+        Put in the runtime state once per watcher (a proxy restarted later gets it from
+        there), so an operator who re-enables the backend on purpose (admin API) is not
+        overruled.
         """
         if not self.complete:
             return
-        self.ctx.boot.bootstrap_retired = True
-        proxy = self.ctx.services.get("proxy")
-        if proxy is not None and proxy is not self._drained_in:
+        self.ctx.runtime.retire_bootstrap()
+        if not self._drained:
             self._drain(self.plan())
 
     def _drain(self, plan: Plan) -> list[str]:
-        proxy = self.ctx.services.get("proxy")
+        """Drain the bootstrap nodes from POOLS; the ones applied now ("api/bootstrap")."""
+        self._drained = True
         drained: list[str] = []
-        if proxy is None:
-            return drained
-        self._drained_in = proxy
-        setter = getattr(proxy, "set_admin_state", None)
-        if setter is None:
-            return drained
         for node in (n.name for n in plan.nodes if n.role == "bootstrap"):
             for pool in POOLS:
-                try:
-                    setter(pool, node, "drain")
-                except (KeyError, ValueError):
-                    continue  # that frontend is off here, or the node left the pool
-                drained.append(f"{pool}/{node}")
+                # False: no load balancer here, or that frontend is off or lacks the node.
+                if self.ctx.runtime.want_admin_state(pool, node, "drain"):
+                    drained.append(f"{pool}/{node}")
         return drained

@@ -33,6 +33,7 @@ from services.cluster.gpu import Timeouts
 from services.cluster.gpuflow import GpuFlow
 from services.cluster.kube import Kube, KubeconfigError, KubeError, Unreachable
 from services.cluster.nodes import ClusterView, NodeWatcher
+from services.cluster.status import ClusterStatus
 from services.cluster.workers import FORBIDDEN, OK, Failure, WorkerState, classify
 
 HINT = "`appliance render --as rbac` prints the role the cluster loop needs"
@@ -116,7 +117,7 @@ class ClusterService:
         self.bootstrap = BootstrapWatcher(self.ctx, self._current, t.resync, t.watch_timeout)
         self.gpu = GpuFlow(self.ctx, self._current, self.view, t.gpu, t.gpu_poll)
         # Retired before this start: drain again and refuse bootstrap.ign without waiting
-        # for the API (the proxy starts before us and forgot the drain).
+        # for the API (admin states are not stored: the runtime state starts without it).
         self.bootstrap.ensure_retired()
         self.task = asyncio.get_running_loop().create_task(self._run(), name="cluster")
 
@@ -135,20 +136,18 @@ class ClusterService:
                 await self.task
             self.task = None
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "connection": {**self.connection, "connects": self.connects},
-            "workers": self._worker_views(time.time()),
-            "kubeconfig": str(self.plan.kubernetes.kubeconfig),
-            "approve_csrs": self.plan.kubernetes.approve_csrs,
-            "csr": self.approver.status(),
-            "nodes": {
-                "seen": len(self.view.nodes),
-                "ready": sorted(n for n, s in self.view.nodes.items() if s.ready),
-            },
-            "bootstrap": self.bootstrap.status(),
-            "gpu": self.gpu.status(),
-        }
+    def status(self) -> ClusterStatus:
+        return ClusterStatus(
+            connection={**self.connection, "connects": self.connects},
+            workers=self._worker_views(time.time()),
+            kubeconfig=str(self.plan.kubernetes.kubeconfig),
+            approve_csrs=self.plan.kubernetes.approve_csrs,
+            csr=self.approver.status(),
+            nodes_seen=len(self.view.nodes),
+            nodes_ready=tuple(sorted(n for n, s in self.view.nodes.items() if s.ready)),
+            bootstrap=self.bootstrap.status(),
+            gpu=self.gpu.status(),
+        )
 
     def _worker_views(self, now: float) -> dict[str, dict[str, Any]]:
         views = {name: w.view(now) for name, w in self.workers.items()}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import socket
 import sqlite3
 import time
@@ -26,17 +25,20 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
-from appliance.inventory import Endpoint
+from appliance.addr import Endpoint
 from appliance.plan import Plan
 from appliance.service import BindError, ServiceContext, ServiceError, grow_buffers
 from appliance.store import UNKNOWN_MACHINES_KEEP, Lease, Store, UnknownMachine
 from appliance.storequeue import is_busy
+from appliance.stores import DhcpStore
 from services.dhcp.arp import ArpCache
 from services.dhcp.leases import Binding, LeaseTable
 from services.dhcp.ping import Pinger
 from services.dhcp.policy import BROADCAST, ClientInfo, DhcpCore, Outcome, Outgoing
+from services.dhcp.status import DhcpStatus
 from services.dhcp.strangers import Strangers
 
 PXE_PORT = 4011  # proxyDHCP boot server port
@@ -49,6 +51,11 @@ SWEEP_EVERY = 30.0  # seconds between expiry sweeps of offers and quarantines
 UNKNOWN_WRITE_EVERY = 1.0  # seconds between batched writes of unknown machines
 UNKNOWN_WRITE_BATCH = 1024  # sightings that make the writer go before its second is up
 STRANGER_WARN_EVERY = 60.0  # s between two "state file busy" lines of that writer
+
+
+def open_lease_store(state_dir: Path) -> DhcpStore:
+    """The leases' own connection (the seam a test or another store plugs into)."""
+    return Store.open(state_dir, busy_timeout_ms=LEASE_BUSY_MS)
 
 
 def _binding_to_lease(b: Binding, now: float) -> Lease:
@@ -130,7 +137,7 @@ class DhcpService:
         self.transports: list[asyncio.DatagramTransport] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="dhcp-leases")
-        self.store: Store | None = None  # our own connection, used only in the executor
+        self.store: DhcpStore | None = None  # our own connection, used only in the executor
         self.pending = _Pending()
         self.wake = asyncio.Event()
         self._locked_since: float | None = None  # monotonic: since a commit found a lock
@@ -147,8 +154,7 @@ class DhcpService:
 
     async def start(self, plan: Plan) -> None:
         loop = asyncio.get_running_loop()
-        open_store = functools.partial(Store.open, plan.state_dir, busy_timeout_ms=LEASE_BUSY_MS)
-        self.store = await loop.run_in_executor(self.executor, open_store)
+        self.store = await loop.run_in_executor(self.executor, open_lease_store, plan.state_dir)
         leases = await loop.run_in_executor(self.executor, self.store.leases)
         self.table.load(_lease_to_binding(lease) for lease in leases)
         self._open_pinger(plan)
@@ -242,14 +248,14 @@ class DhcpService:
             await asyncio.get_running_loop().run_in_executor(self.executor, store.close)
         self.executor.shutdown(wait=True)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DhcpStatus:
         now = time.time()
         bound = sum(1 for b in self.table.by_mac.values() if b.state == "bound" and b.expires > now)
-        return {
-            "counters": dict(self.counters),
-            "leases_bound": bound,
-            "unknown_machines": len(self.strangers.last_noted),
-        }
+        return DhcpStatus(
+            counters=dict(self.counters),
+            leases_bound=bound,
+            unknown_machines=len(self.strangers.last_noted),
+        )
 
     # --- packets ----------------------------------------------------------------------
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from dnslib import NS, PTR, QTYPE, RR, SOA, SRV, A, DNSLabel
 
 from appliance.plan import ARecord, DnsPlan, DnsZone, NsRecord, PtrRecord, SrvRecord
+from services.dns.rcode import NOERROR, NXDOMAIN
 
-NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 T_A, T_NS, T_SOA, T_PTR, T_SRV, T_ANY = 1, 2, 6, 12, 33, 255
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from dnslib import QTYPE, DNSRecord
 
-from appliance.inventory import Endpoint
+from appliance.addr import Endpoint
+from services.dns.rcode import NOERROR, NXDOMAIN, REFUSED, SERVFAIL
 
-NXDOMAIN, SERVFAIL, REFUSED = 3, 2, 5
 CacheKey = tuple[str, int, int]
 
 
@@ -58,9 +58,9 @@ class ForwardCache:
     def ttl_of(self, record: DNSRecord) -> int | None:
         """How long a response may be cached; None: not at all."""
         rcode = record.header.rcode
-        if record.header.tc or rcode in (SERVFAIL, REFUSED) or rcode not in (0, NXDOMAIN):
+        if record.header.tc or rcode in (SERVFAIL, REFUSED) or rcode not in (NOERROR, NXDOMAIN):
             return None
-        if rcode == 0 and record.rr:
+        if rcode == NOERROR and record.rr:
             return min(min(int(rr.ttl) for rr in record.rr), self.max_ttl)
         # NXDOMAIN or NODATA: cacheable only with the zone's SOA in the authority section.
         for rr in record.auth:

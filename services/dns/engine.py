@@ -17,13 +17,8 @@ from ipaddress import IPv4Address, IPv6Address
 from dnslib import EDNS0, QTYPE, RR, DNSError, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
 from appliance.plan import DnsPlan
-from services.dns.authority import (
-    FORMERR,
-    NOTIMP,
-    REFUSED,
-    Answer,
-    Authority,
-)
+from services.dns.authority import Answer, Authority
+from services.dns.rcode import BADVERS, FORMERR, NOTIMP, REFUSED, SERVFAIL
 from services.dns.wire import (
     CLASS_IN,
     Query,
@@ -208,8 +203,8 @@ class DnsEngine:
             if request is None or request.header.opcode == OPCODE_UPDATE:
                 # An UPDATE's "question" is its zone, which clients check as such (dnspython
                 # refuses a reply whose zone is not an SOA question): send the header only.
-                return Reply(self._header_error(data, NOTIMP))
-            return Reply(self._error(request, NOTIMP))
+                return Reply(header_error(data, NOTIMP))
+            return Reply(error_reply(request, NOTIMP))
         if request is None:
             return self._formerr_or_drop(data)
         header = request.header
@@ -224,21 +219,21 @@ class DnsEngine:
             return Reply(self._badvers(request))
         if edns and not _options_ok(data):
             self.counters["malformed"] += 1
-            return Reply(self._error(request, FORMERR))
+            return Reply(error_reply(request, FORMERR))
         if q.qclass not in (CLASS_IN, CLASS_ANY):
             # Well formed, just not a class we serve (CH version.bind, HS): REFUSED, as
             # BIND and dnsmasq do; FORMERR would say the client broke the protocol.
             self.counters["refused"] += 1
-            return Reply(self._error(request, REFUSED))
+            return Reply(error_reply(request, REFUSED))
         qname = lookup_name(tuple(q.qname.label))
         if q.qtype in (TYPE_AXFR, TYPE_IXFR):
             self.counters["refused"] += 1
-            return Reply(self._error(request, REFUSED))
+            return Reply(error_reply(request, REFUSED))
         ra = self._ra(client)
         if not self.authority.is_ours(qname):
             if not ra:
                 self.counters["refused"] += 1
-                return Reply(self._error(request, REFUSED))
+                return Reply(error_reply(request, REFUSED))
             if query is None:
                 # Only the plain shape goes upstream (one uncompressed question, at most an
                 # OPT, nothing after it): the forwarder matches the reply's question bytes.
@@ -275,9 +270,9 @@ class DnsEngine:
         """REFUSED for a plain query (one the engine decided to forward)."""
         self.counters["refused"] += 1
         try:
-            return self._error(DNSRecord.parse(data), REFUSED)
+            return error_reply(DNSRecord.parse(data), REFUSED)
         except Exception:  # what the fast path took, dnslib may not: the header will do
-            return self._header_error(data, REFUSED)
+            return header_error(data, REFUSED)
 
     def _formerr_or_drop(self, data: bytes) -> Decision:
         self.counters["malformed"] += 1
@@ -286,30 +281,7 @@ class DnsEngine:
             return None  # no usable header, or a response: say nothing
         # FORMERR with the header only (RFC 1035 4.1.1): we could not read the rest. No
         # bigger than the query (no amplification); QR set, so no peer answers it back.
-        return Reply(self._header_error(data, FORMERR))
-
-    @staticmethod
-    def _header_error(data: bytes, rcode: int) -> bytes:
-        """An error reply from the header alone: ID, opcode and RD echoed, OPT if asked."""
-        edns = has_opt(data)
-        head = data[0:2] + bytes([0x80 | (data[2] & 0x79), rcode])
-        return head + (b"\x00\x00\x00\x00\x00\x00\x00\x01" + _OPT if edns else b"\x00" * 8)
-
-    @staticmethod
-    def _error(request: DNSRecord, rcode: int) -> bytes:
-        reply = DNSRecord(
-            DNSHeader(
-                id=request.header.id,
-                qr=1,
-                opcode=request.header.opcode,  # clients match replies by ID and opcode
-                rd=request.header.rd,
-                rcode=rcode,
-            ),
-            q=request.questions[0] if len(request.questions) == 1 else None,
-        )
-        if any(rr.rtype == QTYPE.OPT for rr in request.ar):
-            reply.add_ar(EDNS0(udp_len=OUR_UDP_SIZE))
-        return bytes(reply.pack())
+        return Reply(header_error(data, FORMERR))
 
     @staticmethod
     def _badvers(request: DNSRecord) -> bytes:
@@ -318,7 +290,7 @@ class DnsEngine:
             q=request.questions[0],
         )
         # BADVERS (16) = extended rcode 1 in the OPT TTL, low 4 bits 0 in the header.
-        reply.add_ar(EDNS0(udp_len=OUR_UDP_SIZE, ext_rcode=1))
+        reply.add_ar(EDNS0(udp_len=OUR_UDP_SIZE, ext_rcode=BADVERS >> 4))
         return bytes(reply.pack())
 
     @staticmethod
@@ -347,6 +319,49 @@ class DnsEngine:
             # Last on purpose: wire.truncate and the DO patch expect the OPT at the end.
             reply.add_ar(EDNS0(udp_len=OUR_UDP_SIZE, flags="do" if do else ""))
         return bytes(reply.pack())
+
+
+def header_error(data: bytes, rcode: int) -> bytes:
+    """An error reply from the header alone: ID, opcode and RD echoed, OPT if asked."""
+    edns = has_opt(data)
+    head = data[0:2] + bytes([0x80 | (data[2] & 0x79), rcode])
+    return head + (b"\x00\x00\x00\x00\x00\x00\x00\x01" + _OPT if edns else b"\x00" * 8)
+
+
+def error_reply(request: DNSRecord, rcode: int, *, ra: bool = False) -> bytes:
+    """An error reply to a parsed query: its ID, opcode, RD and question, OPT if it had one."""
+    reply = DNSRecord(
+        DNSHeader(
+            id=request.header.id,
+            qr=1,
+            opcode=request.header.opcode,  # clients match replies by ID and opcode
+            rd=request.header.rd,
+            ra=int(ra),
+            rcode=rcode,
+        ),
+        q=request.questions[0] if len(request.questions) == 1 else None,
+    )
+    if any(rr.rtype == QTYPE.OPT for rr in request.ar):
+        reply.add_ar(EDNS0(udp_len=OUR_UDP_SIZE))
+    return bytes(reply.pack())
+
+
+def servfail(data: bytes) -> bytes:
+    """SERVFAIL for a forwarded query (RA set: we did try to recurse for it)."""
+    try:
+        return error_reply(DNSRecord.parse(data), SERVFAIL, ra=True)
+    except (DNSError, ValueError, IndexError, KeyError, TypeError, UnicodeError):
+        return header_error(data, SERVFAIL)
+
+
+def truncate_reply(reply: bytes, edns: bool) -> bytes:
+    """One of our replies cut to header and question with TC set (wire.truncate), for a
+    reply whose question end is not known from a parsed query. Its OPT, if any, must be
+    its last record, as cache_reply and _encode put it."""
+    pos = 12
+    while reply[pos]:  # our own encoding: plain labels, no pointer in the question
+        pos += reply[pos] + 1
+    return truncate(reply, pos + 1, edns)
 
 
 def _udp_limit(client_size: int) -> int:

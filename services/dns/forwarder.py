@@ -1,9 +1,9 @@
-"""Asking upstream resolvers: the asyncio side of forwarding.
+"""Asking upstream resolvers: the asyncio shell around resolution.Resolution.
 
-Each exchange uses a fresh UDP socket (a random source port) and a random ID,
-and accepts only a reply from the upstream's address with that ID and the same
-question. A truncated reply is asked again over TCP. Timeouts and failures move
-on to the next upstream; identical questions in flight are asked once.
+The decisions (which upstream, which reply counts, timeouts, TC -> TCP, SERVFAIL) are
+the core's; this file opens a fresh UDP socket per try (a random source port), or a
+TCP connection for a truncated answer, hands back what arrives, and arms one timer at
+the core's deadline. Answers are cached; identical questions in flight are asked once.
 """
 
 from __future__ import annotations
@@ -11,69 +11,149 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import struct
-import time
 from collections import Counter
 from typing import Any
 
-from dnslib import EDNS0, QTYPE, DNSError, DNSHeader, DNSRecord
+from dnslib import DNSRecord
 
-from appliance.inventory import Endpoint
+from appliance.addr import Endpoint
 from services.dns.cache import CacheKey, ForwardCache, UpstreamPicker
-from services.dns.engine import OUR_UDP_SIZE, Forward, cache_reply
+from services.dns.engine import Forward
+from services.dns.resolution import Action, Resolution, Send, client_reply
 
 log = logging.getLogger("dns")
-
-SERVFAIL = 2
-TRY_TIMEOUT = 1.5  # per upstream
-TOTAL_TIMEOUT = 4.0  # per client question, all upstreams together
-
-
-class _OneShot(asyncio.DatagramProtocol):
-    def __init__(self, expect_id: int, question: bytes) -> None:
-        self.expect_id = expect_id
-        self.question = question
-        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        # connect()ed socket: only the upstream's address reaches us. Check that it is a
-        # response (QR, opcode QUERY: an echo of our query is not), its ID and question.
-        if (
-            self.done.done()
-            or len(data) < 12
-            or data[2] & 0xF8 != 0x80
-            or struct.unpack_from("!H", data)[0] != self.expect_id
-        ):
-            return
-        if not same_question(data, self.question):
-            return
-        self.done.set_result(data)
-
-    def error_received(self, exc: Exception) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
 
 
 def _source(sockname: Any) -> tuple[str, int]:
     return (str(sockname[0]), int(sockname[1])) if sockname else ("", -1)
 
 
-def _question_bytes(data: bytes) -> bytes:
-    """The question section (name, type, class) of a parsed-OK query, lower-cased name."""
-    pos = 12
-    while data[pos]:
-        pos += data[pos] + 1
-    pos += 1  # the root label ends the name and belongs to it
-    return data[12:pos].lower() + data[pos : pos + 4]
+class _Try(asyncio.DatagramProtocol):
+    """The UDP socket of one try: every datagram and error goes to the core."""
+
+    def __init__(self, run: _Run, send: Send) -> None:
+        self.run = run
+        self.send = send
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self.run.res.current is self.send:  # not a socket the core has moved on from
+            self.run.deliver(self.run.res.receive(data, addr, self.run.now()))
+
+    def error_received(self, exc: Exception) -> None:
+        if self.run.res.current is self.send:
+            log.debug("upstream %s: %s", self.send.upstream, exc)
+            self.run.deliver(self.run.res.failed(self.run.now()))
 
 
-def same_question(reply: bytes, question: bytes) -> bool:
-    """Does `reply` answer `question` (from _question_bytes)? The name compares without
-    case (0x20 mixing), type and class exactly: lower-casing those too would turn type
-    65 (HTTPS, low byte 'A') into 97 and refuse every such answer."""
-    end = 12 + len(question)
-    return reply[12 : end - 4].lower() == question[:-4] and reply[end - 4 : end] == question[-4:]
+class _Run:
+    """Drives one Resolution: sends what it says, one timer at get_timer()."""
+
+    def __init__(self, forwarder: Forwarder, res: Resolution) -> None:
+        self.forwarder = forwarder
+        self.res = res
+        self.loop = asyncio.get_running_loop()
+        self.timer: asyncio.TimerHandle | None = None
+        self.step: asyncio.Future[Action] = self.loop.create_future()
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def deliver(self, action: Action | None) -> None:
+        """What the core says after an event: a new step ends the current one."""
+        if action is not None and not self.step.done():
+            self.step.set_result(action)
+        else:
+            self._arm()
+
+    def _arm(self) -> None:
+        when = self.res.get_timer()
+        if self.timer is not None:
+            if when is not None and self.timer.when() == when:
+                return
+            self.timer.cancel()
+            self.timer = None
+        if when is not None:
+            self.timer = self.loop.call_at(when, self._fire, when)
+
+    def _fire(self, when: float) -> None:
+        self.timer = None
+        # The loop may run a timer a clock tick early: judge at its due time at least.
+        self.deliver(self.res.handle_timer(max(self.now(), when)))
+
+    async def run(self) -> DNSRecord | None:
+        action: Action = self.res.start(self.now())
+        try:
+            while isinstance(action, Send):
+                self.step = self.loop.create_future()
+                self._arm()
+                if action.tcp:
+                    action = await self._tcp(action)
+                else:
+                    action = await self._udp(action)
+        finally:
+            if self.timer is not None:
+                self.timer.cancel()
+        return action.record
+
+    async def _udp(self, send: Send) -> Action:
+        ep = send.upstream
+        try:
+            transport, _ = await self.loop.create_datagram_endpoint(
+                lambda: _Try(self, send), remote_addr=(ep.host, ep.port)
+            )
+        except OSError as exc:
+            log.debug("upstream %s: %s", ep, exc)
+            self.deliver(self.res.failed(self.now()))
+            return await self.step
+        # connect()ed: the kernel passes only the upstream's datagrams; the core checks too.
+        source = _source(transport.get_extra_info("sockname"))
+        self.forwarder.sources.add(source)
+        try:
+            transport.sendto(send.data)
+            return await self.step
+        finally:
+            self.forwarder.sources.discard(source)
+            transport.close()
+
+    async def _tcp(self, send: Send) -> Action:
+        task = self.loop.create_task(self._tcp_exchange(send))
+
+        def reap(t: asyncio.Task[bytes]) -> None:
+            if t.cancelled() or self.res.current is not send:
+                return
+            exc = t.exception()
+            if exc is not None:
+                log.debug("upstream %s over TCP: %s", send.upstream, exc)
+                self.deliver(self.res.failed(self.now()))
+            else:
+                addr = (send.upstream.host, send.upstream.port)
+                self.deliver(self.res.receive(t.result(), addr, self.now(), tcp=True))
+
+        task.add_done_callback(reap)
+        try:
+            return await self.step  # the answer, a failure, or the core's timer
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _tcp_exchange(self, send: Send) -> bytes:
+        ep = send.upstream
+        reader, writer = await asyncio.open_connection(ep.host, ep.port)
+        source = _source(writer.get_extra_info("sockname"))
+        self.forwarder.sources.add(source)
+        try:
+            writer.write(struct.pack("!H", len(send.data)) + send.data)
+            await writer.drain()
+            (length,) = struct.unpack("!H", await reader.readexactly(2))
+            return await reader.readexactly(length)
+        finally:
+            self.forwarder.sources.discard(source)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
 
 class Forwarder:
@@ -89,10 +169,10 @@ class Forwarder:
         self._inflight: dict[CacheKey, asyncio.Future[DNSRecord | None]] = {}
         # The local (address, port) of each exchange in progress: a query from one of
         # them reaching our listener means the upstream is ourselves.
-        self._sources: set[tuple[str, int]] = set()
+        self.sources: set[tuple[str, int]] = set()
 
     def is_own_source(self, addr: tuple[Any, ...]) -> bool:
-        return bool(self._sources) and (addr[0], addr[1]) in self._sources
+        return bool(self.sources) and (addr[0], addr[1]) in self.sources
 
     def set_upstreams(self, upstreams: tuple[Endpoint, ...]) -> None:
         if upstreams != self.picker.upstreams:
@@ -101,13 +181,11 @@ class Forwarder:
 
     async def resolve(self, fwd: Forward, tcp: bool) -> bytes:
         """The reply for the client: from the cache, from upstream, or SERVFAIL."""
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         hit = self.cache.get(fwd.key, now)
         if hit is not None:
             self.counters["cache_hits"] += 1
-            out = cache_reply(fwd.data, hit[0], hit[1])
-            if out is not None:
-                return self._fit(out, fwd, tcp)
+            return client_reply(fwd, hit[0], hit[1], tcp, self.counters)
         pending = self._inflight.get(fwd.key)
         if pending is not None:
             record = await asyncio.shield(pending)
@@ -122,97 +200,12 @@ class Forwarder:
                 raise
             finally:
                 del self._inflight[fwd.key]
-        if record is None:
-            self.counters["servfail"] += 1
-            return _servfail(fwd.data)
-        out = cache_reply(fwd.data, record, 0)
-        return self._fit(out, fwd, tcp) if out is not None else _servfail(fwd.data)
+        return client_reply(fwd, record, 0, tcp, self.counters)
 
     async def _ask(self, fwd: Forward) -> DNSRecord | None:
-        deadline = time.monotonic() + TOTAL_TIMEOUT
-        for ep in self.picker.order(time.monotonic()):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                raw = await self._exchange(ep, fwd.data, min(TRY_TIMEOUT, left))
-                record = DNSRecord.parse(raw)
-            except (OSError, TimeoutError, DNSError, ValueError, IndexError, EOFError) as exc:
-                self.counters["upstream_failures"] += 1
-                log.debug("upstream %s failed: %s", ep, exc or type(exc).__name__)
-                self.picker.failed(ep, time.monotonic())
-                continue
-            if record.header.rcode in (SERVFAIL, 5):  # SERVFAIL, REFUSED: try the next one
-                self.counters["upstream_failures"] += 1
-                self.picker.failed(ep, time.monotonic())
-                continue
-            self.picker.succeeded(ep)
-            self.cache.put(fwd.key, record, time.monotonic())
-            return record
-        return None
-
-    async def _exchange(self, ep: Endpoint, query: bytes, timeout: float) -> bytes:
-        qid = secrets.randbelow(65536)
-        data = struct.pack("!H", qid) + query[2:]
-        question = _question_bytes(query)
         loop = asyncio.get_running_loop()
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: _OneShot(qid, question), remote_addr=(ep.host, ep.port)
-        )
-        source = _source(transport.get_extra_info("sockname"))
-        self._sources.add(source)
-        try:
-            transport.sendto(data)
-            reply = await asyncio.wait_for(proto.done, timeout)
-        finally:
-            self._sources.discard(source)
-            transport.close()
-        if reply[2] & 0x02:  # TC: the whole answer needs TCP
-            self.counters["upstream_tcp"] += 1
-            reply = await asyncio.wait_for(self._tcp_exchange(ep, data, question), timeout)
-        return reply
-
-    async def _tcp_exchange(self, ep: Endpoint, data: bytes, question: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection(ep.host, ep.port)
-        source = _source(writer.get_extra_info("sockname"))
-        self._sources.add(source)
-        try:
-            writer.write(struct.pack("!H", len(data)) + data)
-            await writer.drain()
-            (length,) = struct.unpack("!H", await reader.readexactly(2))
-            reply = await reader.readexactly(length)
-        finally:
-            self._sources.discard(source)
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        # The same checks as over UDP: a response, to our ID, for our question.
-        if len(reply) < 12 or reply[2] & 0xF8 != 0x80 or reply[:2] != data[:2]:
-            raise ValueError("upstream TCP reply is not the response to our query")
-        if not same_question(reply, question):
-            raise ValueError("upstream TCP reply for another question")
-        return reply
-
-    def _fit(self, reply: bytes, fwd: Forward, tcp: bool) -> bytes:
-        if tcp or len(reply) <= (fwd.udp_size if fwd.edns else 512):
-            return reply
-        self.counters["truncated"] += 1
-        request = DNSRecord.parse(fwd.data)
-        out = DNSRecord(
-            DNSHeader(id=request.header.id, qr=1, rd=request.header.rd, ra=1, tc=1),
-            q=request.questions[0],
-        )
-        if fwd.edns:
-            out.add_ar(EDNS0(udp_len=OUR_UDP_SIZE))
-        return bytes(out.pack())
-
-
-def _servfail(query: bytes) -> bytes:
-    request = DNSRecord.parse(query)
-    out = DNSRecord(
-        DNSHeader(id=request.header.id, qr=1, rd=request.header.rd, ra=1, rcode=SERVFAIL),
-        q=request.questions[0],
-    )
-    if any(rr.rtype == QTYPE.OPT for rr in request.ar):
-        out.add_ar(EDNS0(udp_len=OUR_UDP_SIZE))
-    return bytes(out.pack())
+        res = Resolution(fwd.data, self.picker, loop.time(), self.counters)
+        record = await _Run(self, res).run()
+        if record is not None:
+            self.cache.put(fwd.key, record, loop.time())
+        return record

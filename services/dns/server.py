@@ -12,15 +12,17 @@ from typing import Any
 
 from appliance.plan import Plan
 from appliance.service import ServiceContext, bind_socket
+from services.dns import rcode
 from services.dns.engine import DnsEngine, Forward, Reply, unsafe_source
 from services.dns.forwarder import Forwarder
+from services.dns.status import DnsStatus
 from services.dns.tcpslots import TcpLimits, TcpSlots
 
 # 256 connections; 64 per client and 10 s idle (RFC 7766 suggests seconds, not minutes)
 # while at most half are used, shrinking to 4 per client and 1 s idle at full.
 TCP_LIMITS = TcpLimits()
 MAX_FORWARDS = 1024  # questions in flight upstream at once; more are refused
-RCODE_NAMES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
+RCODE_NAMES = rcode.NAMES  # status() names replies by their RCODE
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -129,17 +131,17 @@ class DnsService:
             with contextlib.suppress(BaseException):
                 await task
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "counters": dict(self.counters),
-            "cache_entries": len(self.forwarder.cache) if hasattr(self, "forwarder") else 0,
-            "tcp_connections": len(self.slots),
-            "rcodes": {
+    def status(self) -> DnsStatus:
+        return DnsStatus(
+            counters=dict(self.counters),
+            cache_entries=len(self.forwarder.cache) if hasattr(self, "forwarder") else 0,
+            tcp_connections=len(self.slots),
+            rcodes={
                 RCODE_NAMES[i] if i < len(RCODE_NAMES) else str(i): n
                 for i, n in enumerate(self.rcodes)
                 if n
             },
-        }
+        )
 
     def log_error(self, msg: str, *args: Any) -> None:
         now = asyncio.get_running_loop().time()

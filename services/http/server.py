@@ -14,7 +14,6 @@ import hashlib
 import logging
 import secrets
 import time
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,17 @@ from appliance.plan import Plan
 from appliance.service import ServiceContext, start_web
 from services import bootconfig
 from services.bootconfig import client_ipv4
-from services.booterrors import BootErrors, boot_file
+from services.booterrors import BootErrors
+from services.bootfiles import Refused, jailed, served
+from services.bootstage import Route, boot_file, boot_stage
+from services.http.ignition import Target, ignition_access
 from services.http.ranges import Validators, content_range, evaluate, multipart
 from services.http.sendfile import SendfileResponse
-from services.tftp.files import Refused, jailed, served
+from services.http.status import HttpStatus
 
 audit = logging.getLogger("audit")
 BIG_CHUNK, SMALL_CHUNK = 4 << 20, 1 << 20
 MANY_DOWNLOADS = 32
-ROLES = ("bootstrap", "master", "worker")
 
 
 class HttpService:
@@ -61,13 +62,13 @@ class HttpService:
             await self.runner.cleanup()
             self.runner = None
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "counters": dict(self.counters),
-            "requests": self.requests,
-            "bytes": self.bytes,
-            "boot_errors": self.boot_errors.status(),
-        }
+    def status(self) -> HttpStatus:
+        return HttpStatus(
+            counters=dict(self.counters),
+            requests=self.requests,
+            bytes=self.bytes,
+            boot_errors=self.boot_errors.status(),
+        )
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
@@ -100,11 +101,11 @@ class HttpService:
         request: web.Request,
         root: Path,
         rel: str,
-        route: str,
-        stage: str | None = None,
+        route: Route,
     ) -> SendfileResponse:
         """The file, or 403/404 (a boot error when a node asked for one of its boot files).
-        `stage`: the node event to publish once the file opens (a GET from a node)."""
+        A node's GET of one of its boot files reaches its stage (bootstage.boot_stage)
+        once the file opens."""
         try:
             path = served(root, rel, self.plan.boot.private)
         except Refused as exc:
@@ -130,30 +131,26 @@ class HttpService:
             if status:
                 cause = "unreadable" if status == 403 else "missing"
                 self._boot_error(request, route, rel, cause, str(status), str(root))
-            elif stage is not None and (node := self._node(request)) is not None:
-                self._event(node.name, stage, f"http {request.path}")
+            elif request.method == "GET" and (node := self._node(request)) is not None:
+                boot = self.plan.boot.by_mac.get(node.mac)
+                stage = boot_stage(boot, self.plan.dhcp.boot_files, route, rel)
+                if stage is not None:
+                    self._event(node.name, stage, f"http {request.path}")
 
         return SendfileResponse(path, chunk_size=chunk, opened=opened)
 
     async def images(self, request: web.Request) -> SendfileResponse:
         rel = request.match_info["path"]
-        stage = None
-        node = self._node(request)
-        if node is not None and request.method == "GET":
-            boot = self.plan.boot.by_mac.get(node.mac)
-            what = boot_file(boot, self.plan.dhcp.boot_files, "images", rel)
-            stage = what if what in ("kernel", "initramfs") else None
-        return self._file(request, self.plan.boot.images_dir, rel, "images", stage)
+        return self._file(request, self.plan.boot.images_dir, rel, "images")
 
     async def loaders(self, request: web.Request) -> SendfileResponse:
         """tftp_root over HTTP: UEFI HTTP boot fetches its loader here."""
         rel = request.match_info["path"]
-        stage = "bootloader" if request.method == "GET" else None
-        return self._file(request, self.plan.boot.tftp_root, rel, "root", stage)
+        return self._file(request, self.plan.boot.tftp_root, rel, "root")
 
     async def generated(self, request: web.Request) -> web.Response:
         found = bootconfig.virtual_file(
-            self.plan.boot, request.path, self.ctx.boot.installed, request.query_string
+            self.plan.boot, request.path, self.ctx.runtime.installed, request.query_string
         )
         if found is None:
             self._count("not_found")
@@ -165,32 +162,28 @@ class HttpService:
     # --- ignition -------------------------------------------------------------------
 
     async def role_ignition(self, request: web.Request) -> web.Response:
-        role = request.match_info["role"]
-        if role not in ROLES:
-            raise web.HTTPNotFound(text="not found\n")
-        owners = {n.ip for n in self.plan.nodes if n.role == role}
-        return self._ignition(request, f"{role}.ign", owners, role)
+        return self._ignition(request, ("role", request.match_info["role"]))
 
     async def node_ignition(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        node = self.plan.by_name.get(name)
-        if node is None:
-            raise web.HTTPNotFound(text="not found\n")
-        # The contract path <ignition_dir>/node/<name>.ign; its role's file without one.
-        own = f"node/{name}.ign"
-        try:
-            mine = (self.plan.boot.ignition_dir / own).is_file()
-        except OSError:
-            mine = False
-        filename = own if mine else f"{node.role}.ign"
-        return self._ignition(request, filename, {node.ip}, f"node {name}")
+        return self._ignition(request, ("node", request.match_info["name"]))
 
-    def _ignition(
-        self, request: web.Request, filename: str, owners: set[IPv4Address], what: str
-    ) -> web.Response:
+    def _has_ignition(self, name: str) -> bool:
+        try:
+            return (self.plan.boot.ignition_dir / name).is_file()
+        except OSError:
+            return False
+
+    def _ignition(self, request: web.Request, target: Target) -> web.Response:
+        """services/http/ignition.py decides; here the file is read and the answer said."""
         client = request.remote or ""
-        addr = client_ipv4(client)
-        if addr is None or addr not in owners:
+        decision = ignition_access(
+            client_ipv4(client), target, request.method, self.plan, self.ctx.runtime,
+            self._has_ignition,
+        )  # fmt: skip
+        filename, node = decision.filename, decision.node
+        if decision.status == 404:
+            raise web.HTTPNotFound(text="not found\n")
+        if decision.status == 403:
             self._count("ignition_refused")
             # The audit trail has every refusal; a node of the inventory asking for
             # another's file is also a boot error (one line a minute: firmware retries).
@@ -198,15 +191,16 @@ class HttpService:
             audit.warning(
                 "ignition: refused %s (%s) to %s: not an address of its node(s)",
                 filename,
-                what,
+                decision.what,
                 client or "an unknown client",
             )
             raise web.HTTPForbidden(text="this ignition belongs to other nodes\n")
-        if self.ctx.boot.bootstrap_retired and self.plan.by_ip[addr].role == "bootstrap":
+        if decision.status == 410:
             self._count("ignition_refused")
             audit.warning("ignition: refused %s to %s: bootstrap is complete", filename, client)
             self._boot_error(request, "ignition", filename, "bootstrap_retired", "410")
             raise web.HTTPGone(text="bootstrap is complete: its ignition is no longer served\n")
+        assert node is not None  # served only to a node of the inventory
         try:
             data = jailed(self.plan.boot.ignition_dir, filename).read_bytes()
         except (Refused, OSError) as exc:
@@ -215,14 +209,12 @@ class HttpService:
             where = str(self.plan.boot.ignition_dir)
             self._boot_error(request, "ignition", filename, cause, "404", where)
             raise web.HTTPNotFound(text="ignition file not found\n") from None
-        node = self.plan.by_ip[addr]
         self._count("ignition_served")
         audit.info("ignition: served %s to %s (%s)", filename, client, node.name)
-        # A HEAD (a probe: no body, nothing installs from it) is no install.
-        if request.method == "GET":
+        if decision.event:
             self._event(node.name, "ignition", f"http {filename}")
-            if self.plan.boot.after_install == "localboot":
-                self.ctx.boot.mark_installed(node.name, time.time())
+        if decision.mark_installed:
+            self.ctx.runtime.mark_installed(node.name, time.time())
         return generated_response(request, data, "application/vnd.coreos.ignition+json")
 
     # --- helpers ---------------------------------------------------------------------
@@ -251,11 +243,8 @@ class HttpService:
         node = self._node(request)
         if node is None:
             return False  # a stranger's 404 is no node's boot failure
-        if route == "ignition":
-            what: str | None = "ignition"
-        else:
-            boot = self.plan.boot.by_mac.get(node.mac)
-            what = boot_file(boot, self.plan.dhcp.boot_files, route, rel)
+        boot = self.plan.boot.by_mac.get(node.mac)
+        what = boot_file(boot, self.plan.dhcp.boot_files, route, rel)
         if what is None:
             return False  # a name firmware probes for: not finding it is normal
         report = self.boot_errors.refused(

@@ -12,7 +12,7 @@ import contextlib
 import ssl
 
 from appliance.plan import HealthCheck
-from services.proxy.relay import LOCAL_ERRNOS  # this host's errors, not the backend's
+from services.proxy.connects import LOCAL_ERRNOS  # this host's errors, not the backend's
 
 _TLS = ssl.create_default_context()
 _TLS.check_hostname = False

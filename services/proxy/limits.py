@@ -28,7 +28,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import ip_address
 
-from appliance.inventory import Endpoint
+from appliance.addr import Endpoint
 
 FDS_PER_CONNECTION = 2  # the client's socket and the upstream one
 FDS_PER_PIPE = 2  # a splice pipe per direction that turned bulk

@@ -6,8 +6,10 @@ kernel has finished the handshake by then, and if it has not the send blocks and
 write edge resumes it. Until a byte got through (or the socket reported writable),
 an error on the upstream socket is a failed connect: the client's bytes are still
 held, so the connection is retried on the next eligible backend and the failing one
-leaves the pool at once (passive check). Connect timeouts are checked by the
-frontend's one timer (server.py), not a timer per connection.
+leaves the pool at once (passive check). What to do after a failure (blame, retry on
+which backend, give up) and when a connect has timed out are the frontend's connects
+core's decisions (connects.py); its one timer is armed by server.py, not one per
+connection. This module makes the sockets and carries the decisions out.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import contextlib
 import errno
 import os
 import socket
-import time
 from typing import TYPE_CHECKING
 
+from services.proxy.connects import Attempt, Outcome
 from services.proxy.poller import ERROR, HANGUP, PEER_SHUT, READ, WRITE
 from services.proxy.pool import BackendState
 from services.proxy.pump import DST_ERROR, EOF, SRC_ERROR, WAIT, Direction
@@ -26,17 +28,13 @@ from services.proxy.pump import DST_ERROR, EOF, SRC_ERROR, WAIT, Direction
 if TYPE_CHECKING:
     from services.proxy.server import FrontendRunner
 
-# Errors of this host, not of the backend: no passive mark-down for these.
-LOCAL_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
-)
 _IN_PROGRESS = frozenset({0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 _STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)  # no extra ioctl
 _EXPLICIT_NONBLOCK = not hasattr(socket, "SOCK_NONBLOCK")
 _READABLE = READ | ERROR | HANGUP | PEER_SHUT  # errors and hang-ups show in the next recv
 
 
-class Connection:
+class Connection(Attempt):
     __slots__ = (
         "backend",
         "client",
@@ -46,10 +44,7 @@ class Connection:
         "down",
         "fe",
         "last",
-        "peer",
         "poller",
-        "tried",
-        "trying",
         "up",
         "upstream",
         "upstream_fd",
@@ -60,12 +55,11 @@ class Connection:
         self.poller = fe.service.get_poller()
         self.client = client
         self.client_fd = client.fileno()
-        self.peer = peer
+        # peer, the backend it tries and those that failed it: the connects core decides.
+        Attempt.__init__(self, peer)
         self.upstream: socket.socket | None = None
         self.upstream_fd = -1
         self.backend: BackendState | None = None  # once connected
-        self.trying: BackendState | None = None  # while connecting
-        self.tried: set[int] | None = None  # ids of backends that failed this client
         self.connecting = False
         self.up: Direction | None = None  # client -> backend
         self.down: Direction | None = None  # backend -> client
@@ -73,7 +67,7 @@ class Connection:
         self.closed = False
 
     def start(self) -> None:
-        self._next_backend()
+        self._connect(self.fe.connects.choose(self))
         if not self.closed:
             try:
                 self.poller.add(self.client_fd, self._on_client)
@@ -84,14 +78,9 @@ class Connection:
 
     # --- connecting ------------------------------------------------------------------
 
-    def _next_backend(self) -> None:
-        fe = self.fe
-        while not self.closed:
-            backend = fe.pool.choose(self.peer, self.tried)
-            if backend is None:
-                fe.counters["no_backend"] += 1
-                self.close()
-                return
+    def _connect(self, backend: BackendState | None) -> None:
+        """Connect to `backend`; on to the next one while connect() itself fails."""
+        while backend is not None:
             try:
                 sock = socket.socket(socket.AF_INET, _STREAM)
             except OSError as exc:
@@ -104,11 +93,9 @@ class Connection:
                 self._attach(sock, backend)
                 return
             sock.close()
-            if err in LOCAL_ERRNOS:
-                self._local_error(OSError(err, os.strerror(err)))
-                return
-            self._failed(backend, os.strerror(err))
-            self._tried(backend)
+            outcome = self.fe.connects.failed(self, backend, os.strerror(err), err, self.poller.now)
+            backend = self._follow(outcome)
+        self.close()  # no backend left (counted by the core), or given up
 
     def _attach(self, sock: socket.socket, backend: BackendState) -> None:
         # Small writes go out at once (a TLS handshake is many small writes). A failure
@@ -118,7 +105,7 @@ class Connection:
         except OSError:
             pass
         self.upstream, self.upstream_fd = sock, sock.fileno()
-        self.trying, self.connecting = backend, True
+        self.connecting = True
         service = self.fe.service
         splice, ledger = service.splice, service.ledger
         if self.up is None or self.down is None:
@@ -128,63 +115,72 @@ class Connection:
             self.up.dst = sock
             self.up.done, self.up.error = False, None
             self.down = Direction(sock, self.client, splice, ledger)
+        self.fe.connect_started(self, backend, self.poller.now)
         try:
             self.poller.add(self.upstream_fd, self._on_upstream)
         except OSError as exc:  # out of memory or epoll watches: this host's trouble
             self._local_error(exc)
             return
-        self.fe.connect_started(self)
         if self.up.holding:
             self._run(True, False)
 
     def _established(self) -> None:
-        backend = self.trying
-        assert backend is not None
-        self.connecting, self.trying = False, None
-        self.fe.connecting.pop(self, None)
-        self.backend = backend
+        self.connecting = False
+        backend = self.backend = self.fe.connects.established(self)
         backend.active += 1
         backend.total += 1
 
     def _connect_failed(self, why: str, err: int = 0, blame: bool = True) -> None:
         backend = self.trying
-        assert backend is not None and self.upstream is not None
-        self.fe.connecting.pop(self, None)
-        self.connecting, self.trying = False, None
+        assert backend is not None
+        self._drop_upstream()
+        outcome = self.fe.connects.failed(self, backend, why, err, self.poller.now, blame)
+        self._retry(outcome)
+
+    def timed_out(self, outcome: Outcome[Connection]) -> None:
+        """The frontend's timer: this connect took longer than connect_timeout."""
+        if self.connecting and not self.closed:
+            self._drop_upstream()
+            self._retry(outcome)
+
+    def _drop_upstream(self) -> None:
+        assert self.upstream is not None
+        self.connecting = False
         self.poller.forget(self.upstream_fd)
         self.upstream.close()
         self.upstream, self.upstream_fd = None, -1
-        if err in LOCAL_ERRNOS:
-            self._local_error(OSError(err, why))
+
+    def _retry(self, outcome: Outcome[Connection]) -> None:
+        backend = self._follow(outcome)
+        if backend is None:
+            self.close()
             return
-        if blame:
-            self._failed(backend, why)
-        self._tried(backend)
-        self._next_backend()
+        self._connect(backend)
         if not self.closed:
             self._interest()
 
-    def _tried(self, backend: BackendState) -> None:
-        if self.tried is None:  # made only when a connect fails: most never do
-            self.tried = set()
-        self.tried.add(id(backend))
-
-    def timed_out(self) -> None:
-        """The frontend's timer: this connect took longer than connect_timeout."""
-        if self.connecting and not self.closed:
-            self._connect_failed("timed out")
-
-    def _failed(self, backend: BackendState, why: str) -> None:
-        fe = self.fe
-        fe.counters["retries"] += 1
-        if backend.connect_failed(time.time(), why) == "down":
+    def _follow(self, outcome: Outcome[Connection]) -> BackendState | None:
+        """Carry out what the core said of a failed connect; the backend to try next."""
+        if outcome.local:
+            # Out of descriptors or ports here: the backend is not to blame (counted).
+            self._warn_local(OSError(outcome.err, outcome.why))
+            return None
+        if outcome.down:  # the core took it out of the pool (passive check)
+            fe = self.fe
             fe.service.ctx.log.warning(
-                "%s: backend %s down: connect failed (%s)", fe.name, backend.spec.name, why
+                "%s: backend %s down: connect failed (%s)",
+                fe.name,
+                outcome.failed.spec.name,
+                outcome.why,
             )
+        return outcome.retry
 
     def _local_error(self, exc: OSError) -> None:
         # Out of descriptors or ports here: the backend is not to blame.
         self.fe.counters["local_errors"] += 1
+        self._warn_local(exc)
+
+    def _warn_local(self, exc: OSError) -> None:
         self.fe.warn("local", "connection from %s: %s", self.peer, exc)  # not one per client
         self.close()
 
@@ -317,7 +313,7 @@ class Connection:
             self.backend.active -= 1
         fe = self.fe
         if self.connecting:
-            fe.connecting.pop(self, None)
+            fe.connects.forget(self)
         fe.connections.discard(self)
         fe.gate.release(self.peer)
         fe.service.release_poller_if_idle()

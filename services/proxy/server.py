@@ -24,19 +24,21 @@ import socket
 import time
 from collections import Counter
 from ipaddress import IPv4Address, ip_address
-from typing import Any
 
+from appliance.addr import Endpoint
 from appliance.fdbudget import FdBudget, budget, nofile_limit, raise_advice
-from appliance.inventory import Endpoint
 from appliance.plan import LB_FRONTENDS, Frontend, HealthCheck, Plan
 from appliance.service import BindError, ServiceContext, ServiceError, bind_socket
 from services.proxy.checks import probe
+from services.proxy.connects import LOCAL_ERRNOS, Connects
 from services.proxy.limits import Gate, Ledger, derive, own_endpoint
+from services.proxy.listener import Listener
 from services.proxy.localaddr import local_ipv4
 from services.proxy.poller import Poller, make_poller
 from services.proxy.pool import BackendState, Pool
 from services.proxy.pump import HAVE_SPLICE
-from services.proxy.relay import LOCAL_ERRNOS, Connection
+from services.proxy.relay import Connection
+from services.proxy.status import BackendStatus, FrontendStatus, ProxyStatus
 
 ACCEPT_BATCH = 64  # connections accepted per wakeup
 SWEEP_EVERY = 1.0  # seconds between idle-timeout sweeps
@@ -62,16 +64,14 @@ class FrontendRunner:
         self.paused: asyncio.TimerHandle | None = None
         self.warned: dict[str, float] = {}  # kind of warning -> when it was last logged
         self.gate: Gate = service.ledger.gate(self.name)  # its caps (limits.py)
-        # Connects in progress and their deadlines, checked by one timer (not one each).
-        # One frontend has one timeout, so deadlines come in start order (a retry moves
-        # to the back) and the first is due first; a reload that shortens the timeout
-        # breaks that order until the older connects are gone: `unordered` says so.
-        self.connecting: dict[Connection, float] = {}
+        # Connects in progress: their deadlines, retries and blame are the core's
+        # (connects.py); its one timer (not one per connect) is armed here.
+        self.connects: Connects[Connection] = Connects(
+            self.pool, frontend.connect_timeout, self.counters
+        )
+        self.connects.wall_offset = service.wall_offset
         self.connect_timer: asyncio.TimerHandle | None = None
         self.connect_due = 0.0  # when connect_timer fires (monotonic), if it is set
-        self.last_deadline = 0.0  # the latest deadline given so far
-        self.unordered = False
-        self.unordered_until = 0.0  # by then every connect started before the reload is due
         # The first verdicts at start are one summary line, not one line per backend.
         self.first_said = False
 
@@ -86,6 +86,7 @@ class FrontendRunner:
         if self.listener is not None:
             loop.remove_reader(self.listener.fileno())
             self.listener.close()
+        sock = Listener(sock)
         self.listener, self.endpoint = sock, endpoint
         loop.add_reader(sock.fileno(), self._accept)
         # The connections' epoll set exists before the first accept (which may already
@@ -114,7 +115,6 @@ class FrontendRunner:
     def _accept(self) -> None:
         listener = self.listener
         assert listener is not None
-        family = listener.family
         try:
             poller = self.service.get_poller()
         except OSError as exc:  # no descriptor for the epoll set either
@@ -125,8 +125,8 @@ class FrontendRunner:
         counters, gate = self.counters, self.gate
         for _ in range(ACCEPT_BATCH):
             try:
-                # The descriptor alone: socket.accept() would build the same object.
-                fd, addr = listener._accept()  # type: ignore[attr-defined]
+                # The listener is non-blocking: accept() until the backlog is empty.
+                client, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: keep the listener alive
@@ -137,16 +137,10 @@ class FrontendRunner:
             refused = gate.admit(peer)
             if refused is not None:  # over a cap: closed at once, the others go on
                 counters[refused] += 1
-                os.close(fd)
+                client.close()
                 self._refused(refused, peer)
                 continue
-            try:
-                client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            except OSError:
-                os.close(fd)
-                gate.release(peer)
-                continue
-            client.setblocking(False)
+            client.setblocking(False)  # accept() does not pass O_NONBLOCK on
             try:  # noqa: SIM105 (per connection: suppress() would cost an object)
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
@@ -198,17 +192,8 @@ class FrontendRunner:
 
     # --- connect timeouts ------------------------------------------------------------
 
-    def connect_started(self, conn: Connection) -> None:
-        deadline = conn.poller.now + self.frontend.connect_timeout
-        live = self.connecting
-        if not live:  # nothing older to be out of order with
-            self.unordered, self.last_deadline = False, 0.0
-        elif deadline < self.last_deadline:
-            self.unordered = True
-            self.unordered_until = self.last_deadline
-        self.last_deadline = max(self.last_deadline, deadline)
-        live.pop(conn, None)
-        live[conn] = deadline
+    def connect_started(self, conn: Connection, backend: BackendState, now: float) -> None:
+        deadline = self.connects.started(conn, backend, now)
         if self.connect_timer is None or deadline < self.connect_due:
             self._arm_connects(deadline)
 
@@ -224,24 +209,11 @@ class FrontendRunner:
         now = time.monotonic()
         if self.service.poller is not None:
             self.service.poller.now = now
-        live = self.connecting
-        if self.unordered and now >= self.unordered_until:
-            self.unordered = False  # the older connects are all due by now: in order again
-        if self.unordered:
-            for conn in [c for c, deadline in live.items() if deadline <= now]:
-                if live.pop(conn, None) is not None:
-                    conn.timed_out()  # may start a connect to the next backend
-        else:
-            while live:
-                conn, deadline = next(iter(live.items()))
-                if deadline > now:
-                    break
-                del live[conn]
-                conn.timed_out()  # may start a connect to the next backend (at the back)
-        if live:
-            first = min(live.values()) if self.unordered else next(iter(live.values()))
-            if self.connect_timer is None or first < self.connect_due:
-                self._arm_connects(first)
+        for outcome in self.connects.handle_timer(now):
+            outcome.attempt.timed_out(outcome)  # may start a retry (at the back)
+        due = self.connects.get_timer()
+        if due is not None and (self.connect_timer is None or due < self.connect_due):
+            self._arm_connects(due)
 
     def cancel_connect_timer(self) -> None:
         if self.connect_timer is not None:
@@ -296,7 +268,7 @@ class FrontendRunner:
                     await asyncio.sleep(check.interval)
                     continue
                 first = backend.health == "unknown" and not self.first_said
-                change = backend.check_result(ok, time.time(), detail)
+                change = backend.check_result(ok, self.service.wall(), detail)
                 if first:
                     line = first_verdicts(self.name, self.pool.backends, check.interval)
                     if line is not None:
@@ -318,22 +290,22 @@ class FrontendRunner:
                 conn.close()
         self.pool.forget_idle_removed()
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "listen": str(self.endpoint) if self.endpoint else None,
-            "active": len(self.connections),
-            "balance": self.frontend.balance,
+    def status(self) -> FrontendStatus:
+        return FrontendStatus(
+            listen=str(self.endpoint) if self.endpoint else None,
+            active=len(self.connections),
+            balance=self.frontend.balance,
             # Where the health check goes: the ingress probes the router's :1936, not :80.
-            "check": {
+            check={
                 "kind": self.frontend.check.kind,
                 "port": self.frontend.check.port,
                 "path": self.frontend.check.path,
                 "interval": self.frontend.check.interval,
             },
-            "counters": dict(self.counters),
-            "limits": self.gate.stats(),
-            "backends": [b.stats() for b in self.pool.backends],
-        }
+            counters=dict(self.counters),
+            limits=self.gate.stats(),
+            backends=tuple(BackendStatus.of(b) for b in self.pool.backends),
+        )
 
     async def stop(self, drain: float = 0.0) -> int:
         """Close the listener, let open connections finish for up to `drain` seconds,
@@ -371,6 +343,14 @@ class ProxyService:
         self.local: frozenset[str] = frozenset()  # this host's addresses (self-loops)
         self.local_known = True  # False once reading them failed (said once)
         self.nofile_said = ""  # the last open-files warning (said once, again if it changes)
+        # Decisions run on one monotonic clock. Wall time only stamps what people read
+        # (check and connect history): monotonic plus this offset, taken again every
+        # sweep, so a stepped wall clock is followed within a second.
+        self.wall_offset = time.time() - time.monotonic()
+
+    def wall(self, now: float | None = None) -> float:
+        """Wall time of the monotonic `now` (default: the clock now), for display."""
+        return (time.monotonic() if now is None else now) + self.wall_offset
 
     async def start(self, plan: Plan) -> None:
         self.loop = asyncio.get_running_loop()
@@ -379,6 +359,8 @@ class ProxyService:
         await self._apply(plan)
         self._retune(plan)
         self._refuse_own_backends()
+        # Drains and disables set so far (admin API, cluster loop) apply from now on.
+        self.ctx.runtime.attach_load_balancer(self)
         self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self.ctx.log.info("zero-copy splice(): %s", "on" if self.splice else "off (recv/send)")
 
@@ -388,6 +370,7 @@ class ProxyService:
         self.plan = plan
         self._retune(plan)
         self._refuse_own_backends()
+        self.ctx.runtime.attach_load_balancer(self)  # a backend the plan added gets its state
 
     def _retune(self, plan: Plan) -> None:
         """Caps from the open-files limit as it is now; said in the log when they change."""
@@ -424,7 +407,7 @@ class ProxyService:
             for name, r in self.frontends.items()
             if r.endpoint is not None and r.listener is not None
         }
-        now = time.time()
+        now = self.wall()
         for runner in self.frontends.values():
             for backend in runner.pool.backends:
                 if backend.removed:
@@ -502,6 +485,7 @@ class ProxyService:
                 runner = self.frontends[name] = FrontendRunner(self, fe)
             else:
                 runner.frontend = fe
+                runner.connects.timeout = fe.connect_timeout  # new connects; older keep theirs
                 runner.pool.update(fe)
             if name in fresh:
                 assert fe.listen is not None
@@ -547,6 +531,7 @@ class ProxyService:
         # Graceful: every listener closes first (new connections are refused), then the
         # open ones drain together for up to load_balancer.stop_timeout; idle timeouts
         # still apply meanwhile (the sweeper runs until the end).
+        self.ctx.runtime.detach_load_balancer(self)
         runners = [*self.frontends.values(), *self.retired]
         for runner in runners:
             runner.close_listener()
@@ -564,7 +549,9 @@ class ProxyService:
         while True:
             await asyncio.sleep(SWEEP_EVERY)
             now = time.monotonic()
+            self.wall_offset = time.time() - now
             for runner in [*self.frontends.values(), *self.retired]:
+                runner.connects.wall_offset = self.wall_offset
                 runner.sweep(now)
             for runner in self.retired:
                 if not runner.connections:
@@ -610,6 +597,8 @@ class ProxyService:
             raise KeyError(f"no backend {backend!r} in {frontend}")
         if state not in ("enabled", "drain", "disabled"):
             raise ValueError(f"unknown state {state!r}")
+        if found.admin == state:
+            return found  # applied again (a restart, a reload): nothing changes, nothing said
         found.admin = state  # type: ignore[assignment]
         if state == "disabled":
             for conn in list(runner.connections):
@@ -618,13 +607,13 @@ class ProxyService:
         self.ctx.log.info("%s: backend %s set to %s", frontend, backend, state)
         return found
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ProxyStatus:
         fds: FdBudget = self.fd_budget
-        return {
-            "splice": self.splice,
-            "descriptors": {"limit": fds.limit, "reserve": fds.reserve, **self.ledger.stats()},
-            "frontends": {name: r.stats() for name, r in self.frontends.items()},
-        }
+        return ProxyStatus(
+            splice=self.splice,
+            descriptors={"limit": fds.limit, "reserve": fds.reserve, **self.ledger.stats()},
+            frontends={name: r.status() for name, r in self.frontends.items()},
+        )
 
 
 def first_verdicts(frontend: str, backends: list[BackendState], interval: float) -> str | None:

@@ -27,7 +27,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from services.tftp.transfer import OP_RRQ, OP_WRQ
+from services.bootfiles import Refused
+from services.tftp.codec import (
+    ERR_ACCESS,
+    ERR_ILLEGAL_OP,
+    ERR_UNDEFINED,
+    OP_RRQ,
+    OP_WRQ,
+    Malformed,
+    Request,
+    parse_request,
+)
 
 PRIVILEGED_BELOW = 1024
 
@@ -77,6 +87,64 @@ def drop_reason(
     if len(data) < 2 or data[0] != 0 or data[1] not in (OP_RRQ, OP_WRQ):
         return "not a request"
     return None
+
+
+MODES = ("octet", "netascii")
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """No answer at all (see drop_reason); counted as "dropped"."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An ERROR to send (rate-limited: TokenBuckets), and the counter it adds to."""
+
+    code: int
+    message: str
+    counter: str | None
+
+
+def examine(
+    data: bytes,
+    host: str,
+    port: int,
+    listen_port: int,
+    own: frozenset[tuple[str, int]] = frozenset(),
+) -> Drop | Answer | Request:
+    """What the listener makes of one datagram: nothing, an ERROR, or a read request
+    (octet or netascii) to look up and admit."""
+    if (why := drop_reason(data, host, port, listen_port, own)) is not None:
+        # Not a request, or from a port no client uses: an answer could start a loop
+        # (our own port, another server's) or hit a victim. Nothing goes back.
+        return Drop(why)
+    try:
+        request = parse_request(data)
+    except Malformed:
+        # A request we cannot read (a NUL inside the name shifts the fields, a non-ASCII
+        # name, an odd option list): say so, as tftpd-hpa does, rather than leave the
+        # client waiting for its timeout.
+        return Answer(ERR_ILLEGAL_OP, "malformed request", "malformed")
+    if request.opcode == OP_WRQ:
+        return Answer(ERR_ACCESS, "read-only server: no writes", "refused")
+    if request.mode not in MODES:
+        return Answer(ERR_ILLEGAL_OP, "mode is not supported", None)
+    return request
+
+
+def busy(why: str) -> Answer:
+    """The ERROR for a request Slots.refuse_reason turned away ("per_client", "full",
+    "reserved"): the client may try again later."""
+    message = "too many transfers to you" if why == "per_client" else "server busy"
+    return Answer(ERR_UNDEFINED, f"{message}, try again", "busy")
+
+
+def refusal(exc: Refused) -> Answer:
+    """The ERROR for a name the jail or the file system refused: its own code."""
+    return Answer(exc.code, str(exc), "refused" if exc.code == ERR_ACCESS else "not_found")
 
 
 class TokenBuckets:

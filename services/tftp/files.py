@@ -2,35 +2,23 @@
 
 A name is, in order: a generated boot config (pxelinux, GRUB, iPXE), a file
 under `boot.images_dir` (as `images/...`), or a file under `boot.tftp_root`.
-Every real file is jailed: `..`, NUL bytes and symlinks that leave the root are
-refused; a leading `/` means the root (as tftpd-hpa's --secure does), so
-`/etc/passwd` is looked up as `<root>/etc/passwd` and never outside it.
+Every real file is jailed (services/bootfiles.py, shared with HTTP).
 """
 
 from __future__ import annotations
 
 import bisect
-import errno
 import os
-import re
-import stat
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from appliance.plan import BootPlan, NodeBoot
 from services import bootconfig
 from services.bootconfig import IMAGES_PREFIX, Installed
+from services.bootfiles import Refused, jailed, open_regular, served
 from services.tftp.transfer import FileChanged
 
-
-class Refused(Exception):
-    """The request cannot be served: `code` is the TFTP error code, the message says why."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
+__all__ = ["Netascii", "Refused", "Source", "jailed", "open_source", "served", "to_netascii"]
 
 NETASCII_CHUNK = 64 * 1024  # raw bytes converted at a time: at most twice this in memory
 NETASCII_PASSES = 2  # netascii files counted at once (see Netascii.measure)
@@ -149,40 +137,6 @@ class Source:
             self.fd = None
 
 
-def jailed(root: Path, name: str) -> Path:
-    """The real path of `name` inside `root`, or Refused."""
-    if "\0" in name:
-        raise Refused(2, "NUL in file name")
-    clean = name.replace("\\", "/").lstrip("/")
-    parts = [p for p in clean.split("/") if p not in ("", ".")]
-    if any(p == ".." for p in parts):
-        raise Refused(2, "'..' is not allowed")
-    if not parts:
-        raise Refused(1, "no file name")
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(real_root, *parts))
-    if real != real_root and not real.startswith(real_root + os.sep):
-        raise Refused(2, "the path leaves the TFTP root")
-    return Path(real)
-
-
-_IGNITION = re.compile(r"\.ign(?:$|[.~])", re.IGNORECASE)  # master.ign, .IGN, .ign.orig, .ign~
-
-
-def served(root: Path, name: str, private: tuple[str, ...]) -> Path:
-    """`jailed`, and never a secret: no `*.ign` (ignition has its own route, which checks
-    who asks), nothing in or under a `private` real path (the ignition dir, the state dir
-    with admin.token, the kubeconfig), however the folders nest or link."""
-    real = jailed(root, name)
-    text = str(real)
-    if _IGNITION.search(real.name):
-        raise Refused(2, "ignition is served only to its nodes, over HTTP")
-    for p in private:
-        if text == p or text.startswith(p + os.sep):
-            raise Refused(2, "not a boot file: this path holds cluster secrets or state")
-    return real
-
-
 def to_netascii(data: bytes) -> bytes:
     """RFC 764: CR -> CR NUL, then LF -> CR LF."""
     return data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
@@ -208,22 +162,7 @@ def open_source(plan: BootPlan, name: str, installed: Installed, netascii: bool 
         real = served(plan.images_dir, clean[len(IMAGES_PREFIX) :], plan.private)
     else:
         real = served(plan.tftp_root, clean, plan.private)
-    try:
-        # O_NONBLOCK: opening a FIFO someone left in the root must not hang the service.
-        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise Refused(1, "file not found") from None
-    except IsADirectoryError:
-        raise Refused(1, "is a directory") from None
-    except PermissionError:
-        raise Refused(2, "permission denied") from None
-    except OSError as exc:  # ENOTDIR, ELOOP, ENAMETOOLONG, EIO ...: an answer, never a crash
-        code = 1 if exc.errno in (errno.ENOTDIR, errno.ENOENT) else 0
-        raise Refused(code, exc.strerror or "cannot open the file") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise Refused(1, "not a regular file")
+    fd, st = open_regular(real)
     if netascii:
         if st.st_size > NETASCII_LIMIT:
             os.close(fd)

@@ -1,8 +1,10 @@
 """The tftp service: requests on `listen.tftp`, one socket (a new TID) per transfer.
 
-The protocol lives in transfer.py and files.py; requests are read on the event loop
-here, each transfer then runs in a session.py worker thread, and node events are
-published from here.
+The protocol lives in the sans-IO core: codec.py (the one packet codec), admission.py
+(what a datagram on the listener gets: nothing, an ERROR, a slot), files.py (what a
+name is, jailed by services/bootfiles.py) and transfer.py. Requests are read on the
+event loop here, each transfer then runs in a session.py worker thread, and node
+events are published from here.
 """
 
 from __future__ import annotations
@@ -15,33 +17,31 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from tftpy.TftpPacketFactory import TftpPacketFactory
-from tftpy.TftpPacketTypes import TftpPacketRRQ, TftpPacketWRQ
-
 from appliance.events import BOOT_ERROR
 from appliance.plan import Plan
 from appliance.service import ServiceContext, bind_socket
-from services.bootconfig import IMAGES_PREFIX, client_ipv4
-from services.booterrors import BootErrors, boot_file, tftp_cause
+from services.bootconfig import client_ipv4
+from services.booterrors import BootErrors, tftp_cause
+from services.bootfiles import Refused
+from services.bootstage import boot_file, boot_stage, tftp_route
 from services.tftp import session as session_module
 from services.tftp.admission import (
+    Answer,
+    Drop,
     Limits,
     Slots,
     TokenBuckets,
-    drop_reason,
+    busy,
+    examine,
     is_new_request,
     own_endpoints,
+    refusal,
 )
-from services.tftp.files import Refused, Source, open_source
+from services.tftp.codec import ERR_ACCESS, ERR_UNDEFINED, error_packet
+from services.tftp.files import Source, open_source
 from services.tftp.session import Session
-from services.tftp.transfer import (
-    ERR_ACCESS,
-    ERR_ILLEGAL_OP,
-    ERR_UNDEFINED,
-    ReadTransfer,
-    error_packet,
-    negotiate,
-)
+from services.tftp.status import TftpStatus
+from services.tftp.transfer import ReadTransfer, negotiate
 
 MAX_TRANSFERS = Limits().max_transfers
 STOP_WAIT = 5.0  # s: how long stop() waits for the transfers' threads to end
@@ -90,7 +90,6 @@ class TftpService:
         self.plan: Plan
         self.listener: asyncio.DatagramTransport | None = None
         self.sessions: set[Session] = set()
-        self.factory = TftpPacketFactory()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.limits = Limits()
         self.slots = Slots(self.limits)
@@ -127,13 +126,13 @@ class TftpService:
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "counters": dict(self.counters),
-            "transfers": len(self.sessions),
-            "transfers_to_nodes": self.slots.nodes,
-            "boot_errors": self.boot_errors.status(),
-        }
+    def status(self) -> TftpStatus:
+        return TftpStatus(
+            counters=dict(self.counters),
+            transfers=len(self.sessions),
+            transfers_to_nodes=self.slots.nodes,
+            boot_errors=self.boot_errors.status(),
+        )
 
     # --- requests ------------------------------------------------------------------
 
@@ -143,31 +142,14 @@ class TftpService:
         """`again`: a RECHECK of a request that looked like a resend (counted already)."""
         self.counters["requests"] += not again
         now = time.monotonic()
-        if drop_reason(data, addr[0], addr[1], self.listen_port, self.own) is not None:
-            # Not a request, or from a port no client uses: an answer could start a loop
-            # (our own port, another server's) or hit a victim. Nothing goes back.
+        packet = examine(data, addr[0], addr[1], self.listen_port, self.own)
+        if isinstance(packet, Drop):
             self.counters["dropped"] += 1
             return
-        try:
-            packet = self.factory.parse(data)
-        except Exception:  # tftpy raises TftpException, struct.error, UnicodeDecodeError...
-            self.counters["malformed"] += 1
-            # A request we cannot read (a NUL inside the name shifts the fields, a
-            # non-ASCII name, an odd option list): say so, as tftpd-hpa does, rather
-            # than leave the client waiting for its timeout.
-            self._error(listener, addr, now, ERR_ILLEGAL_OP, "malformed request")
+        if isinstance(packet, Answer):
+            self._answer(listener, addr, now, packet)
             return
-        if isinstance(packet, TftpPacketWRQ):
-            self.counters["refused"] += 1
-            self._error(listener, addr, now, ERR_ACCESS, "read-only server: no writes")
-            return
-        if not isinstance(packet, TftpPacketRRQ):  # drop_reason lets only RRQ and WRQ by
-            self.counters["malformed"] += 1
-            return
-        mode = packet.mode.lower()
-        if mode not in ("octet", "netascii"):
-            self._error(listener, addr, now, ERR_ILLEGAL_OP, "mode is not supported")
-            return
+        mode = packet.mode
         ip = client_ipv4(addr[0])
         is_node = ip is not None and ip in self.plan.by_ip
         tid = tuple(addr[:2])
@@ -186,25 +168,22 @@ class TftpService:
             self.counters["duplicate"] += 1
             return
         if why is not None:
-            self.counters["busy"] += 1
+            self._answer(listener, addr, now, busy(why))
             self.counters[f"busy_{why}"] += 1
-            message = "too many transfers to you" if why == "per_client" else "server busy"
-            self._error(listener, addr, now, ERR_UNDEFINED, f"{message}, try again")
             return
         plan = self.plan
         try:
             source = open_source(
-                plan.boot, packet.filename, self.ctx.boot.installed, netascii=mode == "netascii"
+                plan.boot, packet.filename, self.ctx.runtime.installed, netascii=mode == "netascii"
             )
         except Refused as exc:
-            self.counters["refused" if exc.code == ERR_ACCESS else "not_found"] += 1
             # A node's boot file: a boot error says it (rate-limited); else an access refusal.
             said = self._boot_error(addr[0], packet.filename, exc.code, str(exc), now)
             if not said and exc.code == ERR_ACCESS:
                 self.log.warning("refused %r to %s: %s", packet.filename, addr[0], exc)
-            self._error(listener, addr, now, exc.code, str(exc))
+            self._answer(listener, addr, now, refusal(exc))
             return
-        options = packet.options or {}
+        options = packet.options
         if source.netascii is not None:
             # Its size (for the blocks and tsize) is counted in the transfer's thread.
             def make() -> ReadTransfer:
@@ -230,6 +209,13 @@ class TftpService:
         except Exception:  # as datagram_received: one request never takes the service down
             self.counters["errors"] += 1
             self.log.exception("error on a request from %s", addr[0])
+
+    def _answer(
+        self, listener: _Listener, addr: tuple[Any, ...], now: float, answer: Answer
+    ) -> None:
+        if answer.counter is not None:
+            self.counters[answer.counter] += 1
+        self._error(listener, addr, now, answer.code, answer.message)
 
     def _error(
         self, listener: _Listener, addr: tuple[Any, ...], now: float, code: int, message: str
@@ -342,15 +328,13 @@ class TftpService:
         node = self.plan.by_ip.get(ip) if ip is not None else None
         if node is None:
             return False
-        clean = name.replace("\\", "/").lstrip("/")
-        images = clean.startswith(IMAGES_PREFIX)
-        rel = clean[len(IMAGES_PREFIX) :] if images else clean
+        route, rel = tftp_route(name)
         boot = self.plan.boot.by_mac.get(node.mac)
-        what = boot_file(boot, self.plan.dhcp.boot_files, "images" if images else "root", rel)
+        what = boot_file(boot, self.plan.dhcp.boot_files, route, rel)
         if what is None:
             return False  # a name pxelinux or GRUB only probes for
         cause = tftp_cause(code, message)
-        root = self.plan.boot.images_dir if images else self.plan.boot.tftp_root
+        root = self.plan.boot.images_dir if route == "images" else self.plan.boot.tftp_root
         reason = str(root) if cause == "missing" else message
         report = self.boot_errors.refused(
             node.name, client, what, name, cause, f"tftp error {code}", now, reason
@@ -365,15 +349,7 @@ class TftpService:
         node = self.plan.by_ip.get(ip) if ip is not None else None
         if node is None:
             return
-        path = source.path
-        files = self.plan.dhcp.boot_files
         boot = self.plan.boot.by_mac.get(node.mac)
-        stage = None
-        if path.rsplit("/", 1)[-1] in (files.bios, files.uefi_x64, files.uefi_arm64):
-            stage = "bootloader"
-        elif boot is not None and path == IMAGES_PREFIX + boot.kernel:
-            stage = "kernel"
-        elif boot is not None and path == IMAGES_PREFIX + boot.initramfs:
-            stage = "initramfs"
-        if stage:
-            self.ctx.bus.publish(node.name, stage, f"tftp {path}", source="tftp")
+        stage = boot_stage(boot, self.plan.dhcp.boot_files, *tftp_route(source.path))
+        if stage is not None:
+            self.ctx.bus.publish(node.name, stage, f"tftp {source.path}", source="tftp")

@@ -28,14 +28,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from services.tftp.files import Refused, Source
-from services.tftp.transfer import (
-    ERR_UNDEFINED,
-    FileChanged,
-    ReadAhead,
-    ReadTransfer,
-    error_packet,
-)
+from services.bootfiles import Refused
+from services.tftp.codec import ERR_UNDEFINED, error_packet
+from services.tftp.files import Source
+from services.tftp.transfer import FileChanged, ReadAhead, ReadTransfer
 
 try:  # the lock-step loop in C: built at install where a compiler is at hand
     from services.tftp import _lockstep

@@ -19,13 +19,40 @@ by `_data` as before.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-OP_RRQ, OP_WRQ, OP_DATA, OP_ACK, OP_ERROR, OP_OACK = 1, 2, 3, 4, 5, 6
-ERR_UNDEFINED, ERR_NOT_FOUND, ERR_ACCESS, ERR_DISK_FULL = 0, 1, 2, 3
-ERR_ILLEGAL_OP, ERR_UNKNOWN_TID, ERR_EXISTS, ERR_NO_USER, ERR_OPTIONS = 4, 5, 6, 7, 8
+# The one codec (codec.py); its names are re-exported here for the transfer's users.
+from services.tftp.codec import (
+    DATA_HEAD,
+    ERR_ACCESS,
+    ERR_DISK_FULL,
+    ERR_EXISTS,
+    ERR_ILLEGAL_OP,
+    ERR_NO_USER,
+    ERR_NOT_FOUND,
+    ERR_OPTIONS,
+    ERR_UNDEFINED,
+    ERR_UNKNOWN_TID,
+    OP_ACK,
+    OP_DATA,
+    OP_ERROR,
+    OP_OACK,
+    OP_RRQ,
+    OP_WRQ,
+    error_packet,
+    oack_packet,
+)
+
+__all__ = [
+    "DATA_HEAD", "DEFAULT_BLKSIZE", "DEFAULT_TIMEOUT", "ERR_ACCESS", "ERR_DISK_FULL",
+    "ERR_EXISTS", "ERR_ILLEGAL_OP", "ERR_NOT_FOUND", "ERR_NO_USER", "ERR_OPTIONS",
+    "ERR_UNDEFINED", "ERR_UNKNOWN_TID", "MAX_BLKSIZE", "MAX_RETRIES", "MAX_WINDOW",
+    "OP_ACK", "OP_DATA", "OP_ERROR", "OP_OACK", "OP_RRQ", "OP_WRQ", "READAHEAD_BYTES",
+    "READAHEAD_SLOTS", "SCARCE_RETRIES", "SCARCE_SILENT_RETRIES", "SILENT_BACKOFF",
+    "SILENT_RETRIES", "FileChanged", "Negotiated", "ReadAhead", "ReadInto", "ReadTransfer",
+    "error_packet", "negotiate", "oack_packet",
+]  # fmt: skip
 
 DEFAULT_BLKSIZE = 512
 MAX_BLKSIZE = 65464  # RFC 2348
@@ -45,22 +72,13 @@ SCARCE_SILENT_RETRIES = 1  # a silent peer: one resend, given up after 3 s
 READAHEAD_BYTES = 64 * 1024  # per lock-step transfer: 512 of them hold 32 MiB at most
 READAHEAD_SLOTS = 32
 
-_DATA_HEAD = struct.Struct("!HH")
+_DATA_HEAD = DATA_HEAD
 
 ReadInto = Callable[[list[memoryview], int], int]  # (buffers, offset) -> bytes, like preadv
 
 
 class FileChanged(Exception):
     """The file no longer holds a block it had when the transfer began."""
-
-
-def error_packet(code: int, message: str) -> bytes:
-    return struct.pack("!HH", OP_ERROR, code) + message.encode("ascii", "replace") + b"\0"
-
-
-def oack_packet(options: dict[str, str]) -> bytes:
-    body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in options.items())
-    return struct.pack("!H", OP_OACK) + body
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,13 +43,13 @@ import aiohttp
 import pytest
 
 from appliance.events import Event, Subscription
+from appliance.registry import HTTP, PROXY
 from appliance.service import ServiceSpec
 from appliance.supervisor import Supervisor, load_plan
-from services.cluster import ClusterService, Timing, rbac
+from services.cluster import rbac
 from services.cluster.gpu import Timeouts
 from services.cluster.review import BOOTSTRAPPER, CLIENT_SIGNER, SERVING_SIGNER
-from services.http import SPEC as HTTP
-from services.proxy import SPEC as PROXY
+from services.cluster.service import ClusterService, Timing
 from tests.fakekube import FakeKube, kubelet_csr, tampered
 from tests.helpers import free_port, loopback_inventory, need_tool, write_inventory
 from tests.unit.test_gpu import A100_LOG, V100_LOG
@@ -267,7 +267,7 @@ async def test_approver_approves_legit_leaves_forged_and_survives_410(
         ]
         assert all(e.source == "cluster" and "left pending" in e.detail for e in refused)
         assert "csr-serving" not in sup.store.progress().get("worker-1", {})  # type: ignore[union-attr]
-        status = svc.status()
+        status = svc.status().to_json()
         assert status["csr"]["approved"] == 4 and status["csr"]["watch_410"] >= 1
         assert status["csr"]["decisions"]["pending"] >= 4
         assert status["connection"]["state"] == "connected"
@@ -338,7 +338,7 @@ async def test_breaker_and_rate_limit(tmp_path: Path, fake: FakeKube) -> None:
     sup = await started(config)
     try:
         svc = cluster(sup)
-        await until(lambda: svc.status()["csr"]["breaker_open"], "breaker open")
+        await until(lambda: svc.status().csr["breaker_open"], "breaker open")
         await asyncio.sleep(3 * FAST.resync)
         assert sum(fake.approval_puts.values()) == 0
         reason = next(
@@ -355,7 +355,7 @@ async def test_breaker_and_rate_limit(tmp_path: Path, fake: FakeKube) -> None:
             "approved once the flood is gone",
         )
         assert time.monotonic() - t0 >= 0.35  # the 2nd and 3rd waited for tokens
-        assert not svc.status()["csr"]["breaker_open"]
+        assert not svc.status().csr["breaker_open"]
         limited = [
             d
             for d in sup.store.csr_decisions()
@@ -370,7 +370,7 @@ async def test_breaker_and_rate_limit(tmp_path: Path, fake: FakeKube) -> None:
 
 
 def backend_admin(sup: Supervisor, frontend: str, node: str) -> str:
-    status = sup.running["proxy"].status()
+    status = sup.running["proxy"].status().to_json()
     for backend in status["frontends"][frontend]["backends"]:
         if backend["name"] == node:
             return str(backend["admin"])
@@ -416,14 +416,14 @@ async def test_bootstrap_complete_drains_the_bootstrap_backend(
         await until(
             lambda: (
                 "EtcdBootstrapMemberRemoved is False"
-                in (svc.status()["bootstrap"]["waiting_for"] or "")
+                in (svc.status().bootstrap["waiting_for"] or "")
             ),
             "waiting for the etcd condition",
         )
         assert backend_admin(sup, "api", "bootstrap") == "enabled"
         etcd["status"]["conditions"][0]["status"] = "True"
         fake.put("etcds", etcd)
-        await until(lambda: svc.status()["bootstrap"]["complete"], "bootstrap complete")
+        await until(lambda: svc.status().bootstrap["complete"], "bootstrap complete")
         for frontend in ("api", "machine_config"):
             assert backend_admin(sup, frontend, "bootstrap") == "drain"
             assert backend_admin(sup, frontend, "master-0") == "enabled"
@@ -477,7 +477,7 @@ CREATES = (
 
 
 def gpu_status(sup: Supervisor) -> dict[str, Any]:
-    return cluster(sup).status()["gpu"]
+    return dict(cluster(sup).status().gpu)
 
 
 async def test_gpu_bring_up_resumes_after_a_restart(tmp_path: Path, fake: FakeKube) -> None:
@@ -851,7 +851,7 @@ def least_privilege(
 
 
 def workers(svc: ClusterService) -> dict[str, Any]:
-    return svc.status()["workers"]  # type: ignore[no-any-return]
+    return svc.status().to_json()["workers"]  # type: ignore[no-any-return]
 
 
 async def forbidden(svc: ClusterService, worker: str, what: str) -> dict[str, Any]:
@@ -897,7 +897,7 @@ async def test_a_forbidden_etcd_read_stops_only_the_bootstrap_watcher(
         # It backs off alone: several rounds later the others never restarted.
         await asyncio.sleep(5 * FAST.backoff_max)
         assert workers(svc)["bootstrap"]["failures"] >= 2
-        assert not svc.status()["bootstrap"]["complete"]  # not retired on a guess
+        assert not svc.status().bootstrap["complete"]  # not retired on a guess
         for name in ("csr", "nodes", "gpu"):
             assert workers(svc)[name]["state"] == "ok", (name, workers(svc)[name])
             assert workers(svc)[name]["failures"] == 0, name
@@ -915,7 +915,7 @@ async def test_a_forbidden_etcd_read_stops_only_the_bootstrap_watcher(
         etcd = {"metadata": {"name": "cluster"}, "status": {"conditions": []}}
         etcd["status"]["conditions"] = [{"type": "EtcdBootstrapMemberRemoved", "status": "True"}]
         fake.put("etcds", etcd)
-        await until(lambda: svc.status()["bootstrap"]["complete"], "retired once allowed")
+        await until(lambda: svc.status().bootstrap["complete"], "retired once allowed")
         await until(lambda: workers(svc)["bootstrap"]["state"] == "ok", "the watcher is ok")
     finally:
         await sup.stop()
@@ -941,7 +941,7 @@ async def test_the_rendered_role_is_enough_for_the_whole_flow(
         serving_csr(fake, "csr-serving-worker-0", "worker-0", **WORKER_0_SANS)
         await until(lambda: fake.approved["csr-serving-worker-0"], "serving CSR approved")
         fake.set_configmap("kube-system", "bootstrap", {"status": "complete"})
-        await until(lambda: svc.status()["bootstrap"]["complete"], "bootstrap retired")
+        await until(lambda: svc.status().bootstrap["complete"], "bootstrap retired")
         # The GPU bring-up, the test playing OLM, NFD and the GPU operator.
         await until(lambda: fake.get("subscriptions", "nfd", "openshift-nfd"), "NFD Subscription")
         fake.olm_resolve(
@@ -1010,7 +1010,7 @@ async def test_without_the_gpu_role_only_the_gpu_bring_up_waits(
         client_csr(fake, "csr-master-0", "master-0")
         await until(lambda: fake.approved["csr-master-0"], "the CSR approved meanwhile")
         fake.add_node("master-0", ready=True)
-        await until(lambda: svc.status()["nodes"]["ready"] == ["master-0"], "node seen")
+        await until(lambda: list(svc.status().nodes_ready) == ["master-0"], "node seen")
         await asyncio.sleep(4 * FAST.backoff_max)
         assert workers(svc)["gpu"]["state"] == "forbidden"
         assert workers(svc)["gpu"]["failures"] >= 2  # backed off and tried again

@@ -30,9 +30,9 @@ import dns.rrset
 import dns.update
 import pytest
 
-import services.dns
 import services.dns.server
 from appliance.inventory import Endpoint
+from appliance.registry import DNS
 from appliance.supervisor import Supervisor, load_plan
 from services.dns.tcpslots import TcpLimits
 from tests.helpers import need_tool, write_inventory
@@ -230,7 +230,7 @@ async def _in_process(tmp_path: Path, **network: Any) -> tuple[Supervisor, int]:
     port = free_dns_port()
     raw = dgxpod_inventory(tmp_path / "state", port, **network)
     config = write_inventory(tmp_path / "inventory.yaml", raw)
-    sup = Supervisor(config, specs=[services.dns.SPEC])
+    sup = Supervisor(config, specs=[DNS])
     await sup.start(load_plan(config))
     return sup, port
 
@@ -254,7 +254,7 @@ async def test_idle_timeout_shrinks_and_a_full_table_makes_room(
                 )
         await asyncio.sleep(0.1)
         status = svc.status()
-        assert status["tcp_connections"] == 32
+        assert status.tcp_connections == 32
         # A newcomer is answered at once: the longest idle of the biggest holder makes room.
         q = dns.message.make_query(f"api.{D}", "A")
         start = time.monotonic()
@@ -264,11 +264,11 @@ async def test_idle_timeout_shrinks_and_a_full_table_makes_room(
         assert addresses(reply) == [LB] and time.monotonic() - start < 0.5
         # At full pressure the longest idle go after idle_min (0.5 s), not after 10 s; as
         # the table empties the others get longer (the timeout follows the pressure).
-        while svc.status()["counters"].get("tcp_idle_closed", 0) == 0:
+        while svc.status().counters.get("tcp_idle_closed", 0) == 0:
             assert time.monotonic() - start < 1.0
             await asyncio.sleep(0.05)
-        assert svc.status()["counters"]["tcp_evicted"] >= 1
-        assert svc.status()["tcp_connections"] < 32
+        assert svc.status().counters["tcp_evicted"] >= 1
+        assert svc.status().tcp_connections < 32
     finally:
         for _, w in held:
             w.close()
@@ -299,11 +299,11 @@ async def test_a_client_that_never_reads_loses_its_slot(
                 break  # the server cut us off
             except BlockingIOError:
                 stalled_since = stalled_since or time.monotonic()
-                if svc.status()["tcp_connections"] == 0:
+                if svc.status().tcp_connections == 0:
                     break
             await asyncio.sleep(0.01)
-        assert svc.status()["tcp_connections"] == 0, (sent, stalled_since, svc.status())
-        assert svc.status()["counters"]["tcp_write_timeouts"] == 1
+        assert svc.status().tcp_connections == 0, (sent, stalled_since, svc.status())
+        assert svc.status().counters["tcp_write_timeouts"] == 1
         sock.close()
     finally:
         await sup.stop()
@@ -392,7 +392,7 @@ async def test_forwarder_pointed_at_itself_does_not_loop(tmp_path: Path) -> None
     config = write_inventory(tmp_path / "inventory.yaml", raw)
     plan = load_plan(config)
     looped = dataclasses.replace(plan.dns, upstreams=(Endpoint("127.0.0.1", port),))
-    sup = Supervisor(config, specs=[services.dns.SPEC])
+    sup = Supervisor(config, specs=[DNS])
     await sup.start(dataclasses.replace(plan, dns=looped))
     try:
         q = dns.message.make_query("example.org", "A")
@@ -400,7 +400,7 @@ async def test_forwarder_pointed_at_itself_does_not_loop(tmp_path: Path) -> None
         reply = await dns.asyncquery.udp(q, "127.0.0.1", timeout=TIMEOUT * 2, port=port)
         assert reply.rcode() == dns.rcode.SERVFAIL
         assert time.monotonic() - start < 0.5  # not after the upstream timeout
-        counters = sup.running["dns"].status()["counters"]
+        counters = sup.running["dns"].status().to_json()["counters"]
         assert counters["forward_loop"] >= 1
     finally:
         await sup.stop()

@@ -40,8 +40,8 @@ import dns.rrset
 import pytest
 import yaml
 
-import services.dns
 from appliance.inventory import Listen
+from appliance.registry import DNS
 from appliance.supervisor import Supervisor, load_plan
 from tests import helpers
 from tests.helpers import free_port, need_tool, write_inventory
@@ -377,7 +377,7 @@ async def test_truncation_and_tcp_retry(tmp_path: Path) -> None:
         for i in range(37)
     ]
     config = write_inventory(tmp_path / "inventory.yaml", raw)
-    sup = Supervisor(config, specs=[services.dns.SPEC])
+    sup = Supervisor(config, specs=[DNS])
     await sup.start(load_plan(config))
     try:
         srv = f"_etcd-server-ssl._tcp.{D}"
@@ -422,7 +422,7 @@ async def test_truncation_and_tcp_retry(tmp_path: Path) -> None:
         assert "Truncated, retrying in TCP mode" in retried
         assert "ANSWER: 40," in retried and "(TCP)" in retried
         assert retried.count("IN SRV 0 10 2380 etcd-") == 40
-        counters = sup.running["dns"].status()["counters"]
+        counters = sup.running["dns"].status().to_json()["counters"]
         assert counters["truncated"] >= 5
     finally:
         await sup.stop()

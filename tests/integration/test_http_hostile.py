@@ -27,8 +27,8 @@ import pytest
 
 from appliance import httpd
 from appliance.admin import SPEC as ADMIN
+from appliance.registry import HTTP
 from appliance.supervisor import Supervisor, load_plan
-from services.http import SPEC as HTTP
 from tests.helpers import free_port, loopback_inventory, need_tool, write_inventory
 
 DATA = bytes(range(256)) * 40  # 10240 bytes
@@ -234,7 +234,7 @@ async def test_malformed_requests_log_one_quiet_line(
     assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
     assert all(r.levelno == logging.INFO for r in lines)
     if port == "http":
-        assert env.sup.running["http"].status()["counters"]["malformed"] == 20
+        assert env.sup.running["http"].status().to_json()["counters"]["malformed"] == 20
 
 
 # --- slowloris --------------------------------------------------------------------------
@@ -370,7 +370,7 @@ async def test_oversized_request_head_is_refused(env: Env, port: str) -> None:
         writer.close()
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
     if port == "http":
-        assert env.sup.running["http"].status()["counters"]["malformed"] == 1
+        assert env.sup.running["http"].status().to_json()["counters"]["malformed"] == 1
 
 
 # --- an early answer, then the request's body ---------------------------------------------

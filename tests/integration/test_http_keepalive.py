@@ -14,8 +14,8 @@ from pathlib import Path
 
 import aiohttp
 
+from appliance.registry import HTTP
 from appliance.supervisor import Supervisor, load_plan
-from services.http import SPEC as HTTP
 from tests.helpers import free_port, loopback_inventory, write_inventory
 
 
@@ -41,7 +41,7 @@ async def test_two_downloads_on_one_connection(tmp_path: Path) -> None:
                     assert resp.content_length == len(data)
                     body = await resp.read()
                 assert hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
-            assert sup.running["http"].status()["counters"]["files"] == 2
+            assert sup.running["http"].status().to_json()["counters"]["files"] == 2
         # Pipelined: both requests sent before any answer; both answers must come whole.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         request = b"GET /images/rhcos/big.img HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -29,9 +29,9 @@ import dns.message
 import dns.query
 import pytest
 
+from appliance.registry import DHCP
 from appliance.store import DB_NAME, Store
 from appliance.supervisor import Supervisor, load_plan
-from services.dhcp import SPEC as DHCP
 from services.dhcp import server as dhcp_server
 from tests.helpers import free_port, loopback_inventory, write_inventory
 from tests.integration.admin_env import MACS, MASTER, WORKER, AdminEnv, dhcp_exchange, start

@@ -26,12 +26,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from appliance import admin as admin_module
 from appliance.admin import AdminService
-from appliance.bootstate import BootState
 from appliance.events import EventBus
 from appliance.inventory import load_inventory
 from appliance.openapi import document
 from appliance.plan import build_plan
-from appliance.service import ServiceContext
+from appliance.runtime import RuntimeState
+from appliance.service import ServiceContext, ServiceSpec
 from appliance.store import Store
 from appliance.storequeue import DaemonStore
 from appliance.supervisor import Supervisor
@@ -62,8 +62,7 @@ async def _admin(tmp_path: Path, loopback: bool) -> AsyncIterator[Admin]:
         bus=bus,
         store=live,
         log=logging.getLogger("admin"),
-        services={},
-        boot=BootState(live),
+        runtime=RuntimeState(live),
         control=control,
         admin_token=TOKEN,
     )
@@ -227,7 +226,7 @@ async def test_a_failing_handler_is_a_500_and_the_service_goes_on(
     assert (await _json(resp))["error"] == "internal error (logged by the appliance)"
     assert "disk on fire" in caplog.text
     assert (await admin.client.get("/api/v1/status")).status == 200
-    assert admin.svc.status()["errors"] == 1
+    assert admin.svc.status().errors == 1
 
 
 async def test_a_read_that_finds_the_file_locked_is_a_503_at_once(
@@ -245,7 +244,7 @@ async def test_a_read_that_finds_the_file_locked_is_a_503_at_once(
     assert time.monotonic() - t0 < 1.0
     assert resp.status == 503 and resp.headers["Retry-After"] == "1"
     assert "is locked" in (await _json(resp))["error"]
-    assert admin.svc.status()["errors"] == 0  # not a bug of ours
+    assert admin.svc.status().errors == 0  # not a bug of ours
 
 
 # --- reads ------------------------------------------------------------------------------------
@@ -414,14 +413,14 @@ async def test_a_slow_stream_never_blocks_the_bus_and_loses_nothing(admin: Admin
 async def test_stop_ends_open_streams(admin: Admin) -> None:
     resp = await admin.client.get("/api/v1/events")
     await asyncio.sleep(0.05)
-    assert admin.svc.status()["streams"] == 1
+    assert admin.svc.status().streams == 1
     t0 = time.perf_counter()
     await admin.svc.stop()
     assert time.perf_counter() - t0 < 2.0
     async with asyncio.timeout(5):
         while await resp.content.readline():
             pass
-    assert admin.svc.status()["streams"] == 0
+    assert admin.svc.status().streams == 0
 
 
 async def test_head_of_the_stream_does_not_hang(admin: Admin) -> None:
@@ -431,13 +430,23 @@ async def test_head_of_the_stream_does_not_hang(admin: Admin) -> None:
 
 
 async def test_odd_values_in_a_service_status_are_text(admin: Admin) -> None:
+    class OddStatus:
+        def to_json(self) -> dict[str, Any]:
+            return {"kubeconfig": Path("/etc/kubeconfig"), "when": object.__new__(OddStatus)}
+
+        def metrics(self) -> list[Any]:
+            return []
+
     class Odd:
         name = "cluster"
 
-        def status(self) -> dict[str, Any]:
-            return {"kubeconfig": Path("/etc/kubeconfig"), "when": object.__new__(Odd)}
+        def status(self) -> OddStatus:
+            return OddStatus()
 
-    admin.svc.ctx.services["cluster"] = Odd()  # type: ignore[assignment]
+    sup = admin.svc.ctx.control
+    assert isinstance(sup, Supervisor)
+    sup.specs.append(ServiceSpec("cluster", lambda ctx: Odd()))  # type: ignore[arg-type,return-value]
+    sup.running["cluster"] = Odd()  # type: ignore[assignment]
     body = await _json(await admin.client.get("/api/v1/cluster"))
     assert body["running"] is True and body["service"]["kubeconfig"] == "/etc/kubeconfig"
 

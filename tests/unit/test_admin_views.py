@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -10,10 +11,16 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance import sse
+from appliance.admin import AdminStatus
 from appliance.events import STAGES
 from appliance.metrics import StoreFacts, families
 from appliance.progress import NodeFacts, expected_stages, progress_bar, timeline
+from appliance.status import ApplianceStatus, ServiceEntry, ServiceStatus
 from appliance.terminal import duration, event_line, nodes_table, status_lines, watch_screen
+from services.dhcp.status import DhcpStatus
+from services.dns.status import DnsStatus
+from services.http.status import HttpStatus
+from services.proxy.status import BackendStatus, FrontendStatus, ProxyStatus
 
 T0 = 1_700_000_000.0
 
@@ -153,52 +160,50 @@ def test_event_id_values() -> None:
 
 # --- metrics ----------------------------------------------------------------------------
 
-STATUS: dict[str, Any] = {
-    "version": "0.1.0",
-    "cluster": "demo.example.com",
-    "uptime": 12.5,
-    "nodes": 3,
-    "reloads": {"ok": 2, "failed": 1},
-    "events": {"published": 9, "dropped": 0},
-    "services": {
-        "dns": {
-            "state": "running",
-            "counters": {"queries": 10, "fast": 7, "malformed": 2, "forwarded": 1},
-            "rcodes": {"NOERROR": 8, "NXDOMAIN": 2},
-            "cache_entries": 1,
-            "tcp_connections": 0,
-        },
-        "dhcp": {
-            "state": "running",
-            "counters": {
+
+def _running(detail: ServiceStatus) -> ServiceEntry:
+    return ServiceEntry("running", (), detail)
+
+
+STATUS = ApplianceStatus(
+    version="0.1.0",
+    cluster="demo.example.com",
+    uptime=12.5,
+    nodes=3,
+    reloads={"ok": 2, "failed": 1},
+    events_published=9,
+    events_dropped=0,
+    services={
+        "dns": _running(DnsStatus(
+            counters={"queries": 10, "fast": 7, "malformed": 2, "forwarded": 1},
+            rcodes={"NOERROR": 8, "NXDOMAIN": 2},
+            cache_entries=1,
+            tcp_connections=0,
+        )),
+        "dhcp": _running(DhcpStatus(
+            counters={
                 "received": 4, "discover": 2, "request": 2, "sent": 4, "malformed": 1,
                 "ping_silent": 2, "ping_in_use": 1,
             },
-            "leases_bound": 1,
-        },
-        "tftp": {"state": "off", "listen": []},
-        "http": {
-            "state": "running",
-            "counters": {"ignition_served": 1},
-            "requests": 5,
-            "bytes": 900,
-        },
-        "proxy": {
-            "state": "running",
-            "frontends": {
-                "api": {
-                    "active": 1,
-                    "counters": {"accepted": 3},
-                    "backends": [
-                        {"name": "m0", "health": "up", "admin": "drain", "active": 1,
-                         "total": 3, "failures": 0, "bytes_in": 10, "bytes_out": 20},
-                    ],
-                }
+            leases_bound=1,
+        )),
+        "tftp": ServiceEntry("off"),
+        "http": _running(HttpStatus(counters={"ignition_served": 1}, requests=5, bytes=900)),
+        "proxy": _running(ProxyStatus(
+            frontends={
+                "api": FrontendStatus(
+                    active=1,
+                    counters={"accepted": 3},
+                    backends=(
+                        BackendStatus("m0", health="up", admin="drain", active=1,
+                                      total=3, failures=0, bytes_in=10, bytes_out=20),
+                    ),
+                )
             },
-        },
-        "admin": {"state": "running", "requests": 4, "streams": 1},
+        )),
+        "admin": _running(AdminStatus(requests=4, streams=1)),
     },
-}  # fmt: skip
+)  # fmt: skip
 
 
 def _scrape(metrics: list[Metric]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -258,7 +263,7 @@ def test_metric_families_show_the_store_queue() -> None:
     store = {"queued": 12, "queue_peak": 40, "oldest_wait": 3.5, "locked_for": 3.6,
              "written": 100, "commits": 7, "busy": 30, "retries": 31, "errors": 1,
              "failed": 0, "overflow": 2, "lost": 0}  # fmt: skip
-    got = _scrape(families({**STATUS, "store": store}, StoreFacts()))
+    got = _scrape(families(dataclasses.replace(STATUS, store=store), StoreFacts()))
     assert got[("appliance_store_queue_depth", ())] == 12
     assert got[("appliance_store_queue_peak", ())] == 40
     assert got[("appliance_store_locked_seconds", ())] == 3.6
@@ -271,7 +276,7 @@ def test_metric_families_show_the_store_queue() -> None:
 
 
 def test_metric_families_survive_an_empty_status() -> None:
-    got = _scrape(families({}, StoreFacts()))
+    got = _scrape(families(ApplianceStatus(), StoreFacts()))
     assert got[("appliance_uptime_seconds", ())] == 0
     assert got[("appliance_events_total", (("stage", "dhcp-offer"),))] == 0
 
@@ -314,7 +319,7 @@ def test_watch_screen_and_event_lines() -> None:
 
 
 def test_status_lines() -> None:
-    lines = status_lines({**STATUS, "plan": {"nodes": 3}})
+    lines = status_lines({**STATUS.to_json(), "plan": {"nodes": 3}})
     assert lines[0] == "appliance 0.1.0 serving demo.example.com: 3 nodes, up 12s"
     assert lines[1] == "reloads: 2 ok, 1 refused"
     dns = next(line for line in lines if line.startswith("dns "))
@@ -322,7 +327,7 @@ def test_status_lines() -> None:
     proxy = next(line for line in lines if line.startswith("proxy "))
     assert "1/1 backends up" in proxy
     store = {"written": 100, "queued": 12, "locked_for": 75.0, "lost": 0, "failed": 1}
-    lines = status_lines({**STATUS, "store": store})
+    lines = status_lines({**STATUS.to_json(), "store": store})
     locked = "locked by another process for 1m15s"
     assert lines[-1] == f"store: 100 writes, 12 waiting, {locked}, 1 failed"
 

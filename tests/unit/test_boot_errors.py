@@ -13,9 +13,12 @@ from appliance.events import BOOT_ERROR, STAGES, EventBus, blocked_stage, boot_e
 from appliance.metrics import StoreFacts, families
 from appliance.plan import BootFiles, NodeBoot, NodeInfo
 from appliance.progress import NodeFacts, timeline
+from appliance.status import ApplianceStatus, ServiceEntry
 from appliance.terminal import nodes_table, unknown_lines, watch_screen
 from appliance.unknown import arch_name, closest, distance, suggestion
 from services.booterrors import BootErrors, boot_file, tftp_cause
+from services.http.status import HttpStatus
+from services.tftp.status import TftpStatus
 
 FILES = BootFiles()
 BOOT = NodeBoot(
@@ -226,12 +229,14 @@ def test_nodes_table_shows_the_boot_error_in_the_row_and_below() -> None:
 
 
 def test_boot_error_metrics_by_service_and_cause() -> None:
-    status = {
-        "services": {
-            "http": {"state": "running", "boot_errors": {"missing": 5, "not_owner": 1}},
-            "tftp": {"state": "running", "boot_errors": {"missing": 2}},
+    http = HttpStatus(boot_errors={"missing": 5, "not_owner": 1})
+    tftp = TftpStatus(boot_errors={"missing": 2})
+    status = ApplianceStatus(
+        services={
+            "http": ServiceEntry("running", (), http),
+            "tftp": ServiceEntry("running", (), tftp),
         }
-    }
+    )
     fams = {f.name: f for f in families(status, StoreFacts(events={"boot-error": 3}))}
     samples = {tuple(s.labels.values()): s.value for s in fams["appliance_boot_errors"].samples}
     assert samples[("http", "missing")] == 5 and samples[("http", "not_owner")] == 1

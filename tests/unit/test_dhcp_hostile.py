@@ -362,9 +362,12 @@ def test_an_exhausted_pool_costs_no_scan_per_discover(dgxpod_raw: dict[str, Any]
 
 def test_dropped_requests_are_in_the_metrics() -> None:
     from appliance.metrics import StoreFacts, families
+    from appliance.status import ApplianceStatus, ServiceEntry
+    from services.dhcp.status import DhcpStatus
 
     counters = {"reflection": 3, "nak_limited": 2, "decline_refused": 191, "unknown_evicted": 7}
-    status = {"services": {"dhcp": {"state": "running", "counters": counters}}}
+    dhcp = ServiceEntry("running", (), DhcpStatus(counters=counters))
+    status = ApplianceStatus(services={"dhcp": dhcp})
     got = {
         (sample.name, sample.labels.get("reason")): sample.value
         for family in families(status, StoreFacts())

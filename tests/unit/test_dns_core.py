@@ -11,9 +11,10 @@ from dnslib import EDNS0, QTYPE, RR, SOA, A, DNSHeader, DNSQuestion, DNSRecord
 
 from appliance.inventory import parse_endpoint, parse_inventory
 from appliance.plan import ARecord, Plan, build_plan
-from services.dns.authority import NOERROR, NXDOMAIN, Authority
+from services.dns.authority import Authority
 from services.dns.cache import ForwardCache, UpstreamPicker
 from services.dns.engine import DnsEngine, Forward, Reply, cache_reply
+from services.dns.rcode import NOERROR, NXDOMAIN
 from services.dns.wire import parse_query, patch_reply, template_key, truncate
 from tests.helpers import CONFIG, dgxpod_data
 

@@ -315,13 +315,13 @@ def test_a_reply_to_any_query_type_matches_its_question(qtype: str) -> None:
     question made every HTTPS (65) answer look like a reply to another question."""
     from dnslib import DNSRecord
 
-    from services.dns.forwarder import _question_bytes, same_question
+    from services.dns.resolution import question_bytes, same_question
 
     query = DNSRecord.question("Example.ORG", qtype).pack()
     reply = DNSRecord.parse(query).reply().pack()
-    assert same_question(reply, _question_bytes(query))
+    assert same_question(reply, question_bytes(query))
     other = DNSRecord.question("example.org", "MX").pack()
-    assert not same_question(DNSRecord.parse(other).reply().pack(), _question_bytes(query))
+    assert not same_question(DNSRecord.parse(other).reply().pack(), question_bytes(query))
 
 
 def test_refused_never_raises_on_what_dnslib_cannot_parse(engine: DnsEngine) -> None:

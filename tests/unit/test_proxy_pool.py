@@ -9,26 +9,20 @@ round-robin spreads evenly; leastconn follows active connections; source-hash is
 stable per client and moves a client off a backend that went down; drain and
 disabled backends get no new connections; unknown health counts as eligible; a
 new plan keeps the state of a backend it still has and drains removed ones until
-their connections end.
+their connections end. (Connect deadlines, retries and blame: test_proxy_connects.py.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import time
 from collections import Counter
-from dataclasses import replace
 from ipaddress import IPv4Address
-from types import SimpleNamespace
 from typing import Literal
 
 import pytest
 
 from appliance.plan import Backend, Frontend, HealthCheck
-from services.proxy.limits import Ledger, derive
 from services.proxy.pool import BackendState, Pool
-from services.proxy.server import FrontendRunner
 
 PORT = 6443
 Balance = Literal["roundrobin", "leastconn", "source"]
@@ -355,57 +349,3 @@ def test_stats_shape() -> None:
     assert stats["name"] == "master-0" and stats["address"] == "10.33.3.50:6443"
     assert stats["health"] == "up" and stats["admin"] == "enabled"
     assert stats["removed"] is False and stats["active"] == 0
-
-
-# --- connect timeouts: one timer per frontend, due when the first deadline is -------------
-
-
-class _Connecting:
-    """What FrontendRunner's connect timer sees of a connection."""
-
-    def __init__(self, fired: dict[str, float], name: str) -> None:
-        self.fired, self.name = fired, name
-        self.poller = SimpleNamespace(now=time.monotonic())
-
-    def timed_out(self) -> None:
-        self.fired[self.name] = time.monotonic()
-
-
-async def test_connect_timeouts_fire_when_due_even_after_a_reload_shortens_them() -> None:
-    """Deadlines need not come in start order: after a reload lowers connect_timeout a
-    new connect is due before older ones. It fires when due (here 0.2 s, not the old
-    connects' 30 s); a connect that finished never fires; nothing fires twice; once the
-    older connects are gone, the timer waits for the first one again."""
-    service = SimpleNamespace(
-        loop=asyncio.get_running_loop(), poller=None, ledger=Ledger(derive(0, {}, 0))
-    )
-    runner = FrontendRunner(service, replace(frontend(), connect_timeout=30.0))  # type: ignore[arg-type]
-    fired: dict[str, float] = {}
-    try:
-        slow = _Connecting(fired, "slow")
-        runner.connect_started(slow)  # type: ignore[arg-type]
-        runner.frontend = replace(runner.frontend, connect_timeout=0.2)  # the reload
-        started = time.monotonic()
-        for name in ("fast", "done"):
-            conn = _Connecting(fired, name)
-            runner.connect_started(conn)  # type: ignore[arg-type]
-        runner.connecting.pop(conn)  # type: ignore[call-overload]  # "done" connected
-        deadline = time.monotonic() + 10
-        while "fast" not in fired and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert "fast" in fired and fired["fast"] - started >= 0.2
-        assert set(fired) == {"fast"} and list(runner.connecting) == [slow]
-        assert runner.connect_timer is not None and runner.connect_due > time.monotonic() + 20
-        # In order again once the old connects are gone: the timer waits for the first.
-        runner.connecting.pop(slow)  # type: ignore[call-overload]
-        fresh = [_Connecting(fired, f"n{i}") for i in range(3)]
-        for conn in fresh:
-            conn.poller.now = time.monotonic()
-            runner.connect_started(conn)  # type: ignore[arg-type]
-        assert not runner.unordered
-        assert runner.connect_due == runner.connecting[fresh[0]]  # type: ignore[index]
-        while len(fired) < 4 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert set(fired) == {"fast", "n0", "n1", "n2"} and not runner.connecting
-    finally:
-        runner.cancel_connect_timer()

@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from appliance.bootstate import BootState
 from appliance.events import EventBus
 from appliance.inventory import load_inventory
 from appliance.plan import build_plan
+from appliance.runtime import RuntimeState
 from appliance.service import ServiceContext
 from appliance.store import Store
 from services.proxy import poller as poller_module
@@ -291,8 +291,7 @@ async def proxy(
         bus=EventBus(),
         store=store,
         log=logging.getLogger("proxy-test"),
-        services={},
-        boot=BootState(store),
+        runtime=RuntimeState(store),
     )
     svc = ProxyService(ctx)
     svc.splice = splice and HAVE_SPLICE

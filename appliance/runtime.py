@@ -1,0 +1,160 @@
+"""The daemon's runtime state: one typed object the supervisor owns and every service shares.
+
+What services used to learn by looking each other up by name lives here instead:
+- boot once: which nodes have fetched their install ignition (the boot services read it
+  on every boot config, HTTP writes it, the admin API asks for a reinstall);
+- bootstrap retired: the cluster loop writes it, HTTP stops serving bootstrap.ign;
+- backend admin states (drain / disable / enable per frontend and backend): the admin
+  API and the cluster loop write them, the load balancer applies them.
+
+Install marks and the bootstrap record are written through to the store, as before;
+admin states live in memory (as before): a load balancer that starts (or restarts)
+while the daemon runs applies those already set. Plain code: no asyncio, no sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from appliance.bootstate import InstallStore
+
+log = logging.getLogger("appliance.boot")
+
+AdminState = Literal["enabled", "drain", "disabled"]
+ADMIN_STATES: tuple[AdminState, ...] = ("enabled", "drain", "disabled")
+
+
+class AdminTarget(Protocol):
+    """A backend as the load balancer reports it after a change (the admin API's body)."""
+
+    def stats(self) -> Mapping[str, object]: ...
+
+
+class LoadBalancer(Protocol):
+    """What the runtime state needs of the load balancer: apply one backend's admin state.
+
+    Raises KeyError (with the message for the operator) for an unknown frontend or
+    backend; applying the state a backend already has changes nothing."""
+
+    def set_admin_state(self, frontend: str, backend: str, state: AdminState) -> AdminTarget: ...
+
+
+class LoadBalancerOff(LookupError):
+    """No load balancer runs (no frontend listens): there is nothing to apply a state to."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendKey:
+    frontend: str
+    backend: str
+
+    def __str__(self) -> str:
+        return f"{self.frontend}/{self.backend}"
+
+
+class RuntimeState:
+    def __init__(self, store: InstallStore) -> None:
+        self.store = store
+        self._installed = {
+            node for node, state in store.install_state().items() if state["installed_at"]
+        }
+        # Bootstrap complete (the cluster loop): bootstrap.ign is served no more.
+        retired = store.cluster_state("bootstrap")
+        self._bootstrap_retired = bool(isinstance(retired, dict) and retired.get("complete"))
+        self._admin: dict[BackendKey, AdminState] = {}
+        self._lb: LoadBalancer | None = None
+
+    # --- boot once ---------------------------------------------------------------------
+
+    def installed(self, node: str) -> bool:
+        return node in self._installed
+
+    def mark_installed(self, node: str, now: float) -> bool:
+        """Record the install; True when this is news (the first ignition fetch)."""
+        if node in self._installed:
+            return False
+        self._installed.add(node)
+        self.store.mark_installed(node, now)
+        log.info("%s fetched its install ignition: its next network boot boots from disk", node)
+        return True
+
+    def request_reinstall(self, node: str, now: float) -> None:
+        self._installed.discard(node)
+        self.store.request_reinstall(node, now)
+        log.info("%s: reinstall requested: its next network boot installs it again", node)
+
+    def snapshot(self) -> dict[str, dict[str, float | None]]:
+        return self.store.install_state()
+
+    # --- bootstrap ---------------------------------------------------------------------
+
+    @property
+    def bootstrap_retired(self) -> bool:
+        return self._bootstrap_retired
+
+    def retire_bootstrap(self) -> None:
+        """From now on bootstrap.ign is refused (the cluster loop stores the record)."""
+        self._bootstrap_retired = True
+
+    # --- backend admin states ----------------------------------------------------------
+
+    def admin_state(self, frontend: str, backend: str) -> AdminState:
+        return self._admin.get(BackendKey(frontend, backend), "enabled")
+
+    def admin_states(self) -> Iterator[tuple[BackendKey, AdminState]]:
+        return iter(list(self._admin.items()))
+
+    @property
+    def load_balancer_running(self) -> bool:
+        return self._lb is not None
+
+    def set_admin_state(self, frontend: str, backend: str, state: AdminState) -> AdminTarget:
+        """The admin API: apply now or fail (LoadBalancerOff, KeyError for an unknown
+        frontend or backend, ValueError for an unknown state); kept once applied."""
+        if state not in ADMIN_STATES:
+            raise ValueError(f"unknown state {state!r}")
+        lb = self._lb
+        if lb is None:
+            raise LoadBalancerOff("the load balancer is not running (no frontend listens)")
+        target = lb.set_admin_state(frontend, backend, state)
+        self._remember(BackendKey(frontend, backend), state)
+        return target
+
+    def want_admin_state(self, frontend: str, backend: str, state: AdminState) -> bool:
+        """The cluster loop: keep the state, apply it where it can be; True when applied
+        now (False: no load balancer, or that frontend or backend is not there yet; a
+        load balancer that starts later, or a reload that adds it, applies it)."""
+        if state not in ADMIN_STATES:
+            raise ValueError(f"unknown state {state!r}")
+        self._remember(BackendKey(frontend, backend), state)
+        return self._apply(BackendKey(frontend, backend), state)
+
+    def _remember(self, key: BackendKey, state: AdminState) -> None:
+        if state == "enabled":
+            self._admin.pop(key, None)  # the default: nothing to re-apply
+        else:
+            self._admin[key] = state
+
+    def _apply(self, key: BackendKey, state: AdminState) -> bool:
+        lb = self._lb
+        if lb is None:
+            return False
+        try:
+            lb.set_admin_state(key.frontend, key.backend, state)
+        except (KeyError, ValueError):
+            return False  # that frontend is off here, or the backend left its pool
+        return True
+
+    def attach_load_balancer(self, lb: LoadBalancer) -> None:
+        """The load balancer started or took a new plan: it gets every state kept so far."""
+        self._lb = lb
+        for key, state in self.admin_states():
+            self._apply(key, state)
+
+    def detach_load_balancer(self, lb: LoadBalancer) -> None:
+        """The load balancer stopped; a newer one that already attached stays attached."""
+        if self._lb is lb:
+            self._lb = None

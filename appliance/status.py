@@ -1,0 +1,149 @@
+"""Typed status: what a service reports, and the metric families it declares.
+
+Each service's `status()` returns a frozen dataclass with `to_json()` (the admin API's
+body, unchanged) and `metrics()` (its Prometheus families, as plain values). The
+metrics module only merges and renders them: it knows no service's keys. Families
+several services share (malformed packets, boot errors) are built by one helper here,
+so their name, help and labels agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+Kind = Literal["counter", "gauge"]
+
+# services.booterrors.CAUSES (appliance/ does not import the services)
+BOOT_ERROR_CAUSES = ("missing", "unreadable", "not_owner", "bootstrap_retired", "refused")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family: its name without the `appliance_` prefix, and its samples."""
+
+    name: str
+    kind: Kind
+    doc: str
+    labels: tuple[str, ...] = ()
+    samples: tuple[tuple[tuple[str, ...], float], ...] = ()
+
+    def spec(self) -> tuple[str, Kind, str, tuple[str, ...]]:
+        return self.name, self.kind, self.doc, self.labels
+
+
+def _family(
+    kind: Kind,
+    name: str,
+    doc: str,
+    value: float | None,
+    labels: tuple[str, ...],
+    samples: Iterable[tuple[Sequence[str], float]],
+) -> Family:
+    rows: list[tuple[tuple[str, ...], float]] = [] if value is None else [((), float(value))]
+    rows += [(tuple(key), float(v)) for key, v in samples]
+    return Family(name, kind, doc, labels, tuple(rows))
+
+
+def counter(
+    name: str,
+    doc: str,
+    value: float | None = None,
+    *,
+    labels: tuple[str, ...] = (),
+    samples: Iterable[tuple[Sequence[str], float]] = (),
+) -> Family:
+    return _family("counter", name, doc, value, labels, samples)
+
+
+def gauge(
+    name: str,
+    doc: str,
+    value: float | None = None,
+    *,
+    labels: tuple[str, ...] = (),
+    samples: Iterable[tuple[Sequence[str], float]] = (),
+) -> Family:
+    return _family("gauge", name, doc, value, labels, samples)
+
+
+def ordered(known: Sequence[str], seen: Mapping[str, Any]) -> list[str]:
+    """The known labels in their order (0 when unseen: the series exists), then the rest."""
+    return [*known, *sorted(k for k in seen if k not in known)]
+
+
+MALFORMED = ("malformed_packets", "Packets that could not be parsed", ("service",))
+BOOT_ERRORS = (
+    "boot_errors",
+    "Boot files refused to inventory nodes (403/404, TFTP errors), by service and cause",
+    ("service", "cause"),
+)
+
+
+def malformed(service: str, count: float) -> Family:
+    name, doc, labels = MALFORMED
+    return counter(name, doc, labels=labels, samples=[((service,), count)])
+
+
+def boot_errors(service: str, counts: Mapping[str, int]) -> Family:
+    name, doc, labels = BOOT_ERRORS
+    rows = [((service, c), float(counts.get(c, 0))) for c in ordered(BOOT_ERROR_CAUSES, counts)]
+    return counter(name, doc, labels=labels, samples=rows)
+
+
+class ServiceStatus(Protocol):
+    """What every service's status() returns."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+    def metrics(self) -> Iterable[Family]: ...
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    """One service as the supervisor sees it: on or off, where, and its own status."""
+
+    state: Literal["running", "off"]
+    listen: tuple[str, ...] = ()
+    detail: ServiceStatus | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": self.state, "listen": list(self.listen)}
+        if self.detail is not None:
+            out.update(self.detail.to_json())
+        return out
+
+
+@dataclass(frozen=True)
+class ApplianceStatus:
+    """The supervisor's status: /api/v1/status (to_json) and the /metrics frame."""
+
+    version: str = ""
+    config: str = ""
+    uptime: float = 0.0
+    cluster: str | None = None
+    nodes: int = 0
+    services: Mapping[str, ServiceEntry] = field(default_factory=dict)
+    reloads: Mapping[str, Any] = field(default_factory=dict)  # ok, failed, last_error, last_at
+    events_published: int = 0
+    events_dropped: int = 0
+    store: Mapping[str, Any] = field(default_factory=dict)  # the store queue's stats()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "config": self.config,
+            "uptime": self.uptime,
+            "cluster": self.cluster,
+            "nodes": self.nodes,
+            "services": {name: entry.to_json() for name, entry in self.services.items()},
+            "reloads": dict(self.reloads),
+            "events": {"published": self.events_published, "dropped": self.events_dropped},
+            "store": dict(self.store),
+        }
+
+    def service(self, name: str) -> ServiceStatus | None:
+        """The status of a running service (None when it is off or does not exist)."""
+        entry = self.services.get(name)
+        return entry.detail if entry is not None else None
