@@ -30,7 +30,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from appliance import sse, unknown
-from appliance.events import STAGES, Subscription
+from appliance.events import STAGES, Event, Subscription
 from appliance.metrics import ApplianceCollector, StoreFacts, store_facts
 from appliance.openapi import document
 from appliance.plan import NodeInfo, Plan
@@ -38,8 +38,7 @@ from appliance.progress import NodeFacts, timeline
 from appliance.runtime import AdminState, LoadBalancerOff
 from appliance.service import ServiceContext, ServiceSpec, start_web
 from appliance.status import ApplianceStatus, Family, counter, gauge, malformed
-from appliance.store import Store
-from appliance.storequeue import StoreBusy
+from appliance.stores import StoreBusy, StoreReader
 
 MAX_EVENT_ID = 10**18 - 1  # the largest id `after` and Last-Event-ID take
 KEEPALIVE = 15.0  # seconds between comments on an idle events stream
@@ -79,6 +78,14 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+def _last_event_id(s: StoreReader) -> int:
+    return s.last_event_id()
+
+
+def _events(s: StoreReader, *, node: str | None, after_id: int, limit: int) -> list[Event]:
+    return s.events(node=node, after_id=after_id, limit=limit)
+
+
 @dataclass(frozen=True)
 class AdminStatus:
     requests: int = 0
@@ -103,13 +110,13 @@ class AdminStatus:
 class AdminService:
     name = "admin"
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, plan: Plan) -> None:
         self.ctx = ctx
-        self.plan: Plan | None = None
+        self.plan = plan
         self.runner: web.AppRunner | None = None
         self.requests = 0
         self.errors = 0
-        self.loopback_only = True
+        self.loopback_only = _is_loopback(plan.listen["admin"].host)
         self.streams: set[Subscription] = set()
         self.registry = CollectorRegistry(auto_describe=False)
         # The store's counts are read in the store's reader thread before each scrape:
@@ -122,10 +129,8 @@ class AdminService:
 
     # --- lifecycle -------------------------------------------------------------------
 
-    async def start(self, plan: Plan) -> None:
-        endpoint = plan.listen["admin"]
-        self.plan = plan
-        self.loopback_only = _is_loopback(endpoint.host)
+    async def start(self) -> None:
+        endpoint = self.plan.listen["admin"]
         self.runner = await start_web(self.name, endpoint, self.app(), self.counters)
 
     async def reload(self, plan: Plan) -> None:
@@ -205,8 +210,7 @@ class AdminService:
         return name in self._host_names()
 
     def _host_names(self) -> frozenset[str]:
-        plan = self.plan
-        extra = plan.admin_hosts if plan is not None else ()
+        extra = self.plan.admin_hosts
         if self._names is None or self._names[0] != extra:
             # No getfqdn(): a resolver lookup would block the loop; FQDNs go in admin_hosts.
             names = {"localhost", socket.gethostname().lower(), *extra}
@@ -291,12 +295,8 @@ class AdminService:
 
     # --- reads -----------------------------------------------------------------------
 
-    def _plan(self) -> Plan:
-        assert self.plan is not None, "admin: a request before start()"
-        return self.plan
-
     async def get_status(self, request: web.Request) -> web.Response:
-        plan = self._plan()
+        plan = self.plan
         body = self._status().to_json()
         roles = {
             r: sum(1 for n in plan.nodes if n.role == r) for r in ("bootstrap", "master", "worker")
@@ -316,7 +316,7 @@ class AdminService:
         return web.json_response(body, dumps=_dumps)
 
     async def get_plan(self, request: web.Request) -> web.Response:
-        return web.json_response(self._plan().to_dict())
+        return web.json_response(self.plan.to_dict())
 
     def _node_view(
         self,
@@ -331,7 +331,7 @@ class AdminService:
             node.gpu,
             install.get("installed_at"),
             install.get("reinstall_requested"),
-            self._plan().boot.after_install,
+            self.plan.boot.after_install,
         )
         return {
             "name": node.name,
@@ -353,11 +353,11 @@ class AdminService:
         store, now = self.ctx.store, time.time()
         # Before the reads: a stream from here misses nothing. Progress and install state
         # are in memory (they move on while the file is locked).
-        last_id = await store.read(Store.last_event_id)
+        last_id = await store.read(_last_event_id)
         progress, install = store.progress(), store.install_state()
         nodes = [
             self._node_view(n, progress.get(n.name, {}), install.get(n.name, {}), now)
-            for n in self._plan().nodes
+            for n in self.plan.nodes
         ]
         body = {"time": now, "last_event_id": last_id, "stages": list(STAGES), "nodes": nodes}
         return web.json_response(body)
@@ -378,7 +378,7 @@ class AdminService:
         return web.json_response(view)
 
     def _node(self, name: str) -> NodeInfo:
-        node = self._plan().by_name.get(name)
+        node = self.plan.by_name.get(name)
         if node is None:
             raise NotFound(f"no node {name!r} in the inventory")
         return node
@@ -386,7 +386,7 @@ class AdminService:
     async def get_leases(self, request: web.Request) -> web.Response:
         everything = _bool(request.query, "all", False)
         now = time.time()
-        by_mac = {n.mac: n.name for n in self._plan().nodes}
+        by_mac = {n.mac: n.name for n in self.plan.nodes}
         leases = await self.ctx.store.read(lambda s: s.leases(None if everything else now))
         body = [
             {
@@ -412,7 +412,7 @@ class AdminService:
         (total, evicted), machines = await store.read(
             lambda s: (s.unknown_machine_counts(), s.unknown_machines(limit, offset))
         )
-        nodes = self._plan().nodes
+        nodes = self.plan.nodes
         for machine in machines:
             # The likely typo in the inventory: a node's MAC a digit or two away.
             machine["arch_name"] = unknown.arch_name(
@@ -495,7 +495,7 @@ class AdminService:
         try:
             await response.prepare(request)
             if after is None:  # a new client: the latest `backlog` events first
-                after = max(0, await store.read(Store.last_event_id) - backlog)
+                after = max(0, await store.read(_last_event_id) - backlog)
             await response.write(sse.retry(2000))
             cursor = await self._send_since(response, after, node)
             retries = 0  # the bus rang but the store had nothing new yet: look again soon
@@ -532,7 +532,7 @@ class AdminService:
         """Write every stored event after `after` (in pages); return the last id written."""
         for _ in range(1000):  # bounded: a million events per wake-up at most
             events = await self.ctx.store.read(
-                functools.partial(Store.events, node=node, after_id=after, limit=1000)
+                functools.partial(_events, node=node, after_id=after, limit=1000)
             )
             if not events:
                 break
@@ -559,7 +559,7 @@ class AdminService:
             raise NotFound(str(exc)) from None
         except KeyError as exc:
             raise NotFound(str(exc.args[0])) from None
-        return web.json_response({"ok": True, "backend": backend.stats()}, dumps=_dumps)
+        return web.json_response({"ok": True, "backend": backend.status().to_json()}, dumps=_dumps)
 
     async def post_reinstall(self, request: web.Request) -> web.Response:
         node = self._node(request.match_info["name"])

@@ -21,7 +21,8 @@ logs every malformed request with a traceback at ERROR. Here, for every connecti
   own bug (500) still logs its traceback at ERROR.
 
 The decisions (deadline, byte budget, log rate) are in plain classes with `now` passed
-in (HeadClock, Hush); the shell below only moves them through aiohttp's hooks.
+in (HeadClock, and appliance.ratelog's RateGate); the shell below only moves them through
+aiohttp's hooks.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_writer import HttpVersion11
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
+
+from appliance.ratelog import RateGate
 
 HEADER_TIMEOUT = 10.0  # seconds for a whole request head
 HEADER_BYTES = 32 << 10  # bytes of one request head, request line included
@@ -106,23 +109,6 @@ class HeadClock:
         return self.due is not None and self.parsed <= self.answered and now >= self.due
 
 
-@dataclass
-class Hush:
-    """At most one log line per `every` seconds; it says how many events it stands for."""
-
-    every: float = LOG_EVERY
-    last: float | None = None
-    held: int = 0
-
-    def event(self, now: float) -> int:
-        """Count one event: 0 to stay quiet, else the number of events the line covers."""
-        self.held += 1
-        if self.last is not None and now - self.last < self.every:
-            return 0
-        self.last, count, self.held = now, self.held, 0
-        return count
-
-
 # --- the shell ---------------------------------------------------------------------------
 
 
@@ -132,19 +118,20 @@ class Guard:
     def __init__(self, service: str, counters: dict[str, int]) -> None:
         self.service = service
         self.counters = counters
-        self.hush = {"malformed": Hush(), "timeout": Hush()}
+        # A line per LOG_EVERY s for each of "timeout" and "malformed"; it counts the rest.
+        self.gate = RateGate(LOG_EVERY)
 
     def count(self, kind: str, peer: str, reason: str) -> None:
         self.counters[kind] = self.counters.get(kind, 0) + 1
-        if n := self.hush["timeout" if kind == "header_timeout" else "malformed"].event(
-            time.monotonic()
-        ):
+        timeout = kind == "header_timeout"
+        verdict = self.gate.admit("timeout" if timeout else "malformed", time.monotonic())
+        if verdict.write:
             log.info(
                 "%s: %d %s since the last such line, the latest from %s: %s "
                 "(one line per %g s at most)",
                 self.service,
-                n,
-                "slow request head(s) cut" if kind == "header_timeout" else "malformed request(s)",
+                verdict.held + 1,  # the events held back, and this one
+                "slow request head(s) cut" if timeout else "malformed request(s)",
                 peer,
                 reason,
                 LOG_EVERY,

@@ -74,3 +74,19 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log is noisy at info; services log what matters themselves.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def fields(
+    *, node: str | None = None, mac: str | None = None, ip: object | None = None
+) -> dict[str, str]:
+    """Structured fields for a node-related line (`extra=`): with `--log-format json` they
+    are keys of their own, so a log pipeline can select one machine's lines; the text
+    format leaves them out (the message already names the node)."""
+    out: dict[str, str] = {}
+    if node:
+        out["node"] = node
+    if mac:
+        out["mac"] = mac
+    if ip is not None and ip != "":
+        out["ip"] = str(ip)
+    return out

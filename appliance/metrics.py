@@ -28,7 +28,7 @@ from appliance.status import (
     gauge,
     ordered,
 )
-from appliance.store import Store
+from appliance.stores import FactsReader
 
 LEASE_STATES = ("offered", "bound", "declined", "released")
 CSR_DECISIONS = ("approve", "pending", "deny")
@@ -45,7 +45,7 @@ class StoreFacts:
     unknown_machines: int = 0
 
 
-def store_facts(store: Store, now: float) -> StoreFacts:
+def store_facts(store: FactsReader, now: float) -> StoreFacts:
     reached: Counter[str] = Counter()
     for stages in store.progress().values():
         reached.update(s for s in stages if s not in STATES)  # a boot error is not reached

@@ -15,11 +15,12 @@ while the daemon runs applies those already set. Plain code: no asyncio, no sock
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from appliance.bootstate import InstallStore
+from appliance.logs import fields
 
 log = logging.getLogger("appliance.boot")
 
@@ -27,10 +28,15 @@ AdminState = Literal["enabled", "drain", "disabled"]
 ADMIN_STATES: tuple[AdminState, ...] = ("enabled", "drain", "disabled")
 
 
-class AdminTarget(Protocol):
-    """A backend as the load balancer reports it after a change (the admin API's body)."""
+class Reported(Protocol):
+    def to_json(self) -> dict[str, Any]: ...
 
-    def stats(self) -> Mapping[str, object]: ...
+
+class AdminTarget(Protocol):
+    """A backend as the load balancer reports it after a change: its typed status, whose
+    JSON is the admin API's body (the same as its entry in the backends list)."""
+
+    def status(self) -> Reported: ...
 
 
 class LoadBalancer(Protocol):
@@ -78,13 +84,21 @@ class RuntimeState:
             return False
         self._installed.add(node)
         self.store.mark_installed(node, now)
-        log.info("%s fetched its install ignition: its next network boot boots from disk", node)
+        log.info(
+            "%s fetched its install ignition: its next network boot boots from disk",
+            node,
+            extra=fields(node=node),
+        )
         return True
 
     def request_reinstall(self, node: str, now: float) -> None:
         self._installed.discard(node)
         self.store.request_reinstall(node, now)
-        log.info("%s: reinstall requested: its next network boot installs it again", node)
+        log.info(
+            "%s: reinstall requested: its next network boot installs it again",
+            node,
+            extra=fields(node=node),
+        )
 
     def snapshot(self) -> dict[str, dict[str, float | None]]:
         return self.store.install_state()

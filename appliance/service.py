@@ -1,7 +1,7 @@
 """What a service is to the supervisor, and helpers every service shares.
 
-A service is started with a plan, takes new plans while running, and stops. It
-binds its sockets in `start` (so bind errors surface before READY) and keeps
+A service is built from a plan, started, takes new plans while running, and stops.
+It binds its sockets in `start` (so bind errors surface before READY) and keeps
 them across `reload`. Services declare which listeners they use, so the
 supervisor restarts a service only when one of those addresses changes.
 """
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from appliance.events import EventBus
     from appliance.runtime import RuntimeState
     from appliance.status import ApplianceStatus, ServiceStatus
-    from appliance.storequeue import DaemonStore
+    from appliance.stores import ServiceStore
 
 
 class ServiceError(Exception):
@@ -63,9 +63,12 @@ class ReloadResult:
 
 
 class Service(Protocol):
+    """Built from the plan by its spec's factory (everything derivable from the plan exists
+    once `__init__` returns); `start` only binds and spawns, so nothing is half-set."""
+
     name: str
 
-    async def start(self, plan: Plan) -> None: ...
+    async def start(self) -> None: ...
 
     async def reload(self, plan: Plan) -> None: ...
 
@@ -81,7 +84,7 @@ class ServiceContext:
     Services never look each other up: what one writes and another applies is there."""
 
     bus: EventBus
-    store: DaemonStore  # writes are queued, reads never wait for a lock on the loop
+    store: ServiceStore  # writes are queued, reads never wait for a lock on the loop
     log: logging.Logger
     runtime: RuntimeState
     control: Control | None = None
@@ -91,7 +94,7 @@ class ServiceContext:
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
-    factory: Callable[[ServiceContext], Service]
+    factory: Callable[[ServiceContext, Plan], Service]  # the supervisor then awaits start()
     # The plan's listen keys this service binds; `enabled` defaults to "any of them set".
     listen_keys: tuple[str, ...] = ()
     enabled: Callable[[Plan], bool] | None = None

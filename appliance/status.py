@@ -9,6 +9,7 @@ so their name, help and labels agree.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -33,39 +34,24 @@ class Family:
         return self.name, self.kind, self.doc, self.labels
 
 
-def _family(
+def family(
     kind: Kind,
     name: str,
     doc: str,
-    value: float | None,
-    labels: tuple[str, ...],
-    samples: Iterable[tuple[Sequence[str], float]],
+    value: float | None = None,
+    *,
+    labels: tuple[str, ...] = (),
+    samples: Iterable[tuple[Sequence[str], float]] = (),
 ) -> Family:
+    """A family of one unlabelled `value`, or of labelled `samples` (or both)."""
     rows: list[tuple[tuple[str, ...], float]] = [] if value is None else [((), float(value))]
     rows += [(tuple(key), float(v)) for key, v in samples]
     return Family(name, kind, doc, labels, tuple(rows))
 
 
-def counter(
-    name: str,
-    doc: str,
-    value: float | None = None,
-    *,
-    labels: tuple[str, ...] = (),
-    samples: Iterable[tuple[Sequence[str], float]] = (),
-) -> Family:
-    return _family("counter", name, doc, value, labels, samples)
-
-
-def gauge(
-    name: str,
-    doc: str,
-    value: float | None = None,
-    *,
-    labels: tuple[str, ...] = (),
-    samples: Iterable[tuple[Sequence[str], float]] = (),
-) -> Family:
-    return _family("gauge", name, doc, value, labels, samples)
+# The call sites name the kind first: counter("dns_queries", ...), gauge("..._entries", ...).
+counter = functools.partial(family, "counter")
+gauge = functools.partial(family, "gauge")
 
 
 def ordered(known: Sequence[str], seen: Mapping[str, Any]) -> list[str]:

@@ -17,19 +17,25 @@ import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from appliance.events import STAGES, Event, EventBus
+
+# The values and errors of the store's Protocols, defined there (no sqlite3) and
+# re-exported here, where they always were.
+from appliance.stores import UNKNOWN_MACHINES_KEEP as UNKNOWN_MACHINES_KEEP
+from appliance.stores import Lease as Lease
+from appliance.stores import LeaseState as LeaseState
+from appliance.stores import StoreError as StoreError
+from appliance.stores import UnknownMachine as UnknownMachine
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "appliance.db"
 BUSY_TIMEOUT_MS = 5000  # another process (e.g. an operator's sqlite3 shell) may hold a lock
 
-LeaseState = Literal["offered", "bound", "declined", "released"]
 LEASE_STATES: frozenset[str] = frozenset(("offered", "bound", "declined", "released"))
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -108,41 +114,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class StoreError(Exception):
-    pass
-
-
 class LeaseConflict(StoreError):
     """The address is already leased to another MAC."""
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
-    mac: str
-    ip: str
-    hostname: str | None
-    expires: float
-    state: LeaseState
-    updated: float
-
-
 _LEASE_COLUMNS = "mac, ip, hostname, expires, state, updated"
-
-UNKNOWN_MACHINES_KEEP = 4096  # rows of unknown_machines; the least recently seen go first
-
-
-@dataclass(frozen=True, slots=True)
-class UnknownMachine:
-    """A sighting of a machine outside the inventory (`seen`: requests it stands for)."""
-
-    mac: str
-    first_seen: float
-    last_seen: float
-    seen: int
-    vendor_class: str = ""
-    arch: str = ""
-    user_class: str = ""
-    hostname: str = ""
 
 
 def _lease(row: tuple[object, ...]) -> Lease:

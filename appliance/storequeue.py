@@ -29,14 +29,16 @@ import sqlite3
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from appliance.events import Event, EventBus
 from appliance.store import Lease, Store, StoreError, _stage_order
+from appliance.stores import UNKNOWN_MACHINES_KEEP, DhcpStore, StoreUnavailable, UnknownMachine
+from appliance.stores import StoreBusy as StoreBusy
 
 log = logging.getLogger("appliance.store")
 
@@ -59,17 +61,28 @@ PERSIST_QUEUE = 100_000  # the persist task's bus subscription (drained at every
 T = TypeVar("T")
 
 
-class StoreBusy(StoreError):
-    """A read found the file locked beyond its short wait: try again shortly."""
+class WriterStore(Protocol):
+    """What the writer thread calls itself; every other write is a function of the store
+    (an _Op). The SQLite Store, or tests/fakestore.py's FailingStore."""
+
+    @property
+    def path(self) -> Path: ...
+
+    def record_events(self, evs: Sequence[Event]) -> object: ...
+
+    def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=WriterStore)
 
 
 @dataclass(frozen=True, slots=True)
-class _Op:
+class _Op(Generic[S]):
     name: str
-    fn: Callable[[Store], object]
+    fn: Callable[[S], object]
 
 
-_Item = Event | _Op
+_Item = Event | _Op[S]
 
 
 def is_busy(exc: sqlite3.Error) -> bool:
@@ -79,7 +92,7 @@ def is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-class StoreWriter:
+class StoreWriter(Generic[S]):
     """One thread, one connection, one queue: every write of the daemon, in order.
 
     `submit` never blocks and never fails; `close` flushes (bounded) and stops the
@@ -87,13 +100,13 @@ class StoreWriter:
     the number of items finished so far (written, or given up and counted).
     """
 
-    def __init__(self, store: Store, on_progress: Callable[[int], None] | None = None) -> None:
+    def __init__(self, store: S, on_progress: Callable[[int], None] | None = None) -> None:
         self.store = store  # its connection is used by the writer thread only
         self._on_progress = on_progress
         # The queue, in two parts so that the oldest event can go in O(1): other writes
         # with their sequence number and queue time, and events with their queue times
         # and runs [first seq, count] of consecutive sequence numbers, oldest first.
-        self._ops: deque[tuple[int, _Op, float]] = deque()
+        self._ops: deque[tuple[int, _Op[S], float]] = deque()
         self._events: deque[Event] = deque()
         self._event_times: deque[float] = deque()
         self._runs: deque[list[int]] = deque()
@@ -123,7 +136,7 @@ class StoreWriter:
     def done(self) -> int:
         return self._done
 
-    def submit(self, item: _Item) -> int:
+    def submit(self, item: _Item[S]) -> int:
         """Queue one write; returns its sequence number (see `done`)."""
         with self._cond:
             if self._closing and not self._thread.is_alive():
@@ -237,13 +250,13 @@ class StoreWriter:
 
     # --- the writer thread ----------------------------------------------------------
 
-    def _take(self) -> list[_Item] | None:
+    def _take(self) -> list[_Item[S]] | None:
         with self._cond:
             while not self._ops and not self._events:
                 if self._closing:
                     return None
                 self._cond.wait()
-            batch: list[_Item]
+            batch: list[_Item[S]]
             if self._ops and (not self._runs or self._ops[0][0] < self._runs[0][0]):
                 batch = [self._ops.popleft()[1]]
             else:
@@ -276,7 +289,7 @@ class StoreWriter:
             if self._on_progress is not None:
                 self._on_progress(self._done)
 
-    def _apply(self, batch: list[_Item]) -> None:
+    def _apply(self, batch: list[_Item[S]]) -> None:
         if isinstance(batch[0], Event):
             self.store.record_events([e for e in batch if isinstance(e, Event)])
         else:
@@ -284,7 +297,7 @@ class StoreWriter:
             assert isinstance(op, _Op)
             op.fn(self.store)
 
-    def _write(self, batch: list[_Item]) -> None:
+    def _write(self, batch: list[_Item[S]]) -> None:
         """Write `batch`, retrying while the file is locked; never raises."""
         delay = BACKOFF_FIRST
         failing_since = 0.0
@@ -354,7 +367,7 @@ class StoreWriter:
                 )
             self._locked_since = 0.0
 
-    def _give_up(self, batch: list[_Item], exc: BaseException) -> None:
+    def _give_up(self, batch: list[_Item[S]], exc: BaseException) -> None:
         self.counters["failed"] += len(batch)  # stats()["failed"]: status and /metrics
         # Logged once per burst (a failing disk must not flood the journal); the write
         # that ends the burst says how many went.
@@ -375,7 +388,7 @@ class StoreWriter:
             FAIL_REMIND_EVERY,
         )
 
-    def _abandon(self, batch: list[_Item]) -> None:
+    def _abandon(self, batch: list[_Item[S]]) -> None:
         """The stop's deadline passed with the file still locked: count what is left."""
         with self._cond:
             left = len(batch) + self._queued()
@@ -389,6 +402,46 @@ class StoreWriter:
             self.store.path,
             left,
         )
+
+
+class LeaseConnection:
+    """The DHCP service's own connection (a DhcpStore), used only in its executor: a
+    commit waits for the lock at most its busy timeout, then says StoreBusy; another
+    operational error (disk full, I/O) is StoreUnavailable. sqlite3 stays in here."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def save_leases(self, leases: Sequence[Lease]) -> None:
+        with _unavailable():
+            self.store.save_leases(leases)
+
+    def leases(self, now: float | None = None) -> list[Lease]:
+        with _unavailable():
+            return self.store.leases(now)
+
+    def note_unknowns(
+        self, machines: Sequence[UnknownMachine], keep: int = UNKNOWN_MACHINES_KEEP, lost: int = 0
+    ) -> int:
+        with _unavailable():
+            return self.store.note_unknowns(machines, keep, lost)
+
+    def unknown_machines(self, limit: int = -1, offset: int = 0) -> list[dict[str, object]]:
+        with _unavailable():
+            return self.store.unknown_machines(limit, offset)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@contextlib.contextmanager
+def _unavailable() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if is_busy(exc):
+            raise StoreBusy(str(exc)) from exc  # sqlite3's words: the log lines stay
+        raise StoreUnavailable(str(exc)) from exc
 
 
 class DaemonStore:
@@ -518,6 +571,12 @@ class DaemonStore:
     def leases(self, now: float | None = None) -> list[Lease]:
         return self._db.leases(now)
 
+    def open_leases(self, state_dir: Path, busy_timeout_ms: int) -> DhcpStore:
+        """The DHCP service's own connection: its lease commits must be durable before
+        an ACK, so they do not queue behind the events; it waits at most its own busy
+        timeout for a lock (StoreBusy, and the service retries)."""
+        return LeaseConnection(Store.open(state_dir, busy_timeout_ms=busy_timeout_ms))
+
     # --- writes (queued; they never block and never raise) ----------------------------
 
     def _submit(self, name: str, fn: Callable[[Store], object]) -> None:
@@ -605,3 +664,22 @@ class DaemonStore:
         self._pool.shutdown(wait=True)
         self._reader.close()
         self._db.close()
+
+
+if TYPE_CHECKING:  # mypy checks the implementations against the Protocols
+    from appliance.stores import (
+        ClusterStateStore,
+        CsrDecisionStore,
+        EventStore,
+        InstallStore,
+        ServiceStore,
+        StoreReader,
+    )
+
+    def _sqlite(s: Store) -> tuple[
+        DhcpStore, EventStore, CsrDecisionStore, ClusterStateStore, InstallStore, StoreReader
+    ]:  # fmt: skip
+        return s, s, s, s, s, s
+
+    def _daemon(s: DaemonStore, lc: LeaseConnection) -> tuple[ServiceStore, DhcpStore]:
+        return s, lc

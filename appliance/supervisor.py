@@ -43,6 +43,7 @@ from appliance.service import (
 from appliance.status import ApplianceStatus, ServiceEntry
 from appliance.store import StoreError
 from appliance.storequeue import DaemonStore
+from appliance.tasks import TaskSet
 
 log = logging.getLogger("appliance")
 
@@ -89,13 +90,20 @@ class Supervisor:
         self.running: dict[str, Service] = {}
         self.plan: Plan | None = None
         self.store: DaemonStore | None = None
-        self.runtime: RuntimeState  # shared by the services: boot once, drains, bootstrap
+        self._runtime: RuntimeState | None = None  # exists once the store is open (start)
         self.token = ""
         self.started_at = 0.0
         self.reloads: dict[str, Any] = {"ok": 0, "failed": 0, "last_error": None, "last_at": None}
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskSet(log, "supervisor task")  # the store's persist, the watchdog
+
+    @property
+    def runtime(self) -> RuntimeState:
+        """Shared by the services: boot once, drains, bootstrap retired (from start on)."""
+        if self._runtime is None:
+            raise RuntimeError("the supervisor has not started: no runtime state yet")
+        return self._runtime
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -104,16 +112,24 @@ class Supervisor:
         return ServiceContext(
             bus=self.bus,
             store=self.store,
-            log=logging.getLogger(name),
+            log=logging.getLogger(f"appliance.{name}"),
             runtime=self.runtime,
             control=self,
             admin_token=self.token,
         )
 
     async def _start_one(self, spec: ServiceSpec, plan: Plan) -> Service:
-        service = spec.factory(self._context(spec.name))
+        try:  # built from the plan: nothing bound or running yet, so nothing to stop
+            service = spec.factory(self._context(spec.name), plan)
+        except ServiceError:
+            raise
+        except OSError as exc:
+            raise ServiceError(f"{spec.name}: {exc.strerror or exc}") from None
+        except Exception as exc:  # a bug in one service: say which, keep the rest sane
+            log.exception("%s: failed to start", spec.name)
+            raise ServiceError(f"{spec.name}: failed to start: {exc}") from None
         try:
-            await service.start(plan)
+            await service.start()
         except ServiceError:
             await self._stop_one(spec.name, service)
             raise
@@ -155,13 +171,13 @@ class Supervisor:
             # still queued: nothing in normal running (the writer keeps up within
             # milliseconds), the backlog while another process holds the file's lock.
             self.store = DaemonStore.open(plan.state_dir)
-            self.runtime = RuntimeState(self.store)
+            self._runtime = RuntimeState(self.store)
             self.token = ensure_token(plan.state_dir)
         except (StoreError, OSError) as exc:
             raise ServiceError(str(exc)) from None
         self.plan = plan
         self.started_at = time.time()
-        self._tasks.append(asyncio.create_task(self.store.persist(self.bus), name="persist"))
+        self._tasks.spawn(self.store.persist(self.bus), name="persist")
         known = {k for s in self.specs for k in s.listen_keys}
         for key in plan.listen:
             if key not in known:
@@ -185,7 +201,7 @@ class Supervisor:
         interval = watchdog_interval()
         if interval:
             # A task on this very loop: if the loop hangs, the pings stop and systemd acts.
-            self._tasks.append(asyncio.create_task(watchdog_loop(interval), name="watchdog"))
+            self._tasks.spawn(watchdog_loop(interval), name="watchdog")
             log.info("systemd watchdog: a ping every %.1f s", interval)
         # What exists now (plans, zones, templates) lives as long as the process: keep the
         # cyclic collector from scanning it again and again on busy paths.
@@ -216,12 +232,7 @@ class Supervisor:
         await asyncio.gather(*(self._stop_one(name, svc) for name, svc in services))
         # The persist task writes what is still queued when cancelled: events published
         # while the services stopped (the dhcp flush of pending leases) reach the store.
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await self._tasks.close()
         if self.store is not None:
             # Bounded: a file locked by another process must not keep the daemon up.
             flushed = await self.store.aclose()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from appliance.events import boot_error_detail
 from appliance.logs import escape
+from appliance.ratelog import RateGate
 from services.bootstage import boot_file
 
 __all__ = ["CAUSES", "BootErrors", "Report", "boot_file", "tftp_cause"]
@@ -60,7 +61,7 @@ class BootErrors:
         self.window = window
         self.keep = keep
         self.burst = burst
-        self._bursts: dict[str, tuple[float, int]] = {}  # node -> (window start, reports)
+        self._bursts = RateGate(window, burst, keep)  # reports per node in a window
         self.counts: Counter[str] = Counter()  # cause -> refusals, every one
         self.suppressed = 0  # repeats not logged
         self._last: OrderedDict[tuple[str, str, str], tuple[float, int]] = OrderedDict()
@@ -90,13 +91,9 @@ class BootErrors:
             self._last[key] = (seen[0], seen[1] + 1)
             self.suppressed += 1
             return None
-        start, reports = self._bursts.get(node, (now, 0))
-        if now - start >= self.window:
-            start, reports = now, 0
-        if reports >= self.burst:
+        if not self._bursts.admit(node, now).write:
             self.suppressed += 1  # this node said enough for now: counted only
             return None
-        self._bursts[node] = (start, reports + 1)
         repeats = seen[1] if seen is not None else 0
         self._last[key] = (now, 0)
         self._last.move_to_end(key)

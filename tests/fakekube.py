@@ -47,6 +47,7 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -107,7 +108,8 @@ SERVED |= {"rolebindings"}
 SA_TOKEN = "kubernetes.io/service-account-token"
 ADMIN = ("system:admin", ("system:masters", "system:authenticated"))
 Identity = tuple[str, tuple[str, ...]]  # user, groups
-IDENTITY = web.RequestKey("identity", Identity)
+# Subscripted: a tuple alias is not a class, so it cannot be the second argument.
+IDENTITY = web.RequestKey[Identity]("identity")
 INITIAL_NAMESPACES = ("default", "kube-system", "openshift-marketplace")
 
 
@@ -344,7 +346,7 @@ class FakeKube:
         return path
 
     @web.middleware
-    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
         auth = request.headers.get("Authorization", "")
         identity = self.identities.get(auth.removeprefix("Bearer ")) if auth else None
@@ -352,7 +354,7 @@ class FakeKube:
             return ApiError(401, "Unauthorized", "Unauthorized").response()
         request[IDENTITY] = identity
         try:
-            return await handler(request)  # type: ignore[no-any-return]
+            return await handler(request)
         except ApiError as exc:
             return exc.response()
 
@@ -995,7 +997,7 @@ def kubelet_csr(
     orgs: Iterable[str] = ("system:nodes",),
     dns: Iterable[str] = (),
     ips: Iterable[str] = (),
-    extra: Iterable[x509.NameAttribute] = (),
+    extra: Iterable[x509.NameAttribute[str]] = (),
 ) -> bytes:
     """A real PKCS#10 request (PEM) as the kubelet makes it: EC P-256, signed by its key."""
     key = ec.generate_private_key(ec.SECP256R1())

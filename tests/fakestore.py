@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.events import Event
 from appliance.store import Lease, StoreError, UnknownMachine
 
 
 class FailingStore:
-    """A LeaseStore and EventStore in memory; `fail_writes = True` makes writes raise."""
+    """The DHCP service's store (a DhcpStore) and the event writer's (a WriterStore), in
+    memory; `fail_writes = True` makes writes raise."""
 
     def __init__(self, path: Path = Path("fake.db")) -> None:
         self.path = path
@@ -49,3 +51,11 @@ class FailingStore:
 
     def unknown_machines(self, limit: int = -1, offset: int = 0) -> list[dict[str, object]]:
         return []
+
+
+if TYPE_CHECKING:  # mypy checks the fake against the Protocols it stands in for
+    from appliance.storequeue import WriterStore
+    from appliance.stores import DhcpStore
+
+    def _stands_in(s: FailingStore) -> tuple[DhcpStore, WriterStore]:
+        return s, s

@@ -197,10 +197,13 @@ def in_netns(ns: str, fn: Callable[[], _T]) -> _T:
 
 
 def wait_until(
-    check: Callable[[], _T], timeout: float = 10.0, what: str = "condition", step: float = 0.05
+    check: Callable[[], _T | None],
+    timeout: float = 10.0,
+    what: str = "condition",
+    step: float = 0.05,
 ) -> _T:
     """Poll `check` every `step` seconds until it returns something true (returned), or
-    fail with `what` after `timeout` seconds."""
+    fail with `what` after `timeout` seconds. (Never None: so `_T | None` in, `_T` out.)"""
     deadline = time.monotonic() + timeout
     while True:
         value = check()

@@ -24,6 +24,8 @@ with an echo, no DNS work) under the same load, DnsEngine.handle timed in-proces
 a throughput run of the appliance under cProfile (pstats written to DIR). py-spy is
 no help here: it samples through ptrace, which lands on syscall boundaries, so its
 samples pile up in sendto/epoll whatever the Python code costs.
+--rev REV runs the appliance (and `appliance render`) from a `git archive` of REV instead
+of the work tree (a before/after pair from one script; see bench/pairs.py).
 Traffic goes to 127.0.0.1 only; every wait and every run is bounded.
 """
 
@@ -56,7 +58,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.common import Children
+from bench.common import AppSource, Children
 
 Result = dict[str, Any]
 
@@ -100,6 +102,7 @@ APPS = (
 # --- processes: started here, stopped here by PID ------------------------------------
 
 CHILDREN = Children("bench/dns")
+APP = AppSource()  # the code the appliance runs from; --rev REV: a `git archive` of REV
 _stop, _stop_children, _on_signal = CHILDREN.stop, CHILDREN.stop_all, CHILDREN.on_signal
 
 
@@ -140,7 +143,8 @@ def dnsmasq_config(inventory: Path, dns_port: int, port: int) -> str:
     """`appliance render --as dnsmasq` for the inventory, DNS moved to `port`."""
     out = subprocess.run(
         [*APPLIANCE, "render", "--config", str(inventory), "--as", "dnsmasq"],
-        cwd=ROOT,
+        cwd=APP.path,
+        env=APP.env(),
         capture_output=True,
         text=True,
         timeout=30,
@@ -381,6 +385,8 @@ def engine_cost(inventory: Path, queries: list[tuple[str, str, str]], edns: bool
 
     from dns.message import make_query
 
+    if str(APP.path) not in sys.path[:1]:
+        sys.path.insert(0, str(APP.path))  # --rev: that commit's engine, not the work tree's
     from appliance.inventory import load_inventory
     from appliance.plan import build_plan
     from services.dns.engine import DnsEngine
@@ -434,8 +440,8 @@ def profile(
     app = _start(
         [*cmd, "--log-level", "warning", "run", "--config", str(inventory)],
         log,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=APP.path,
+        env=APP.env(),
     )
     wait_ready(port, probe, app, log)
     print(f"dnsperf throughput against the appliance under cProfile for {args.duration} s ...")
@@ -447,7 +453,7 @@ def profile(
     stats = pstats.Stats(str(pstats_file)).stats  # type: ignore[attr-defined]
     rows = []
     for (file, line, func), (_, ncalls, tottime, cumtime, _) in stats.items():
-        where = f"{func} ({file.replace(str(ROOT) + '/', '')}:{line})" if line else func
+        where = f"{func} ({file.replace(str(APP.path) + '/', '')}:{line})" if line else func
         rows.append((where, ncalls, tottime, cumtime))
     answered = max((n for w, n, _, _ in rows if w.startswith("datagram_received")), default=0)
     found["cprofile_top"] = (
@@ -510,6 +516,7 @@ def machine() -> dict[str, Any]:
         "loop": loop,
         "dnsmasq": version,
         "dnsperf": perf_version,
+        "source": APP.describe(),
     }
 
 
@@ -520,7 +527,7 @@ def _f(v: Any, fmt: str = "{:,.0f}") -> str:
 def report(results: dict[str, Any]) -> None:
     m = results["machine"]
     print(f"\n== DNS benchmark, {m['date']}: {m['cores']} cores, {m['cpu']}")
-    print(f"   appliance on {m['loop']}, Python {m['python']}")
+    print(f"   appliance on {m['loop']}, Python {m['python']}: {m.get('source', '?')}")
     print(f"   {m['dnsmasq']}; dnsperf {m['dnsperf']}")
     mix = collections.Counter(kind for _, _, kind in results["queries"])
     total = sum(mix.values())
@@ -603,6 +610,7 @@ def main() -> int:
     p.add_argument("--outstanding", type=int, default=100, help="dnsperf -q (100)")
     p.add_argument("--edns", action="store_true", help="queries with EDNS0 (dnsperf -e)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    p.add_argument("--rev", help="run the appliance from a `git archive` of this commit")
     args = p.parse_args()
     if not 1 <= args.slices <= args.duration:
         p.error("--slices: 1 to --duration")
@@ -616,7 +624,12 @@ def main() -> int:
         signal.signal(sig, _on_signal)
     atexit.register(_stop_children)
     # Set-up and checks take a few seconds; four dnsperf runs; the profile run if asked.
-    signal.alarm(40 + 5 * args.duration + (2 * args.duration + 20) * bool(args.profile))
+    signal.alarm(
+        40
+        + 5 * args.duration
+        + (2 * args.duration + 20) * bool(args.profile)
+        + 30 * bool(args.rev)  # git archive and the C build of the TFTP loop
+    )
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-dns-"))
     try:
@@ -630,6 +643,8 @@ def main() -> int:
 
 
 def _run(args: argparse.Namespace, tmp: Path) -> int:
+    if args.rev:
+        APP.use_rev(args.rev, tmp)
     app_port, dnsmasq_port, admin_port = free_port(), free_port(), free_port()
     while len({app_port, dnsmasq_port, admin_port}) < 3:
         dnsmasq_port, admin_port = free_port(), free_port()
@@ -641,12 +656,12 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     qfile.write_text("".join(f"{name} {qtype}\n" for name, qtype, _ in queries))
     probe = f"api.{raw['cluster']['name']}.{raw['cluster']['base_domain']}"
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = APP.env()
     app_log, dnsmasq_log = tmp / "appliance.log", tmp / "dnsmasq.log"
     app = _start(
         [*APPLIANCE, "--log-level", "warning", "run", "--config", str(inventory)],
         app_log,
-        cwd=ROOT,
+        cwd=APP.path,
         env=env,
     )
     user = pwd.getpwuid(os.getuid()).pw_name

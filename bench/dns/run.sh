@@ -2,7 +2,7 @@
 # DNS benchmark: the appliance's dns service against dnsmasq serving the same records
 # (rendered by `appliance render --as dnsmasq`), with dnsperf, in one run, on loopback.
 #
-#   bench/dns/run.sh [--duration 10] [--json FILE] [--profile DIR] [--keep]
+#   bench/dns/run.sh [--duration 10] [--slices 5] [--rev REV] [--json FILE] [--profile DIR] [--keep]
 #
 # Installs dnsperf and dnsmasq (Debian) when missing and running as root, and uvloop
 # plus dnspython (PyPI) into the interpreter that runs the appliance when missing.

@@ -23,6 +23,8 @@ missing). Everything runs on loopback:
      cores; a run that stayed noisy is repeated and the quietest attempt kept;
   5. a table, optional JSON, and the "Proxy" section of docs/benchmarks.md (between
      <!-- proxy:begin --> and <!-- proxy:end -->; the rest of the file is left alone).
+--rev REV runs the appliance from a `git archive` of REV instead of the work tree (a
+before/after pair from one script; see bench/pairs.py).
 --profile records the appliance (splice on) with py-spy during one extra wrk run and
 prints the hottest frames.
 """
@@ -68,6 +70,7 @@ GOAL_BULK, GOAL_CPS = 0.8, 0.5  # of HAProxy's figure
 WORK = Path(os.environ.get("BPX_WORK") or "/nonexistent")  # main() makes a temp dir if unset
 PIDS = WORK / "pids"
 CHILDREN = Children("bench/proxy", PIDS)  # main() points it at the temp dir
+APP = AppSource()  # the code the appliance runs from; --rev REV: a `git archive` of REV
 _start, _stop, _stop_children, _on_signal = (
     CHILDREN.start,
     CHILDREN.stop,
@@ -262,12 +265,12 @@ class Target:
             self.proc = _start(self.key, ["haproxy", "-db", "-f", str(conf)], log)
         else:
             inv = write_inventory(d, self.ports)
-            env = dict(os.environ)
+            env = APP.env()
             env.pop("APPLIANCE_NO_SPLICE", None)
             if self.key == "appliance_plain":
                 env["APPLIANCE_NO_SPLICE"] = "1"
             argv = [*APPLIANCE, "run", "--config", str(inv)]
-            self.proc = _start(self.key, argv, log, cwd=ROOT, env=env)
+            self.proc = _start(self.key, argv, log, cwd=APP.path, env=env)
             self._wait_admin(log)
         wait_listening(self.ip, self.bulk_port, self.proc, log)
         wait_listening(self.ip, self.http_port, self.proc, log)
@@ -699,6 +702,7 @@ def main() -> int:
     p.add_argument(
         "--profile", default="", help="bulk,conn: py-spy the appliance (splice) during these"
     )
+    p.add_argument("--rev", help="run the appliance from a `git archive` of this commit")
     p.add_argument("--json", type=Path)
     p.add_argument("--no-doc", action="store_true")
     p.add_argument("--from-json", type=Path, help="re-render the doc section from a --json file")
@@ -738,6 +742,8 @@ def main() -> int:
     results: dict[str, Result] = {}
     profiles: Result = {}
     started = time.monotonic()
+    if args.rev:
+        APP.use_rev(args.rev, WORK)
     try:
         # backends
         www = WORK / "nginx" / "www"
@@ -778,7 +784,7 @@ def main() -> int:
     meta = {
         "command": "bench/proxy/run.sh " + " ".join(sys.argv[1:]),
         "machine": machine(),
-        "source": AppSource().describe(),
+        "source": APP.describe(),
         "versions": versions(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "verdicts": verdicts(results),

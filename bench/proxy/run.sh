@@ -5,7 +5,7 @@
 #   bench/proxy/run.sh [--seconds 10] [--wrk-connections 32]
 #                      [--targets direct,haproxy,haproxy_splice,appliance,appliance_plain]
 #                      [--tests bulk,conn] [--wait-quiet 120] [--retry-noisy 1]
-#                      [--profile bulk,conn] [--json FILE] [--no-doc]
+#                      [--profile bulk,conn] [--rev REV] [--json FILE] [--no-doc]
 #
 # Installs haproxy, iperf3, wrk and nginx-light (Debian) when missing, and uvloop (PyPI,
 # the `speed` extra) into the interpreter that runs the appliance; py-spy for --profile.

@@ -23,12 +23,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from appliance.plan import Plan
+from appliance.tasks import cancel_and_wait
 from services.cluster.access import Attributes
 from services.cluster.approval_round import RATE_LIMITED, plan_round
 from services.cluster.breaker import RateLimit
 from services.cluster.informer import Informer
 from services.cluster.kube import CSRS, NODES, Forbidden, Kube, KubeError
-from services.cluster.nodes import ClusterView
+from services.cluster.nodes import ClusterView, node_fields
 from services.cluster.review import CsrInfo, Decision
 
 if TYPE_CHECKING:
@@ -59,17 +60,15 @@ class Approver:
         self.resync = resync
         self.watch_timeout = watch_timeout
         self.clock = clock
-        self.log = logging.getLogger("cluster.csr")
+        self.log = logging.getLogger("appliance.cluster.csr")
         k8s = plan().kubernetes
         self.limit = RateLimit(k8s.approvals_per_minute, k8s.approval_burst)
         self.objects: dict[str, dict[str, Any]] = {}  # by CSR name, as last seen
         self.first_seen: dict[str, float] = {}  # by uid: for the breaker when no timestamp
         # uid -> (verdict, reason) last stored: one record per CSR and reason, also
-        # across restarts (seeded from the store).
+        # across restarts (seeded from the store by the first run(), off the loop).
         self.recorded: dict[str, tuple[str, str]] = {}
-        for row in reversed(ctx.store.csr_decisions(limit=2000)):
-            if row.get("uid"):
-                self.recorded[str(row["uid"])] = (str(row["decision"]), str(row["reason"]))
+        self._seeded = False
         self.counts: Counter[str] = Counter()
         self.last: deque[dict[str, Any]] = deque(maxlen=LAST)
         self.breaker = False
@@ -107,7 +106,17 @@ class Approver:
 
     # --- the loop ----------------------------------------------------------------------
 
+    async def _seed(self) -> None:
+        """What was stored before this start, read in the store's reader thread."""
+        rows = await self.ctx.store.read(lambda s: s.csr_decisions(limit=2000))
+        for row in reversed(rows):  # oldest first: the latest decision per uid stays
+            if row.get("uid"):
+                self.recorded[str(row["uid"])] = (str(row["decision"]), str(row["reason"]))
+        self._seeded = True
+
     async def run(self, kube: Kube) -> None:
+        if not self._seeded:  # once: later runs (reconnects) know more than the store
+            await self._seed()
         self.informer = Informer(
             kube, CSRS, self._listed, self._event, watch_timeout=self.watch_timeout
         )
@@ -124,9 +133,8 @@ class Approver:
                         await self._wake.wait()
                 self._wake.clear()
         finally:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watch
+            # Its error, if it ended first, was raised above; otherwise it is retrieved here.
+            await cancel_and_wait(watch, log=self.log, what="watch")
 
     def _listed(self, items: list[dict[str, Any]]) -> None:
         self.objects = {}
@@ -279,7 +287,13 @@ class Approver:
         self._record(csr, decision, final=True)
         if decision.verdict == "approve":
             self.approvals += 1
-            self.log.info("approved %s (%s): %s", csr.name, csr.username, decision.reason)
+            self.log.info(
+                "approved %s (%s): %s",
+                csr.name,
+                csr.username,
+                decision.reason,
+                extra=self._fields(decision),
+            )
             if decision.node and decision.kind in STAGE:
                 self.ctx.bus.publish(
                     decision.node,
@@ -289,7 +303,13 @@ class Approver:
                     time=self.clock(),
                 )
         else:
-            self.log.warning("denied %s (%s): %s", csr.name, csr.username, decision.reason)
+            self.log.warning(
+                "denied %s (%s): %s",
+                csr.name,
+                csr.username,
+                decision.reason,
+                extra=self._fields(decision),
+            )
 
     def _record(self, csr: CsrInfo, decision: Decision, final: bool = False) -> None:
         key = csr.uid or csr.name
@@ -339,7 +359,12 @@ class Approver:
                 csr.username or "no requestor",
                 decision.kind,
                 decision.reason,
+                extra=self._fields(decision),
             )
+
+    def _fields(self, decision: Decision) -> dict[str, str]:
+        """The log fields of the node a decision is for (none when it matched no node)."""
+        return node_fields(self.plan(), decision.node) if decision.node else {}
 
 
 def _pending(obj: dict[str, Any]) -> bool:

@@ -20,8 +20,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from appliance.plan import Plan
+from appliance.tasks import cancel_and_wait
 from services.cluster.informer import Informer
 from services.cluster.kube import CONFIGMAPS, ETCDS, Kube
+from services.cluster.nodes import node_fields
 
 if TYPE_CHECKING:
     from appliance.service import ServiceContext
@@ -65,7 +67,7 @@ class BootstrapWatcher:
         self.poll = poll
         self.watch_timeout = watch_timeout
         self.clock = clock
-        self.log = logging.getLogger("cluster.bootstrap")
+        self.log = logging.getLogger("appliance.cluster.bootstrap")
         stored = ctx.store.cluster_state("bootstrap")
         self.state: dict[str, Any] = stored if isinstance(stored, dict) else {"complete": False}
         self.waiting = "" if self.complete else "ConfigMap kube-system/bootstrap status complete"
@@ -115,9 +117,8 @@ class BootstrapWatcher:
                         await self._wake.wait()
                 self._wake.clear()
         finally:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watch
+            # Its error, if it ended first, was raised above; otherwise it is retrieved here.
+            await cancel_and_wait(watch, log=self.log, what="watch")
 
     def _listed(self, items: list[dict[str, Any]]) -> None:
         self.configmap = next(
@@ -148,6 +149,8 @@ class BootstrapWatcher:
             "bootstrap complete (%s): drained %s; bootstrap.ign no longer served",
             why,
             ", ".join(drained) or "nothing (no load balancer here)",
+            # The bootstrap node (the usual one) as fields; several: the line names them.
+            extra=node_fields(plan, nodes[0]) if len(nodes) == 1 else None,
         )
         for node in nodes:
             detail = f"{why}; drained from {', '.join(POOLS)}; bootstrap.ign no longer served"

@@ -30,7 +30,7 @@ from services.cluster.kube import (
     Kube,
     KubeError,
 )
-from services.cluster.nodes import ClusterView
+from services.cluster.nodes import ClusterView, node_fields
 from services.cluster.smi import SmiError, parse_nvidia_smi
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class GpuFlow:
         self.timeouts = timeouts
         self.poll = poll
         self.clock = clock
-        self.log = logging.getLogger("cluster.gpu")
+        self.log = logging.getLogger("appliance.cluster.gpu")
         self.state = GpuState.from_json(ctx.store.cluster_state(STORE_KEY), clock())
         self.created: list[str] = []  # objects this process created (kind/name), in order
         self.expected: dict[str, int | None] = {}  # GPUs each validation pod asked for
@@ -277,9 +277,11 @@ class GpuFlow:
             self._save(replace(self.state, validated={**self.state.validated, node: result}))
             if result["ok"]:
                 self._publish(node, "gpu-validated", gpu.summary(result))
-                self.log.info("%s validated: %s", node, gpu.summary(result))
+                where = node_fields(self.plan(), node)
+                self.log.info("%s validated: %s", node, gpu.summary(result), extra=where)
             else:
-                self.log.warning("%s: nvidia-smi failed: %s", node, result["error"])
+                where = node_fields(self.plan(), node)
+                self.log.warning("%s: nvidia-smi failed: %s", node, result["error"], extra=where)
         if waiting:
             return Progress(False, "; ".join(waiting))
         failed = {n: r for n, r in self.state.validated.items() if not r.get("ok")}

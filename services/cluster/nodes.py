@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from appliance.logs import fields
 from appliance.plan import Plan
 from services.cluster.gpu import GPU_RESOURCE, HOSTNAME_LABEL
 from services.cluster.informer import Informer
@@ -63,6 +64,14 @@ def _allocatable_gpus(obj: Mapping[str, Any]) -> int | None:
     return None
 
 
+def node_fields(plan: Plan, name: str) -> dict[str, str]:
+    """The log fields of inventory node `name` (`--log-format json` keys node, mac, ip)."""
+    info = plan.by_name.get(name)
+    if info is None:
+        return fields(node=name)
+    return fields(node=info.name, mac=info.mac, ip=info.ip)
+
+
 @dataclass
 class ClusterView:
     nodes: dict[str, NodeSeen] = field(default_factory=dict)  # by Node name
@@ -97,7 +106,7 @@ class NodeWatcher:
         self.view = view
         self.watch_timeout = watch_timeout
         self.clock = clock
-        self.log = logging.getLogger("cluster.nodes")
+        self.log = logging.getLogger("appliance.cluster.nodes")
         # Inventory nodes whose node-ready is already stored: no repeat after a restart.
         self.announced = {n for n, stages in ctx.store.progress().items() if "node-ready" in stages}
         self.informer: Informer | None = None
@@ -142,7 +151,7 @@ class NodeWatcher:
         if old is None and node.name in self.announced:
             return  # known Ready from before this connection or restart
         self.announced.add(node.name)
-        self.log.info("%s is Ready", node.name)
+        self.log.info("%s is Ready", node.name, extra=node_fields(plan, node.name))
         self.ctx.bus.publish(
             node.name, "node-ready", f"Node {new.name} Ready", source="cluster", time=self.clock()
         )

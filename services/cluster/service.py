@@ -27,6 +27,7 @@ from typing import Any
 
 from appliance.plan import Plan
 from appliance.service import ServiceContext
+from appliance.tasks import TaskSet
 from services.cluster.approver import Approver
 from services.cluster.bootstrap import BootstrapWatcher
 from services.cluster.gpu import Timeouts
@@ -76,17 +77,17 @@ class _Reconnect(Exception):
 class ClusterService:
     name = "cluster"
 
-    def __init__(self, ctx: ServiceContext, timing: Timing | None = None) -> None:
+    def __init__(self, ctx: ServiceContext, plan: Plan, timing: Timing | None = None) -> None:
         self.ctx = ctx
-        self.timing = timing or Timing()
+        self.timing = t = timing or Timing()
         self.log = ctx.log
-        self.plan: Plan
+        self.plan = plan
         self.view = ClusterView()
-        self.approver: Approver
-        self.nodes: NodeWatcher
-        self.bootstrap: BootstrapWatcher
-        self.gpu: GpuFlow
-        self.task: asyncio.Task[None] | None = None
+        self.approver = Approver(ctx, self._current, self.view, t.resync, t.watch_timeout)
+        self.nodes = NodeWatcher(ctx, self._current, self.view, t.watch_timeout)
+        self.bootstrap = BootstrapWatcher(ctx, self._current, t.resync, t.watch_timeout)
+        self.gpu = GpuFlow(ctx, self._current, self.view, t.gpu, t.gpu_poll)
+        self.tasks = TaskSet(ctx.log, "cluster task")  # the loop (its workers are its own)
         self.connection: dict[str, Any] = {"state": "starting", "detail": "", "since": time.time()}
         self.connects = 0
         self._said = ""  # the last problem logged: the same one is not logged again
@@ -109,17 +110,11 @@ class ClusterService:
     def _current(self) -> Plan:
         return self.plan
 
-    async def start(self, plan: Plan) -> None:
-        self.plan = plan
-        t = self.timing
-        self.approver = Approver(self.ctx, self._current, self.view, t.resync, t.watch_timeout)
-        self.nodes = NodeWatcher(self.ctx, self._current, self.view, t.watch_timeout)
-        self.bootstrap = BootstrapWatcher(self.ctx, self._current, t.resync, t.watch_timeout)
-        self.gpu = GpuFlow(self.ctx, self._current, self.view, t.gpu, t.gpu_poll)
+    async def start(self) -> None:
         # Retired before this start: drain again and refuse bootstrap.ign without waiting
         # for the API (admin states are not stored: the runtime state starts without it).
         self.bootstrap.ensure_retired()
-        self.task = asyncio.get_running_loop().create_task(self._run(), name="cluster")
+        self.tasks.spawn(self._run(), name="cluster")
 
     async def reload(self, plan: Plan) -> None:
         old = self.plan
@@ -130,11 +125,7 @@ class ClusterService:
             self._reconnect.set()  # start again with the new file, or with(out) the approver
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-            self.task = None
+        await self.tasks.close()
 
     def status(self) -> ClusterStatus:
         return ClusterStatus(
@@ -259,7 +250,7 @@ class ClusterService:
     ) -> None:
         """Run one worker again and again; its failures back it off alone."""
         state, wake = self.workers[name], self._wakes[name]
-        log = logging.getLogger(f"cluster.{name}")
+        log = logging.getLogger(f"appliance.cluster.{name}")
         while True:
             state.start(time.time())
             try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 from appliance.plan import DhcpPlan, DhcpReservation
+from appliance.ratelog import RateGate
 from services.dhcp import codec
 from services.dhcp.codec import (
     ACK,
@@ -118,6 +119,11 @@ class Outcome:
     # the result, and the same datagram handled again.
     probe: IPv4Address | None = None
     warning: str = ""  # for the operator's log (`log` is the debug line)
+    # Whom the lines are about, as structured log fields (node "" for a stranger): the
+    # shell passes them with `extra=` so `--log-format json` can select one machine.
+    node: str = ""
+    mac: str = ""
+    ip: IPv4Address | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +162,8 @@ class DhcpCore:
         self.nak_limit: OrderedDict[str, tuple[float, float]] = OrderedDict()
         # Apart, so that no flood of senders evicts (and refills) the overall bucket.
         self.nak_any: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self.arch_warned: dict[str, float] = {}  # node -> when; bounded by the inventory
+        # A line per node at most every ARCH_WARN_EVERY s; keys bounded by the inventory.
+        self.arch_warned = RateGate(ARCH_WARN_EVERY)
         reserved = {r.ip for r in plan.reservations} | {plan.server_id}
         if plan.router is not None:
             reserved.add(plan.router)
@@ -205,10 +212,12 @@ class DhcpCore:
         looped = self._reflection(msg, src)
         if looped:
             counters["reflection"] += 1
-            return Outcome(log=f"{msg.mac} from {src[0]}:{src[1]}: {looped}: ignored")
+            return Outcome(log=f"{msg.mac} from {src[0]}:{src[1]}: {looped}: ignored", mac=msg.mac)
         counters[codec.MESSAGE_NAMES.get(mtype, f"type{mtype}").lower()] += 1
         if self.plan.mode == "proxy":
-            return self._proxy(msg, src, pxe_port, now)
+            out = self._proxy(msg, src, pxe_port, now)
+            out.mac = msg.mac
+            return out
         handler = {
             DISCOVER: self._discover,
             REQUEST: self._request,
@@ -218,10 +227,10 @@ class DhcpCore:
         }.get(mtype)
         if handler is None:
             counters["ignored"] += 1
-            return Outcome(log=f"{msg.mac}: message type {mtype} is not for a server")
-        if mtype == DISCOVER:
-            return self._discover(msg, src, now, probes)
-        return handler(msg, src, now)
+            return Outcome(log=f"{msg.mac}: message type {mtype} is not for a server", mac=msg.mac)
+        out = self._discover(msg, src, now, probes) if mtype == DISCOVER else handler(msg, src, now)
+        out.mac = msg.mac
+        return out
 
     def _reflection(self, msg: DhcpMessage, src: tuple[str, int]) -> str:
         """Why answering this request could bounce off ourselves, another server or a
@@ -295,7 +304,11 @@ class DhcpCore:
             holder = self.table.holder(node.ip, now)
             if holder not in (None, mac):
                 self.counters["conflicts"] += 1
-                return Outcome(log=f"{mac} ({node.node}): {node.ip} is still leased to {holder}")
+                return Outcome(
+                    log=f"{mac} ({node.node}): {node.ip} is still leased to {holder}",
+                    node=node.node,
+                    ip=node.ip,
+                )
             ip = node.ip
         elif self.plan.pool is not None:
             allocated = self.table.allocate(mac, msg.ip_option(codec.OPT_REQUESTED_IP), now)
@@ -311,14 +324,15 @@ class DhcpCore:
                         f"offer to {mac} this time (its next DISCOVER tries further ones)"
                     )
                 self.table.offer(mac, ip, now, None)  # held for this client meanwhile
-                return Outcome(probe=ip, log=f"{mac}: pinging {ip} before offering it")
+                return Outcome(probe=ip, log=f"{mac}: pinging {ip} before offering it", ip=ip)
         else:
             return self._unknown(msg)
         hostname = node.hostname if node else self._client_hostname(msg)
         self.table.offer(mac, ip, now, hostname)
         reply, boot = self._lease_reply(msg, OFFER, ip, node, hostname)
-        out = Outcome(replies=[self._to_client(reply, msg, src)], log=f"OFFER {ip} to {mac}")
+        out = Outcome(replies=[self._to_client(reply, msg, src)], log=f"OFFER {ip} to {mac}", ip=ip)
         if node is not None:
+            out.node = node.node
             out.events.append((node.node, "dhcp-offer", _detail(ip, boot)))
             self._warn_mismatch(out, node, boot, now)
         return out
@@ -355,16 +369,16 @@ class DhcpCore:
         if ip is None:
             return self._nak(msg, src, now, "no address requested")
         if ip not in self.plan.subnet:
-            return self._nak(msg, src, now, f"{ip} is not on this network")
+            return self._nak(msg, src, now, f"{ip} is not on this network", ip)
         if node is not None:
             holder = self.table.holder(ip, now)
             if ip != node.ip:
-                return self._nak(msg, src, now, f"{mac} is reserved {node.ip}, not {ip}")
+                return self._nak(msg, src, now, f"{mac} is reserved {node.ip}, not {ip}", ip)
             if holder not in (None, mac):
                 self.counters["conflicts"] += 1
-                return self._nak(msg, src, now, f"{ip} is still leased to {holder}")
+                return self._nak(msg, src, now, f"{ip} is still leased to {holder}", ip)
         elif not self.table.free_for(ip, mac, now):
-            return self._nak(msg, src, now, f"{ip} is not available to {mac}")
+            return self._nak(msg, src, now, f"{ip} is not available to {mac}", ip)
         if node is not None:
             hostname: str | None = node.hostname
         else:
@@ -378,8 +392,10 @@ class DhcpCore:
             replies=[self._to_client(reply, msg, src)],
             commit=[binding],
             log=f"ACK {ip} to {mac}",
+            ip=ip,
         )
         if node is not None:
+            out.node = node.node
             out.events.append((node.node, "dhcp-ack", _detail(ip, boot)))
             self._warn_mismatch(out, node, boot, now)
         return out
@@ -390,15 +406,22 @@ class DhcpCore:
         # RFC 2131 4.3.3 and table 5: a DECLINE names our server id and the address we
         # offered or leased to that client. Anything else would let anyone empty the
         # pool; it is dropped and leaves no state behind.
+        node = self._node_name(msg.mac)
         if ip is None or server_id != self.plan.server_id:
             self.counters["decline_refused"] += 1
-            return Outcome(log=f"{msg.mac}: DECLINE not for us")
+            return Outcome(log=f"{msg.mac}: DECLINE not for us", node=node, ip=ip)
         declined = self.table.decline(msg.mac, ip, now)
         if declined is None:
             self.counters["decline_refused"] += 1
-            return Outcome(log=f"{msg.mac}: DECLINE of {ip}, which we did not give it: ignored")
+            return Outcome(
+                log=f"{msg.mac}: DECLINE of {ip}, which we did not give it: ignored",
+                node=node,
+                ip=ip,
+            )
         self.counters["declined"] += 1
         return Outcome(
+            node=node,
+            ip=ip,
             commit=[declined],
             log=f"{msg.mac} DECLINEd {ip}",
             warning=f"{msg.mac} found {ip} in use on the network (DHCPDECLINE): a machine "
@@ -408,11 +431,19 @@ class DhcpCore:
 
     def _release(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
         binding = self.table.by_mac.get(msg.mac)
+        node = self._node_name(msg.mac)
         if binding is None or binding.ip != msg.ciaddr:
-            return Outcome(log=f"{msg.mac}: RELEASE of {msg.ciaddr}, which it does not hold")
+            return Outcome(
+                log=f"{msg.mac}: RELEASE of {msg.ciaddr}, which it does not hold",
+                node=node,
+                ip=msg.ciaddr,
+            )
         released = self.table.release(msg.mac, now)
         return Outcome(
-            commit=[released] if released else [], log=f"{msg.mac} released {msg.ciaddr}"
+            commit=[released] if released else [],
+            log=f"{msg.mac} released {msg.ciaddr}",
+            node=node,
+            ip=msg.ciaddr,
         )
 
     def _inform(self, msg: DhcpMessage, src: tuple[str, int], now: float) -> Outcome:
@@ -442,17 +473,35 @@ class DhcpCore:
         info = client_info(msg)
         return Outcome(unknown=info, log=f"unknown machine {msg.mac} ({info.describe()})")
 
-    def _nak(self, msg: DhcpMessage, src: tuple[str, int], now: float, why: str) -> Outcome:
+    def _node_name(self, mac: str) -> str:
+        node = self.plan.by_mac.get(mac)
+        return node.node if node is not None else ""
+
+    def _nak(
+        self,
+        msg: DhcpMessage,
+        src: tuple[str, int],
+        now: float,
+        why: str,
+        ip: IPv4Address | None = None,
+    ) -> Outcome:
+        """`ip`: the address the client asked for (a log field)."""
+        node = self._node_name(msg.mac)
         if not self._nak_allowed(msg, src, now):
             self.counters["nak_limited"] += 1
-            return Outcome(log=f"NAK {msg.mac} not sent (too many to {src[0]}): {why}")
+            return Outcome(
+                log=f"NAK {msg.mac} not sent (too many to {src[0]}): {why}", node=node, ip=ip
+            )
         self.counters["nak"] += 1
         reply = self._base(msg, NAK)
         reply.options[codec.OPT_MESSAGE] = why.encode()[:255]
         reply.flags |= codec.BROADCAST_FLAG if msg.giaddr != ZERO else 0
         host, port = self._dest(msg, src, nak=True)
         return Outcome(
-            replies=[Outgoing(self._encode(reply, msg), host, port)], log=f"NAK {msg.mac}: {why}"
+            replies=[Outgoing(self._encode(reply, msg), host, port)],
+            log=f"NAK {msg.mac}: {why}",
+            node=node,
+            ip=ip,
         )
 
     # --- proxyDHCP ---------------------------------------------------------------------
@@ -478,6 +527,7 @@ class DhcpCore:
         node = self.plan.by_mac.get(msg.mac)
         outcome = Outcome(replies=[out], log=f"proxy boot info to {msg.mac}: {boot.file}")
         if node is not None:
+            outcome.node = node.node
             outcome.events.append((node.node, "dhcp-offer", f"proxy {_detail(None, boot)}"))
             self._warn_mismatch(outcome, node, boot, now)
         return outcome
@@ -490,9 +540,7 @@ class DhcpCore:
         if boot is None or not boot.mismatch:
             return
         self.counters["arch_mismatch"] += 1
-        last = self.arch_warned.get(node.node)
-        if last is None or not 0 <= now - last < ARCH_WARN_EVERY:
-            self.arch_warned[node.node] = now
+        if self.arch_warned.admit(node.node, now).write:
             out.warning = boot.mismatch
 
     # --- replies ----------------------------------------------------------------------

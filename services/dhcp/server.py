@@ -17,23 +17,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import socket
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from pathlib import Path
 from typing import Any
 
 from appliance.addr import Endpoint
+from appliance.logs import fields
 from appliance.plan import Plan
+from appliance.ratelog import RateLimitedLog
 from appliance.service import BindError, ServiceContext, ServiceError, grow_buffers
-from appliance.store import UNKNOWN_MACHINES_KEEP, Lease, Store, UnknownMachine
-from appliance.storequeue import is_busy
-from appliance.stores import DhcpStore
+from appliance.stores import (
+    UNKNOWN_MACHINES_KEEP,
+    DhcpStore,
+    Lease,
+    StoreBusy,
+    StoreUnavailable,
+    UnknownMachine,
+)
+from appliance.tasks import TaskSet
 from services.dhcp.arp import ArpCache
 from services.dhcp.leases import Binding, LeaseTable
 from services.dhcp.ping import Pinger
@@ -51,11 +58,7 @@ SWEEP_EVERY = 30.0  # seconds between expiry sweeps of offers and quarantines
 UNKNOWN_WRITE_EVERY = 1.0  # seconds between batched writes of unknown machines
 UNKNOWN_WRITE_BATCH = 1024  # sightings that make the writer go before its second is up
 STRANGER_WARN_EVERY = 60.0  # s between two "state file busy" lines of that writer
-
-
-def open_lease_store(state_dir: Path) -> DhcpStore:
-    """The leases' own connection (the seam a test or another store plugs into)."""
-    return Store.open(state_dir, busy_timeout_ms=LEASE_BUSY_MS)
+ERROR_LOG_EVERY = 10.0  # s: a bug every packet hits must not put a traceback per packet in the log
 
 
 def _binding_to_lease(b: Binding, now: float) -> Lease:
@@ -85,6 +88,11 @@ def _dhcp_socket(service: str, endpoint: Endpoint, interface: str | None) -> soc
             ) from None
         raise BindError(service, endpoint, exc) from None
     return sock
+
+
+def _fields(outcome: Outcome) -> dict[str, str]:
+    """Whom an outcome's lines are about, for `extra=` (keys of their own in JSON logs)."""
+    return fields(node=outcome.node, mac=outcome.mac, ip=outcome.ip)
 
 
 def _returning(protocol: _Protocol) -> Callable[[], _Protocol]:
@@ -128,48 +136,59 @@ class _Protocol(asyncio.DatagramProtocol):
 class DhcpService:
     name = "dhcp"
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, plan: Plan) -> None:
         self.ctx = ctx
         self.log = ctx.log
+        self.plan = plan  # the running plan (its dhcp part is the core's)
         self.counters: Counter[str] = Counter()
-        self.table = LeaseTable(None)
-        self.core: DhcpCore
+        self.table = LeaseTable(None)  # the stored leases are loaded in start
+        # Pings when the plan wants them; start turns them off if this process may open
+        # no ICMP socket (the core then offers unchecked, as the pinger's line says).
+        self.core = DhcpCore(
+            plan.dhcp, self.table, plan.listen["dhcp"].port, self.counters, plan.dhcp.ping_wait > 0
+        )
+        endpoint = plan.listen["dhcp"]
+        # proxyDHCP listens on the PXE port too.
+        self.endpoints: tuple[Endpoint, ...] = (endpoint,) + (
+            (Endpoint(endpoint.host, PXE_PORT),) if plan.dhcp.mode == "proxy" else ()
+        )
         self.transports: list[asyncio.DatagramTransport] = []
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks = TaskSet(self.log, "dhcp task")  # committer, sweeper, stranger writer
+        self.probes = TaskSet(self.log, "dhcp ping")  # pool addresses being pinged
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="dhcp-leases")
-        self.store: DhcpStore | None = None  # our own connection, used only in the executor
+        # Our own connection while running (start opens it), used only in the executor.
+        self.store: DhcpStore | None = None
         self.pending = _Pending()
         self.wake = asyncio.Event()
         self._locked_since: float | None = None  # monotonic: since a commit found a lock
         self.strangers = Strangers()
-        self.stranger_warned = float("-inf")  # monotonic time of the last "busy" line
+        self.busy_log = RateLimitedLog(self.log, every=STRANGER_WARN_EVERY)
+        self.errors_log = RateLimitedLog(self.log, every=ERROR_LOG_EVERY)
         self.stranger_wake = asyncio.Event()
-        self.endpoints: tuple[Endpoint, ...] = ()
+        # Sockets of their own, opened in start (a reload turns the pinger on or off).
         self.pinger: Pinger | None = None
         self.arp: ArpCache | None = None
         self.probing: dict[IPv4Address, _Request] = {}  # address -> the latest request
-        self.probe_tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle -------------------------------------------------------------------
 
-    async def start(self, plan: Plan) -> None:
+    async def start(self) -> None:
+        plan = self.plan
         loop = asyncio.get_running_loop()
-        self.store = await loop.run_in_executor(self.executor, open_lease_store, plan.state_dir)
+        # Our own connection, from the daemon's store (the seam a test or another store
+        # plugs into): used only in our executor.
+        self.store = await loop.run_in_executor(
+            self.executor, self.ctx.store.open_leases, plan.state_dir, LEASE_BUSY_MS
+        )
         leases = await loop.run_in_executor(self.executor, self.store.leases)
         self.table.load(_lease_to_binding(lease) for lease in leases)
         self._open_pinger(plan)
+        self.core.probing = self.core.probing and self.pinger is not None
         if plan.dhcp.mode == "server":  # proxyDHCP replies carry no address to unicast to
             self.arp = ArpCache(plan.dhcp.interface, self.log)
-        self.core = DhcpCore(
-            plan.dhcp, self.table, plan.listen["dhcp"].port, self.counters, self.pinger is not None
-        )
-        endpoint = plan.listen["dhcp"]
-        eps = [endpoint]
-        if plan.dhcp.mode == "proxy":
-            eps.append(Endpoint(endpoint.host, PXE_PORT))
         socks = []
         try:
-            for ep in eps:
+            for ep in self.endpoints:
                 socks.append(_dhcp_socket(self.name, ep, plan.dhcp.interface))
         except ServiceError:
             for s in socks:
@@ -179,10 +198,9 @@ class DhcpService:
             protocol = _Protocol(self, pxe_port=i == 1)
             transport, _ = await loop.create_datagram_endpoint(_returning(protocol), sock=sock)
             self.transports.append(transport)
-        self.endpoints = tuple(eps)
-        self.tasks.append(loop.create_task(self._committer(), name="dhcp-commit"))
-        self.tasks.append(loop.create_task(self._sweeper(), name="dhcp-sweep"))
-        self.tasks.append(loop.create_task(self._stranger_writer(), name="dhcp-strangers"))
+        self.tasks.spawn(self._committer(), name="dhcp-commit")
+        self.tasks.spawn(self._sweeper(), name="dhcp-sweep")
+        self.tasks.spawn(self._stranger_writer(), name="dhcp-strangers")
         self.log.info(
             "%s mode, %d reservations, %s, %d leases loaded",
             plan.dhcp.mode,
@@ -198,6 +216,7 @@ class DhcpService:
         self.core = DhcpCore(
             plan.dhcp, self.table, self.core.server_port, self.counters, self.pinger is not None
         )
+        self.plan = plan
 
     def _open_pinger(self, plan: Plan) -> None:
         if plan.dhcp.ping_wait > 0 and self.pinger is None:
@@ -210,22 +229,13 @@ class DhcpService:
         for transport in self.transports:
             transport.close()
         self.transports.clear()
-        for probe in list(self.probe_tasks):
-            probe.cancel()
-        for probe in list(self.probe_tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+        await self.probes.close()
         if self.pinger is not None:
             self.pinger.close()
             self.pinger = None
         if self.arp is not None:
             self.arp.close()
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self.tasks.clear()
+        await self.tasks.close()
         # Decided leases still reach the disk (their ACKs are not sent), waiting a bounded
         # time for a lock another process holds.
         deadline = time.monotonic() + STOP_COMMIT_WAIT
@@ -273,12 +283,12 @@ class DhcpService:
             )
         except Exception:  # a bug must cost one packet, never the service
             self.counters["errors"] += 1
-            self.log.exception("error handling a packet from %s", addr[0])
+            self.errors_log.exception("packet", "error handling a packet from %s", addr[0])
             return
-        if outcome.log:
-            self.log.debug("%s", outcome.log)
+        if outcome.log and self.log.isEnabledFor(logging.DEBUG):  # no fields built for nothing
+            self.log.debug("%s", outcome.log, extra=_fields(outcome))
         if outcome.warning:
-            self.log.warning("%s", outcome.warning)
+            self.log.warning("%s", outcome.warning, extra=_fields(outcome))
         if outcome.unknown is not None:
             self._note_unknown(outcome.unknown, now)
         if outcome.probe is not None:
@@ -307,9 +317,7 @@ class DhcpService:
         self.probing[ip] = req  # a retransmitted DISCOVER: the newest one is answered
         if busy:
             return
-        task = asyncio.get_running_loop().create_task(self._ping(ip), name=f"dhcp-ping {ip}")
-        self.probe_tasks.add(task)
-        task.add_done_callback(self.probe_tasks.discard)
+        self.probes.spawn(self._ping(ip), name=f"dhcp-ping {ip}")
 
     async def _ping(self, ip: IPv4Address) -> None:
         assert self.pinger is not None
@@ -325,9 +333,9 @@ class DhcpService:
             return
         line = self.core.probed(ip, answered, time.time())
         if answered:
-            self.log.warning("%s", line)
+            self.log.warning("%s", line, extra=fields(ip=ip))
         else:
-            self.log.debug("%s", line)
+            self.log.debug("%s", line, extra=fields(ip=ip))
         req.probes += 1
         self._handle(req)
 
@@ -360,7 +368,7 @@ class DhcpService:
             self.stranger_wake.set()  # a flood: write now rather than drop sightings
         self.counters["unknown_evicted"] += self.strangers.evicted - evicted
         if line:
-            self.log.warning("%s", line)
+            self.log.warning("%s", line, extra=fields(mac=info.mac))
 
     async def _stranger_writer(self) -> None:
         """Unknown machines reach the store in one transaction a second, never one
@@ -382,15 +390,12 @@ class DhcpService:
                 evicted = await loop.run_in_executor(
                     self.executor, self.store.note_unknowns, notes, UNKNOWN_MACHINES_KEEP, lost
                 )
-            except sqlite3.OperationalError as exc:  # locked (an operator's sqlite3 shell)
+            except StoreUnavailable as exc:  # locked (an operator's sqlite3 shell), disk full
                 self.counters["unknown_write_failures"] += 1
                 self.strangers.put_back(sightings, lost)  # they wait for the next round
-                now = time.monotonic()
-                if now - self.stranger_warned >= STRANGER_WARN_EVERY:
-                    self.stranger_warned = now
-                    self.log.warning(
-                        "unknown machines wait in memory: the state file is busy (%s)", exc
-                    )
+                self.busy_log.warning(
+                    "busy", "unknown machines wait in memory: the state file is busy (%s)", exc
+                )
                 continue
             except Exception:  # a record, not state: the next sightings try again
                 self.counters["unknown_write_failures"] += 1
@@ -431,9 +436,7 @@ class DhcpService:
             # own flush writes it (the upsert is idempotent if this write went through).
             self._give_back(batch)
             raise
-        except sqlite3.OperationalError as exc:
-            if not is_busy(exc):
-                return self._commit_failed(batch)
+        except StoreBusy:  # locked: anything else is a failed commit (below)
             self._give_back(batch)
             self.counters["commit_busy"] += 1
             if self._locked_since is None:
@@ -462,7 +465,9 @@ class DhcpService:
     def _commit_failed(self, batch: _Pending) -> bool:
         # Not on disk, so not promised: the clients ask again and we try again.
         self.counters["commit_failures"] += 1
-        self.log.exception("could not store %d leases; ACKs withheld", len(batch.leases))
+        self.errors_log.exception(
+            "commit", "could not store %d leases; ACKs withheld", len(batch.leases)
+        )
         return True
 
     async def _sweeper(self) -> None:

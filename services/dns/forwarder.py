@@ -18,11 +18,12 @@ from typing import Any
 from dnslib import DNSRecord
 
 from appliance.addr import Endpoint
+from appliance.tasks import cancel_and_wait
 from services.dns.cache import CacheKey, ForwardCache, UpstreamPicker
 from services.dns.engine import Forward
 from services.dns.resolution import Action, Resolution, Send, client_reply
 
-log = logging.getLogger("dns")
+log = logging.getLogger("appliance.dns")
 
 
 def _source(sockname: Any) -> tuple[str, int]:
@@ -134,10 +135,7 @@ class _Run:
         try:
             return await self.step  # the answer, a failure, or the core's timer
         finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait(task, log=log, what="upstream TCP exchange")
 
     async def _tcp_exchange(self, send: Send) -> bytes:
         ep = send.upstream

@@ -11,7 +11,9 @@ from collections import Counter
 from typing import Any
 
 from appliance.plan import Plan
+from appliance.ratelog import RateLimitedLog
 from appliance.service import ServiceContext, bind_socket
+from appliance.tasks import TaskSet
 from services.dns import rcode
 from services.dns.engine import DnsEngine, Forward, Reply, unsafe_source
 from services.dns.forwarder import Forwarder
@@ -22,6 +24,7 @@ from services.dns.tcpslots import TcpLimits, TcpSlots
 # while at most half are used, shrinking to 4 per client and 1 s idle at full.
 TCP_LIMITS = TcpLimits()
 MAX_FORWARDS = 1024  # questions in flight upstream at once; more are refused
+ERROR_LOG_EVERY = 10.0  # s: a flood of bad packets must not flood the log
 RCODE_NAMES = rcode.NAMES  # status() names replies by their RCODE
 
 
@@ -69,14 +72,16 @@ class _Udp(asyncio.DatagramProtocol):
 class DnsService:
     name = "dns"
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, plan: Plan) -> None:
         self.ctx = ctx
+        self.endpoint = plan.listen["dns"]
         self.counters: Counter[str] = Counter()
-        self.engine: DnsEngine
-        self.forwarder: Forwarder
+        self.engine = DnsEngine(plan.dns, self.counters)
+        self.forwarder = Forwarder(plan.dns.upstreams, self.counters)
+        # Bound in start (a bind error is start's to raise); None until then.
         self.udp: asyncio.DatagramTransport | None = None
         self.tcp: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks = TaskSet(ctx.log, "dns forward")  # questions being asked upstream
         self.port = -1  # our listener's port; a datagram from it may be from ourselves
         self.host = ""  # our listener's address; "" when it is a wildcard
         self._local: dict[str, bool] = {}  # address -> is it one of this host's
@@ -84,14 +89,11 @@ class DnsService:
         self._tcp_timer: asyncio.TimerHandle | None = None
         self._tcp_tasks: set[asyncio.Task[Any]] = set()
         self._loop_logged = False
-        self._last_error_log = 0.0
+        self.errors_log = RateLimitedLog(ctx.log, every=ERROR_LOG_EVERY)
         self.rcodes = [0] * 16  # replies sent, by the RCODE in their header
 
-    async def start(self, plan: Plan) -> None:
-        endpoint = plan.listen["dns"]
-        self.engine = DnsEngine(plan.dns, self.counters)
-        self.forwarder = Forwarder(plan.dns.upstreams, self.counters)
-        self.slots = TcpSlots(TCP_LIMITS)
+    async def start(self) -> None:
+        endpoint = self.endpoint
         udp_sock = bind_socket(self.name, endpoint, socket.SOCK_DGRAM)
         try:
             tcp_sock = bind_socket(self.name, endpoint, socket.SOCK_STREAM)
@@ -125,16 +127,12 @@ class DnsService:
                     await asyncio.wait(handlers, timeout=2)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.tcp.wait_closed(), 2)
-        for task in list(self.tasks):
-            task.cancel()
-        for task in list(self.tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await self.tasks.close()
 
     def status(self) -> DnsStatus:
         return DnsStatus(
             counters=dict(self.counters),
-            cache_entries=len(self.forwarder.cache) if hasattr(self, "forwarder") else 0,
+            cache_entries=len(self.forwarder.cache),
             tcp_connections=len(self.slots),
             rcodes={
                 RCODE_NAMES[i] if i < len(RCODE_NAMES) else str(i): n
@@ -144,10 +142,9 @@ class DnsService:
         )
 
     def log_error(self, msg: str, *args: Any) -> None:
-        now = asyncio.get_running_loop().time()
-        if now - self._last_error_log > 10:  # a flood of bad packets must not flood the log
-            self._last_error_log = now
-            self.ctx.log.exception(msg, *args)
+        """An unexpected error on a packet, with its traceback: one line per ERROR_LOG_EVERY
+        (the next says how many were not logged)."""
+        self.errors_log.exception("error", msg, *args)
 
     # --- who not to answer -------------------------------------------------------------
 
@@ -207,9 +204,7 @@ class DnsService:
         if len(self.tasks) >= MAX_FORWARDS:
             self.counters["forward_overload"] += 1
             return
-        task = asyncio.get_running_loop().create_task(self._forward(fwd, send, tcp))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks.spawn(self._forward(fwd, send, tcp))
 
     async def _forward(self, fwd: Forward, send: Any, tcp: bool) -> None:
         try:

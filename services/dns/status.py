@@ -48,5 +48,16 @@ class DnsStatus:
         yield counter(
             "dns_upstream_failures", "Upstream resolver failures", c.get("upstream_failures", 0)
         )
+        # Replies dropped before they could answer anything: a spoofing attempt shows here.
+        yield counter(
+            "dns_upstream_wrong_source",
+            "Upstream replies dropped: from an address or port other than the upstream asked",
+            c.get("upstream_wrong_source", 0),
+        )
+        yield counter(
+            "dns_upstream_mismatched",
+            "Upstream replies dropped: ID or question not the query's (or not a reply)",
+            c.get("upstream_mismatched", 0),
+        )
         yield gauge("dns_cache_entries", "Forwarding cache entries", self.cache_entries)
         yield gauge("dns_tcp_connections", "Open DNS TCP connections", self.tcp_connections)

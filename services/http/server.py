@@ -15,12 +15,12 @@ import logging
 import secrets
 import time
 from pathlib import Path
-from typing import Any
 
 from aiohttp import hdrs, web
 
 from appliance.events import BOOT_ERROR
-from appliance.plan import Plan
+from appliance.logs import fields
+from appliance.plan import NodeInfo, Plan
 from appliance.service import ServiceContext, start_web
 from services import bootconfig
 from services.bootconfig import client_ipv4
@@ -32,7 +32,8 @@ from services.http.ranges import Validators, content_range, evaluate, multipart
 from services.http.sendfile import SendfileResponse
 from services.http.status import HttpStatus
 
-audit = logging.getLogger("audit")
+# Who got which ignition, and who was refused: a logger of its own, to route or keep apart.
+audit = logging.getLogger("appliance.http.audit")
 BIG_CHUNK, SMALL_CHUNK = 4 << 20, 1 << 20
 MANY_DOWNLOADS = 32
 
@@ -40,19 +41,19 @@ MANY_DOWNLOADS = 32
 class HttpService:
     name = "http"
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, plan: Plan) -> None:
         self.ctx = ctx
         self.log = ctx.log
-        self.plan: Plan
-        self.runner: web.AppRunner | None = None
+        self.plan = plan
+        self.runner: web.AppRunner | None = None  # while running (bound in start)
         self.counters: dict[str, int] = {}
         self.requests = 0
         self.bytes = 0  # response bodies as announced (Content-Length) when prepared
         self.boot_errors = BootErrors()
 
-    async def start(self, plan: Plan) -> None:
-        self.plan = plan
-        self.runner = await start_web(self.name, plan.listen["http"], self.app(), self.counters)
+    async def start(self) -> None:
+        listen = self.plan.listen["http"]
+        self.runner = await start_web(self.name, listen, self.app(), self.counters)
 
     async def reload(self, plan: Plan) -> None:
         self.plan = plan
@@ -193,11 +194,17 @@ class HttpService:
                 filename,
                 decision.what,
                 client or "an unknown client",
+                extra=self._fields(request),
             )
             raise web.HTTPForbidden(text="this ignition belongs to other nodes\n")
         if decision.status == 410:
             self._count("ignition_refused")
-            audit.warning("ignition: refused %s to %s: bootstrap is complete", filename, client)
+            audit.warning(
+                "ignition: refused %s to %s: bootstrap is complete",
+                filename,
+                client,
+                extra=self._fields(request),
+            )
             self._boot_error(request, "ignition", filename, "bootstrap_retired", "410")
             raise web.HTTPGone(text="bootstrap is complete: its ignition is no longer served\n")
         assert node is not None  # served only to a node of the inventory
@@ -210,7 +217,13 @@ class HttpService:
             self._boot_error(request, "ignition", filename, cause, "404", where)
             raise web.HTTPNotFound(text="ignition file not found\n") from None
         self._count("ignition_served")
-        audit.info("ignition: served %s to %s (%s)", filename, client, node.name)
+        audit.info(
+            "ignition: served %s to %s (%s)",
+            filename,
+            client,
+            node.name,
+            extra=fields(node=node.name, mac=node.mac, ip=client),
+        )
         if decision.event:
             self._event(node.name, "ignition", f"http {filename}")
         if decision.mark_installed:
@@ -219,9 +232,16 @@ class HttpService:
 
     # --- helpers ---------------------------------------------------------------------
 
-    def _node(self, request: web.Request) -> Any:
+    def _node(self, request: web.Request) -> NodeInfo | None:
         addr = client_ipv4(request.remote or "")
         return self.plan.by_ip.get(addr) if addr is not None else None
+
+    def _fields(self, request: web.Request) -> dict[str, str]:
+        """The log fields of a request's client: its address, and its node if it is one."""
+        node = self._node(request)
+        if node is None:
+            return fields(ip=request.remote)
+        return fields(node=node.name, mac=node.mac, ip=request.remote)
 
     def _event(self, node: str, stage: str, detail: str) -> None:
         self.ctx.bus.publish(node, stage, detail, source="http")
@@ -252,7 +272,8 @@ class HttpService:
             f"http {status}", time.monotonic(), why,
         )  # fmt: skip
         if report is not None:
-            self.log.warning("%s", report.line)
+            where = fields(node=node.name, mac=node.mac, ip=request.remote)
+            self.log.warning("%s", report.line, extra=where)
             self.ctx.bus.publish(node.name, BOOT_ERROR, report.detail, source="http")
         return True
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from appliance.plan import Backend, Frontend
+from services.proxy.status import BackendStatus
 
 Health = Literal["unknown", "up", "down"]
 AdminState = Literal["enabled", "drain", "disabled"]
@@ -97,21 +98,9 @@ class BackendState:
         self.changed_at = now
         return health
 
-    def stats(self) -> dict[str, object]:
-        return {
-            "name": self.spec.name,
-            "address": f"{self.spec.address}:{self.spec.port}",
-            "health": self.health,
-            "admin": self.admin,
-            "removed": self.removed,
-            "self_loop": self.self_loop,
-            "active": self.active,
-            "total": self.total,
-            "failures": self.failures,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "checks": [{"time": t, "ok": ok, "detail": d} for t, ok, d in self.history],
-        }
+    def status(self) -> BackendStatus:
+        """As the admin API shows it (after drain/disable/enable, and in the list)."""
+        return BackendStatus.of(self)
 
 
 class Pool:

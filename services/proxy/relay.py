@@ -172,6 +172,7 @@ class Connection(Attempt):
                 fe.name,
                 outcome.failed.spec.name,
                 outcome.why,
+                extra=fe.service.node_fields(outcome.failed),
             )
         return outcome.retry
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import resource
 import socket
@@ -27,8 +28,11 @@ from ipaddress import IPv4Address, ip_address
 
 from appliance.addr import Endpoint
 from appliance.fdbudget import FdBudget, budget, nofile_limit, raise_advice
+from appliance.logs import fields
 from appliance.plan import LB_FRONTENDS, Frontend, HealthCheck, Plan
+from appliance.ratelog import RateGate, RateLimitedLog
 from appliance.service import BindError, ServiceContext, ServiceError, bind_socket
+from appliance.tasks import TaskSet, cancel_and_wait
 from services.proxy.checks import probe
 from services.proxy.connects import LOCAL_ERRNOS, Connects
 from services.proxy.limits import Gate, Ledger, derive, own_endpoint
@@ -59,10 +63,13 @@ class FrontendRunner:
         self.endpoint: Endpoint | None = None
         self.connections: set[Connection] = set()
         self.counters: Counter[str] = Counter()
+        # One health-check task per backend (by id), spawned in the service's TaskSet.
         self.checks: dict[int, asyncio.Task[None]] = {}
-        self.last_event: dict[str, float] = {}
+        # At most one machine-config event per node every EVENT_EVERY seconds.
+        self.event_gate = RateGate(EVENT_EVERY)
         self.paused: asyncio.TimerHandle | None = None
-        self.warned: dict[str, float] = {}  # kind of warning -> when it was last logged
+        # A warning of one kind at most every WARN_EVERY seconds: not a line per client.
+        self.warnings = RateLimitedLog(service.ctx.log, WARN_EVERY)
         self.gate: Gate = service.ledger.gate(self.name)  # its caps (limits.py)
         # Connects in progress: their deadlines, retries and blame are the core's
         # (connects.py); its one timer (not one per connect) is armed here.
@@ -148,14 +155,11 @@ class FrontendRunner:
             conn = Connection(self, client, peer)
             self.connections.add(conn)
             conn.start()
-            self._event(peer)
+            self._event(peer, poller.now)
 
     def warn(self, kind: str, message: str, *args: object) -> None:
         """A warning of this kind at most every WARN_EVERY seconds: not a line per client."""
-        now = time.monotonic()
-        if now - self.warned.get(kind, -WARN_EVERY) >= WARN_EVERY:
-            self.warned[kind] = now
-            self.service.ctx.log.warning("%s: " + message, self.name, *args)
+        self.warnings.warning(kind, "%s: " + message, self.name, *args)
 
     def _refused(self, reason: str, peer: str) -> None:
         gate = self.gate
@@ -202,7 +206,7 @@ class FrontendRunner:
             self.connect_timer.cancel()
         self.connect_due = due
         wait = max(0.0, due - time.monotonic())
-        self.connect_timer = self.service.loop.call_later(wait, self._check_connects)
+        self.connect_timer = asyncio.get_running_loop().call_later(wait, self._check_connects)
 
     def _check_connects(self) -> None:
         self.connect_timer = None
@@ -220,7 +224,7 @@ class FrontendRunner:
             self.connect_timer.cancel()
             self.connect_timer = None
 
-    def _event(self, client: str) -> None:
+    def _event(self, client: str, now: float) -> None:
         if self.name != "machine_config":
             return
         try:
@@ -229,12 +233,7 @@ class FrontendRunner:
             return
         if isinstance(addr, IPv4Address):
             node = self.service.plan.by_ip.get(addr)
-            now = time.monotonic()
-            if (
-                node is not None
-                and now - self.last_event.get(node.name, -EVENT_EVERY) >= EVENT_EVERY
-            ):
-                self.last_event[node.name] = now
+            if node is not None and self.event_gate.admit(node.name, now).write:
                 self.service.ctx.bus.publish(
                     node.name,
                     "machine-config",
@@ -246,14 +245,22 @@ class FrontendRunner:
 
     def sync_checks(self) -> None:
         """One check task per backend in the pool; stop those of backends gone."""
-        loop = asyncio.get_running_loop()
         alive = {id(b): b for b in self.pool.backends if not b.removed}
         for key in list(self.checks):
             if key not in alive:
                 self.checks.pop(key).cancel()
+        tasks = self.service.tasks
         for key, backend in alive.items():
             if key not in self.checks:
-                self.checks[key] = loop.create_task(self._check_loop(backend))
+                self.checks[key] = tasks.spawn(
+                    self._check_loop(backend), name=f"check-{self.name}-{backend.spec.name}"
+                )
+
+    def cancel_checks(self) -> None:
+        """Stop the health checks without waiting (a frontend a reload switched off)."""
+        for task in self.checks.values():
+            task.cancel()
+        self.checks.clear()
 
     async def _check_loop(self, backend: BackendState) -> None:
         log = self.service.ctx.log
@@ -276,7 +283,12 @@ class FrontendRunner:
                         log.info("%s", line)
                 elif change is not None:
                     log.info(
-                        "%s: backend %s is %s (%s)", self.name, backend.spec.name, change, detail
+                        "%s: backend %s is %s (%s)",
+                        self.name,
+                        backend.spec.name,
+                        change,
+                        detail,
+                        extra=self.service.node_fields(backend),
                     )
             await asyncio.sleep(check.interval)
 
@@ -311,7 +323,7 @@ class FrontendRunner:
         """Close the listener, let open connections finish for up to `drain` seconds,
         then cut the rest; returns how many were cut."""
         self.close_listener()
-        await _cancel_all(list(self.checks.values()))
+        await cancel_and_wait(list(self.checks.values()), log=self.service.ctx.log, what="check")
         self.checks.clear()
         await _wait_drained(self, drain)
         cut = list(self.connections)
@@ -324,13 +336,15 @@ class FrontendRunner:
 class ProxyService:
     name = "proxy"
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, plan: Plan) -> None:
         self.ctx = ctx
-        self.plan: Plan
+        self.plan = plan
         self.frontends: dict[str, FrontendRunner] = {}
-        self.sweeper: asyncio.Task[None] | None = None
+        # The sweeper and every backend's health check: stopped together in stop().
+        self.tasks = TaskSet(ctx.log, "proxy task")
+        # A bug that every connection hits: counted per connection, a traceback per WARN_EVERY.
+        self.errors_log = RateLimitedLog(ctx.log, WARN_EVERY)
         self.splice = HAVE_SPLICE and os.environ.get("APPLIANCE_NO_SPLICE", "") in ("", "0")
-        self.loop: asyncio.AbstractEventLoop  # the running loop, from start()
         # The proxied sockets' epoll set: open while anything listens or is connected.
         self.poller: Poller | None = None
         # Frontends switched off by a reload: no listener, their connections finish.
@@ -352,16 +366,15 @@ class ProxyService:
         """Wall time of the monotonic `now` (default: the clock now), for display."""
         return (time.monotonic() if now is None else now) + self.wall_offset
 
-    async def start(self, plan: Plan) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.plan = plan
+    async def start(self) -> None:
+        plan = self.plan
         self._raise_nofile(plan)  # first: the caps derive from the limit it leaves
         await self._apply(plan)
         self._retune(plan)
         self._refuse_own_backends()
         # Drains and disables set so far (admin API, cluster loop) apply from now on.
         self.ctx.runtime.attach_load_balancer(self)
-        self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self.tasks.spawn(self._sweep(), name="proxy-sweeper")
         self.ctx.log.info("zero-copy splice(): %s", "on" if self.splice else "off (recv/send)")
 
     async def reload(self, plan: Plan) -> None:
@@ -416,13 +429,18 @@ class ProxyService:
                 if backend.set_self_loop(reason, now):
                     if reason is not None:
                         self.ctx.log.warning(
-                            "%s: backend %s refused: %s", runner.name, backend.spec.name, reason
+                            "%s: backend %s refused: %s",
+                            runner.name,
+                            backend.spec.name,
+                            reason,
+                            extra=self.node_fields(backend),
                         )
                     else:
                         self.ctx.log.info(
                             "%s: backend %s is no longer one of the proxy's own listeners",
                             runner.name,
                             backend.spec.name,
+                            extra=self.node_fields(backend),
                         )
 
     def _raise_nofile(self, plan: Plan) -> None:
@@ -474,9 +492,7 @@ class ProxyService:
             if name not in wanted:
                 runner = self.frontends.pop(name)
                 runner.close_listener()  # its connections finish; its checks stop
-                for task in runner.checks.values():
-                    task.cancel()
-                runner.checks.clear()
+                runner.cancel_checks()
                 runner.gate.retired = True  # no new connections count against it
                 self.retired.append(runner)  # still swept, closed at stop
         for name, fe in wanted.items():
@@ -536,10 +552,7 @@ class ProxyService:
         for runner in runners:
             runner.close_listener()
         await _drain_all(self, runners)
-        if self.sweeper is not None:
-            self.sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.sweeper
+        await self.tasks.close()  # the sweeper (the checks ended with their frontends)
         self.frontends.clear()
         self.retired.clear()
         self.ledger.gates.clear()  # every connection is closed: a new start counts afresh
@@ -565,7 +578,7 @@ class ProxyService:
 
     def get_poller(self) -> Poller:
         if self.poller is None:
-            self.poller = make_poller(self.loop, self._poller_error)
+            self.poller = make_poller(asyncio.get_running_loop(), self._poller_error)
         return self.poller
 
     def release_poller_if_idle(self) -> None:
@@ -583,7 +596,13 @@ class ProxyService:
         self.poller = None
 
     def _poller_error(self, exc: BaseException) -> None:
-        self.ctx.log.error("proxy: a connection failed unexpectedly: %r", exc, exc_info=exc)
+        self.errors_log.log(
+            logging.ERROR,
+            "connection",
+            "proxy: a connection failed unexpectedly: %r",
+            exc,
+            exc_info=exc,
+        )
 
     # --- operations (admin API, cluster loop) -----------------------------------------
 
@@ -604,8 +623,16 @@ class ProxyService:
             for conn in list(runner.connections):
                 if conn.backend is found:
                     conn.close()
-        self.ctx.log.info("%s: backend %s set to %s", frontend, backend, state)
+        self.ctx.log.info(
+            "%s: backend %s set to %s", frontend, backend, state, extra=self.node_fields(found)
+        )
         return found
+
+    def node_fields(self, backend: BackendState) -> dict[str, str]:
+        """The log fields of a backend's node (backends are named after their nodes)."""
+        name = backend.spec.name
+        node = self.plan.by_name.get(name)
+        return fields(node=name, mac=node.mac if node else None, ip=backend.spec.address)
 
     def status(self) -> ProxyStatus:
         fds: FdBudget = self.fd_budget
@@ -658,20 +685,6 @@ def proxy_enabled(plan: Plan) -> bool:
 # --- graceful stop -------------------------------------------------------------------
 
 DRAIN_POLL = 0.05  # seconds between looks at the open connections while draining
-
-
-async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel and reap the check tasks; a task that swallowed a cancel gets another."""
-    pending = {t for t in tasks if not t.done()}
-    for _ in range(50):
-        if not pending:
-            break
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
-    for task in tasks:
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: no "exception never retrieved" at exit
 
 
 async def _wait_drained(runner: FrontendRunner, timeout: float) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.status import Family, counter, gauge
-from services.proxy.pool import BackendState
+
+if TYPE_CHECKING:  # pool.py builds its backends' status with `of`
+    from services.proxy.pool import BackendState
 
 HEALTH_STATES = ("unknown", "up", "down")
 ADMIN_STATES = ("enabled", "drain", "disabled")
@@ -31,6 +33,8 @@ class BackendStatus:
 
     @classmethod
     def of(cls, b: BackendState) -> BackendStatus:
+        """The one place a backend's state becomes its status: the API's JSON in the
+        backends list and after drain/disable/enable (BackendState.status)."""
         return cls(
             name=b.spec.name,
             address=f"{b.spec.address}:{b.spec.port}",

@@ -18,7 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.events import BOOT_ERROR
+from appliance.logs import fields
 from appliance.plan import Plan
+from appliance.ratelog import RateLimitedLog
 from appliance.service import ServiceContext, bind_socket
 from services.bootconfig import client_ipv4
 from services.booterrors import BootErrors, tftp_cause
@@ -44,6 +46,7 @@ from services.tftp.status import TftpStatus
 from services.tftp.transfer import ReadTransfer, negotiate
 
 MAX_TRANSFERS = Limits().max_transfers
+ERROR_LOG_EVERY = 10.0  # s: a bug every request hits must not log a traceback per request
 STOP_WAIT = 5.0  # s: how long stop() waits for the transfers' threads to end
 # A resent request is looked at once more after this long: the client's ERROR that ends
 # its transfer may still be on its way to the transfer's thread (the request came first).
@@ -73,7 +76,7 @@ class _Listener(asyncio.DatagramProtocol):
             self.service.on_request(data, addr, self)
         except Exception:  # one bad packet must never take the service down
             self.service.counters["errors"] += 1
-            self.service.log.exception("error on a request from %s", addr[0])
+            self.service.errors_log.exception("request", "error on a request from %s", addr[0])
 
     def reply(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -83,11 +86,13 @@ class _Listener(asyncio.DatagramProtocol):
 class TftpService:
     name = "tftp"
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, plan: Plan) -> None:
         self.ctx = ctx
         self.log = ctx.log
+        self.errors_log = RateLimitedLog(ctx.log, every=ERROR_LOG_EVERY)
         self.counters: Counter[str] = Counter()
-        self.plan: Plan
+        self.plan = plan
+        # While running: the listener start binds, and the loop the sessions report to.
         self.listener: asyncio.DatagramTransport | None = None
         self.sessions: set[Session] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -98,16 +103,14 @@ class TftpService:
         self._request: dict[Session, bytes] = {}  # the request that started it
         self._rechecks: set[tuple[Any, ...]] = set()  # TIDs with a RECHECK pending
         self.error_limit = TokenBuckets(self.limits)
-        self.listen_port = 0
-        self.own: frozenset[tuple[str, int]] = frozenset()
+        self.listen_port = plan.listen["tftp"].port  # the bound one once started (port 0)
+        self.own = _own(plan)
         self.boot_errors = BootErrors()
 
-    async def start(self, plan: Plan) -> None:
-        self.plan = plan
-        sock = bind_socket(self.name, plan.listen["tftp"], socket.SOCK_DGRAM)
+    async def start(self) -> None:
+        sock = bind_socket(self.name, self.plan.listen["tftp"], socket.SOCK_DGRAM)
         self.loop = loop = asyncio.get_running_loop()
         self.listen_port = int(sock.getsockname()[1])
-        self.own = _own(plan)
         self.listener, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), sock=sock)
         if session_module.NATIVE is None:
             self.log.info("lock-step transfers run in Python (services.tftp._lockstep not built)")
@@ -180,7 +183,9 @@ class TftpService:
             # A node's boot file: a boot error says it (rate-limited); else an access refusal.
             said = self._boot_error(addr[0], packet.filename, exc.code, str(exc), now)
             if not said and exc.code == ERR_ACCESS:
-                self.log.warning("refused %r to %s: %s", packet.filename, addr[0], exc)
+                self.log.warning(
+                    "refused %r to %s: %s", packet.filename, addr[0], exc, extra=self._who(addr[0])
+                )
             self._answer(listener, addr, now, refusal(exc))
             return
         options = packet.options
@@ -208,7 +213,7 @@ class TftpService:
             self.on_request(data, addr, listener, again=True)
         except Exception:  # as datagram_received: one request never takes the service down
             self.counters["errors"] += 1
-            self.log.exception("error on a request from %s", addr[0])
+            self.errors_log.exception("request", "error on a request from %s", addr[0])
 
     def _answer(
         self, listener: _Listener, addr: tuple[Any, ...], now: float, answer: Answer
@@ -301,7 +306,11 @@ class TftpService:
             if session.crashed:
                 self.counters["errors"] += 1
             self.log.info(
-                "%s to %s failed: %s", session.source.path, session.peer[0], session.error
+                "%s to %s failed: %s",
+                session.source.path,
+                session.peer[0],
+                session.error,
+                extra=self._who(session.peer[0]),
             )
             return
         self.counters["bytes"] += xfer.bytes_sent
@@ -314,11 +323,25 @@ class TftpService:
                 # logged, or a flood of requests would become a flood of log lines.
                 self.counters["silent"] += 1
                 return
-            self.log.info("%s to %s ended: %s", session.source.path, session.peer[0], xfer.error)
+            self.log.info(
+                "%s to %s ended: %s",
+                session.source.path,
+                session.peer[0],
+                xfer.error,
+                extra=self._who(session.peer[0]),
+            )
         elif not xfer.error:
             self.counters["completed"] += 1
 
     # --- events -------------------------------------------------------------------
+
+    def _who(self, client: str) -> dict[str, str]:
+        """Log fields for a line about `client`: its node's name and MAC when it is one."""
+        ip = client_ipv4(client)
+        node = self.plan.by_ip.get(ip) if ip is not None else None
+        if node is None:
+            return fields(ip=client)
+        return fields(node=node.name, mac=node.mac, ip=client)
 
     def _boot_error(self, client: str, name: str, code: int, message: str, now: float) -> bool:
         """A known node was refused one of its boot files: a line and an event (once per
@@ -340,7 +363,9 @@ class TftpService:
             node.name, client, what, name, cause, f"tftp error {code}", now, reason
         )
         if report is not None:
-            self.log.warning("%s", report.line)
+            self.log.warning(
+                "%s", report.line, extra=fields(node=node.name, mac=node.mac, ip=client)
+            )
             self.ctx.bus.publish(node.name, BOOT_ERROR, report.detail, source="tftp")
         return True
 
@@ -352,4 +377,11 @@ class TftpService:
         boot = self.plan.boot.by_mac.get(node.mac)
         stage = boot_stage(boot, self.plan.dhcp.boot_files, *tftp_route(source.path))
         if stage is not None:
+            self.log.debug(
+                "%s fetched %s (%s)",
+                node.name,
+                source.path,
+                stage,
+                extra=fields(node=node.name, mac=node.mac, ip=client),
+            )
             self.ctx.bus.publish(node.name, stage, f"tftp {source.path}", source="tftp")

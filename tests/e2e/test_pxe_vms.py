@@ -311,8 +311,12 @@ def test_second_boot_is_answered_with_local_boot(
     done = {"bios": "Booting from Hard Disk", "uefi": "booting from local disk"}
     try:
         for machine in machines:
+
+            def exited(m: Machine = machine) -> bool:  # this machine, bound now
+                return done[m.firmware] in m.output()
+
             wait_until(
-                lambda m=machine: done[m.firmware] in m.output(),  # type: ignore[misc]
+                exited,
                 LOCAL_BOOT_LIMIT,
                 f"{machine.name}: iPXE exit to the next boot device",
                 step=1.0,

@@ -122,6 +122,7 @@ def _backend(env: AdminEnv, name: str) -> dict[str, Any]:
 def test_backends_health_and_admin_actions(env: AdminEnv) -> None:
     assert env.wait(lambda: _backend(env, "worker-0")["health"] == "up")
     backend = _backend(env, "worker-0")
+    assert env.backend is not None
     assert backend["address"] == f"{WORKER}:{env.backend.port}" and backend["admin"] == "enabled"
     assert backend["checks"] and backend["checks"][-1]["ok"] is True
     path = "/api/v1/frontends/ingress_http/backends/worker-0"

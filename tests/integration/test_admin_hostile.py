@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
 
 import pytest
 
 from tests.helpers import Daemon, loopback_inventory, write_inventory
+
+Admin = tuple[int, str, Daemon]  # port, token, the daemon
 
 
 def _raw(port: int, request: bytes) -> tuple[int, bytes]:
@@ -31,7 +34,7 @@ def _raw(port: int, request: bytes) -> tuple[int, bytes]:
 
 
 @pytest.fixture(scope="module")
-def admin(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Admin]:
     tmp = tmp_path_factory.mktemp("admin")
     raw = loopback_inventory(tmp)
     raw["admin_hosts"] = ["prov.example.net"]
@@ -65,7 +68,7 @@ def _get(port: int, path: str, host: bytes, extra: bytes = b"") -> tuple[int, by
         b"localhost.evil.example",
     ],
 )
-def test_rebound_host_is_refused(admin, host: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_rebound_host_is_refused(admin: Admin, host: bytes) -> None:
     port, _token, _d = admin
     host = host.replace(b"{port}", str(port).encode())
     for path in ("/api/v1/nodes", "/api/v1/status", "/api/v1/plan", "/"):
@@ -85,19 +88,19 @@ def test_rebound_host_is_refused(admin, host: bytes) -> None:  # type: ignore[no
         b"10.33.3.18:{port}",
     ],
 )
-def test_names_of_the_listener_are_answered(admin, host: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_names_of_the_listener_are_answered(admin: Admin, host: bytes) -> None:
     port, _token, _d = admin
     status, body = _get(port, "/api/v1/nodes", host.replace(b"{port}", str(port).encode()))
     assert status == 200 and b"master-0" in body
 
 
-def test_this_machines_hostname_is_answered(admin) -> None:  # type: ignore[no-untyped-def]
+def test_this_machines_hostname_is_answered(admin: Admin) -> None:
     port, _token, _d = admin
     status, _ = _get(port, "/api/v1/status", socket.gethostname().encode())
     assert status == 200
 
 
-def test_non_utf8_bearer_is_401(admin) -> None:  # type: ignore[no-untyped-def]
+def test_non_utf8_bearer_is_401(admin: Admin) -> None:
     port, token, daemon = admin
     for value in (b"Bearer \xff\xfe\xfd", b"Bearer " + token.encode() + b"\xe9", b"\xff\xff x"):
         status, body = _raw(

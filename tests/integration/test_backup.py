@@ -46,7 +46,9 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AdminEnv]:
 
 def _archive_leases(archive: Path, tmp: Path) -> dict[str, str]:
     with tarfile.open(archive) as tar:
-        data = tar.extractfile(DB_NAME).read()  # type: ignore[union-attr]
+        member = tar.extractfile(DB_NAME)
+        assert member is not None  # a regular file, not a directory or link
+        data = member.read()
     db = tmp / "check.db"
     db.write_bytes(data)
     with sqlite3.connect(db) as conn:
@@ -100,7 +102,7 @@ def test_backup_during_a_dhcp_burst_and_restore_into_a_fresh_state_dir(
     # Refused while the daemon runs on that state dir; nothing changed.
     refused = run_cli("restore", "--config", str(env.config), str(archive))
     assert refused.returncode == 1 and "running" in refused.stderr, refused.stderr
-    assert f"PID {env.daemon.proc.pid}" in refused.stderr  # type: ignore[union-attr]
+    assert env.daemon is not None and f"PID {env.daemon.proc.pid}" in refused.stderr
     assert not (env.base / "state" / "appliance.db.before-restore").exists()
 
     # Another cluster's inventory: refused, also after the daemon is gone.

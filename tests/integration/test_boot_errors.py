@@ -205,7 +205,7 @@ def test_an_unreadable_kernel_is_said_so_and_is_no_kernel_stage(tmp_path: Path) 
         env = AdminEnv(
             base=tmp_path, config=config, raw=raw, admin=f"http://{raw['listen']['admin']}",
             http=f"http://127.0.0.1:{http}", dns=("", 0), dhcp=("", 0),
-            tftp=("127.0.0.1", tftp), ingress=("", 0), backend=None,  # type: ignore[arg-type]
+            tftp=("127.0.0.1", tftp), ingress=("", 0), backend=None,
         )  # fmt: skip
         assert env.fetch("/" + KERNEL, MASTER) == 403
         view = env.wait(lambda: node(env, "master-0").get("boot_error"))

@@ -35,7 +35,8 @@ import base64
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ import pytest
 from appliance.events import Event, Subscription
 from appliance.registry import HTTP, PROXY
 from appliance.service import ServiceSpec
+from appliance.storequeue import DaemonStore
 from appliance.supervisor import Supervisor, load_plan
 from services.cluster import rbac
 from services.cluster.gpu import Timeouts
@@ -79,7 +81,9 @@ WAIT = 15.0  # seconds any one condition may take on a loaded 2-CPU machine
 
 
 def cluster_spec(timing: Timing = FAST) -> ServiceSpec:
-    return ServiceSpec("cluster", lambda ctx: ClusterService(ctx, timing), enabled=lambda p: True)
+    return ServiceSpec(
+        "cluster", lambda ctx, plan: ClusterService(ctx, plan, timing), enabled=lambda p: True
+    )
 
 
 async def until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
@@ -138,6 +142,11 @@ def cluster(sup: Supervisor) -> ClusterService:
     svc = sup.running["cluster"]
     assert isinstance(svc, ClusterService)
     return svc
+
+
+def store(sup: Supervisor) -> DaemonStore:
+    assert sup.store is not None  # opened by start()
+    return sup.store
 
 
 def seen(sub: Subscription, into: list[Event]) -> list[Event]:
@@ -209,10 +218,10 @@ async def test_approver_approves_legit_leaves_forged_and_survives_410(
             lambda: (
                 {
                     d["csr"]: d["reason"]
-                    for d in sup.store.csr_decisions()
-                    if d["decision"] == "pending"  # type: ignore[union-attr]
+                    for d in store(sup).csr_decisions()
+                    if d["decision"] == "pending"
                 }
-                if len(sup.store.csr_decisions()) >= 6  # type: ignore[union-attr]
+                if len(store(sup).csr_decisions()) >= 6
                 else None
             ),
             "six decisions stored",
@@ -252,7 +261,7 @@ async def test_approver_approves_legit_leaves_forged_and_survives_410(
             assert fake.approval_puts[name] == 1 and fake.approved[name] == 1, name
         assert sum(fake.approval_puts.values()) == 4
         # Each forgery is stored once, not once per review round.
-        rows = sup.store.csr_decisions()  # type: ignore[union-attr]
+        rows = store(sup).csr_decisions()
         assert sum(1 for r in rows if r["csr"] == "csr-intruder") == 1
 
         stages = {(e.node, e.stage) for e in seen(sub, events) if e.ok}
@@ -266,7 +275,7 @@ async def test_approver_approves_legit_leaves_forged_and_survives_410(
             "csr-worker-0-again",
         ]
         assert all(e.source == "cluster" and "left pending" in e.detail for e in refused)
-        assert "csr-serving" not in sup.store.progress().get("worker-1", {})  # type: ignore[union-attr]
+        assert "csr-serving" not in store(sup).progress().get("worker-1", {})
         status = svc.status().to_json()
         assert status["csr"]["approved"] == 4 and status["csr"]["watch_410"] >= 1
         assert status["csr"]["decisions"]["pending"] >= 4
@@ -341,11 +350,7 @@ async def test_breaker_and_rate_limit(tmp_path: Path, fake: FakeKube) -> None:
         await until(lambda: svc.status().csr["breaker_open"], "breaker open")
         await asyncio.sleep(3 * FAST.resync)
         assert sum(fake.approval_puts.values()) == 0
-        reason = next(
-            d["reason"]
-            for d in sup.store.csr_decisions()  # type: ignore[union-attr]
-            if d["csr"] == "csr-master-0"
-        )
+        reason = next(d["reason"] for d in store(sup).csr_decisions() if d["csr"] == "csr-master-0")
         assert str(reason).startswith("circuit breaker open: 108 pending CSRs exceed 4 nodes + 100")
         for i in range(105):
             fake.remove("certificatesigningrequests", f"junk-{i}")
@@ -356,11 +361,7 @@ async def test_breaker_and_rate_limit(tmp_path: Path, fake: FakeKube) -> None:
         )
         assert time.monotonic() - t0 >= 0.35  # the 2nd and 3rd waited for tokens
         assert not svc.status().csr["breaker_open"]
-        limited = [
-            d
-            for d in sup.store.csr_decisions()
-            if d["reason"] == "rate limited"  # type: ignore[union-attr]
-        ]
+        limited = [d for d in store(sup).csr_decisions() if d["reason"] == "rate limited"]
         assert limited, "the rate limit held some back"
     finally:
         await sup.stop()
@@ -406,7 +407,7 @@ async def test_bootstrap_complete_drains_the_bootstrap_backend(
         fake.set_configmap("kube-system", "bootstrap", {"status": "progressing"})
         # The cluster has the etcd operator; its bootstrap member is not removed yet.
         fake.serve_kind("etcds")
-        etcd = {"metadata": {"name": "cluster"}, "status": {"conditions": []}}
+        etcd: dict[str, Any] = {"metadata": {"name": "cluster"}, "status": {"conditions": []}}
         etcd["status"]["conditions"] = [
             {"type": "EtcdBootstrapMemberRemoved", "status": "False", "message": "waiting"}
         ]
@@ -428,7 +429,7 @@ async def test_bootstrap_complete_drains_the_bootstrap_backend(
             assert backend_admin(sup, frontend, "bootstrap") == "drain"
             assert backend_admin(sup, frontend, "master-0") == "enabled"
         assert await fetch_bootstrap_ign(http_port) == 410
-        stored = sup.store.cluster_state("bootstrap")  # type: ignore[union-attr]
+        stored = store(sup).cluster_state("bootstrap")
         assert stored["complete"] and sorted(stored["drained"]) == [
             "api/bootstrap",
             "machine_config/bootstrap",
@@ -596,7 +597,7 @@ async def test_gpu_bring_up_resumes_after_a_restart(tmp_path: Path, fake: FakeKu
         fake.set_pod_phase("nvidia-gpu-operator", "nvidia-smi-worker-1", "Succeeded", A100_LOG)
         await until(lambda: gpu_status(sup)["step"] == "done", "bring-up done")
         assert fake.items("pods", "nvidia-gpu-operator") == []  # the pods are deleted
-        stored = sup.store.cluster_state("gpu")  # type: ignore[union-attr]
+        stored = store(sup).cluster_state("gpu")
         assert stored["step"] == "done"
         w0, w1 = stored["validated"]["worker-0"], stored["validated"]["worker-1"]
         assert (w0["count"], w0["driver"], w0["cuda"]) == (2, "418.40.04", "10.1")
@@ -792,7 +793,7 @@ async def test_without_kubeconfig_it_waits_quietly_then_connects(
 ) -> None:
     http_port = free_port()
     config = inventory(tmp_path, None, http=f"127.0.0.1:{http_port}")  # the default path
-    caplog.set_level(logging.INFO, logger="cluster")
+    caplog.set_level(logging.INFO, logger="appliance.cluster")
     t0 = time.monotonic()
     sup = await started(config, HTTP, cluster_spec())
     try:
@@ -850,8 +851,8 @@ def least_privilege(
     return config
 
 
-def workers(svc: ClusterService) -> dict[str, Any]:
-    return svc.status().to_json()["workers"]  # type: ignore[no-any-return]
+def workers(svc: ClusterService) -> Mapping[str, Mapping[str, Any]]:
+    return svc.status().workers
 
 
 async def forbidden(svc: ClusterService, worker: str, what: str) -> dict[str, Any]:
@@ -874,7 +875,7 @@ async def test_a_forbidden_etcd_read_stops_only_the_bootstrap_watcher(
     tmp_path: Path, fake: FakeKube, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Issue 14, item 22: the role lacks `get etcds`; CSRs are approved all the same."""
-    caplog.set_level(logging.INFO, logger="cluster")
+    caplog.set_level(logging.INFO, logger="appliance.cluster")
     config = least_privilege(fake, tmp_path, without_cluster_rule="etcds")
     fake.serve_kind("etcds")
     fake.put("etcds", {"metadata": {"name": "cluster"}, "status": {"conditions": []}})
@@ -912,7 +913,7 @@ async def test_a_forbidden_etcd_read_stops_only_the_bootstrap_watcher(
         assert 'resources: ["etcds"]' in said[0] and "render --as rbac" in said[0]
         # The operator adds the rule: the watcher gets on and retires the bootstrap node.
         grant(fake, state["missing"]["rule"])
-        etcd = {"metadata": {"name": "cluster"}, "status": {"conditions": []}}
+        etcd: dict[str, Any] = {"metadata": {"name": "cluster"}, "status": {"conditions": []}}
         etcd["status"]["conditions"] = [{"type": "EtcdBootstrapMemberRemoved", "status": "True"}]
         fake.put("etcds", etcd)
         await until(lambda: svc.status().bootstrap["complete"], "retired once allowed")
@@ -925,7 +926,7 @@ async def test_the_rendered_role_is_enough_for_the_whole_flow(
     tmp_path: Path, fake: FakeKube, caplog: pytest.LogCaptureFixture
 ) -> None:
     """CSR approval, bootstrap retirement, node-ready and GPU bring-up as the ServiceAccount."""
-    caplog.set_level(logging.WARNING, logger="cluster")
+    caplog.set_level(logging.WARNING, logger="appliance.cluster")
     config = least_privilege(fake, tmp_path)
     fake.serve_kind("etcds")
     removed = {"type": "EtcdBootstrapMemberRemoved", "status": "True"}
@@ -1026,7 +1027,7 @@ async def test_a_signer_the_role_cannot_approve_for_blocks_only_its_csrs(
 ) -> None:
     """No `approve` on signers/kubernetes.io/kubelet-serving: serving CSRs stay pending with
     the reason, client CSRs (even newer ones) are approved, the rule is reported."""
-    caplog.set_level(logging.INFO, logger="cluster")
+    caplog.set_level(logging.INFO, logger="appliance.cluster")
     config = least_privilege(fake, tmp_path, without_signer=SERVING_SIGNER)
     fake.add_node("worker-0", ready=True)
     # The oldest: it comes first in every review round.
@@ -1047,14 +1048,10 @@ async def test_a_signer_the_role_cannot_approve_for_blocks_only_its_csrs(
         )
         for i in range(3):  # client CSRs arriving meanwhile are approved promptly
             client_csr(fake, f"csr-client-{i}", "master-0", by_node=True)
-            await until(lambda i=i: fake.approved[f"csr-client-{i}"], f"client CSR {i}")
+            await until(partial(fake.approved.get, f"csr-client-{i}"), f"client CSR {i}")
         assert conditions(fake, "csr-serving-worker-0") == []
-        (row,) = [
-            d
-            for d in sup.store.csr_decisions()  # type: ignore[union-attr]
-            if d["csr"] == "csr-serving-worker-0"
-        ]
-        assert row["decision"] == "pending" and row["reason"].startswith(
+        (row,) = [d for d in store(sup).csr_decisions() if d["csr"] == "csr-serving-worker-0"]
+        assert row["decision"] == "pending" and str(row["reason"]).startswith(
             'forbidden: needs approve signers.certificates.k8s.io "kubernetes.io/kubelet-serving"'
         )
         informer = svc.approver.informer
@@ -1167,7 +1164,7 @@ async def test_a_bug_in_one_worker_does_not_stop_the_others(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="cluster")
+    caplog.set_level(logging.INFO, logger="appliance.cluster")
 
     async def broken(self: Any, kube: Any, plan: Any) -> None:
         raise RuntimeError("a bug in the GPU step")

@@ -76,7 +76,7 @@ def packet(kind: str, mac: str, *options: tuple[Any, ...], **bootp: Any) -> Any:
 
 def replies(sock: socket.socket, wait: float) -> list[Any]:
     """Every DHCP reply that reaches `sock` within `wait` seconds of quiet."""
-    got = []
+    got: list[Any] = []  # scapy packets (scapy is untyped)
     sock.settimeout(wait)
     while True:
         try:

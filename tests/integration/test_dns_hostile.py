@@ -34,6 +34,7 @@ import services.dns.server
 from appliance.inventory import Endpoint
 from appliance.registry import DNS
 from appliance.supervisor import Supervisor, load_plan
+from services.dns.server import DnsService
 from services.dns.tcpslots import TcpLimits
 from tests.helpers import need_tool, write_inventory
 from tests.integration.test_dns_real import (
@@ -242,6 +243,7 @@ async def test_idle_timeout_shrinks_and_a_full_table_makes_room(
     monkeypatch.setattr(services.dns.server, "TCP_LIMITS", limits)
     sup, port = await _in_process(tmp_path)
     svc = sup.running["dns"]
+    assert isinstance(svc, DnsService)
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         # Eight clients open what they may: the table fills, the cap shrinks on the way.
@@ -281,6 +283,7 @@ async def test_a_client_that_never_reads_loses_its_slot(
     monkeypatch.setattr(services.dns.server, "TCP_LIMITS", TcpLimits(idle=1.0, idle_min=0.5))
     sup, port = await _in_process(tmp_path)
     svc = sup.running["dns"]
+    assert isinstance(svc, DnsService)
     try:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

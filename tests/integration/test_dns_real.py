@@ -660,14 +660,16 @@ def _header(
 
 
 def _name(text: str) -> bytes:
-    return dns.name.from_text(text).to_wire()
+    wire = dns.name.from_text(text).to_wire()
+    assert wire is not None  # None only when it writes to a file
+    return wire
 
 
 def _bad_packets() -> list[tuple[str, bytes, set[int | None]]]:
     """(what, packet, acceptable replies: an rcode, or None for no answer)."""
     q = _name(f"api.{D}") + struct.pack("!HH", 1, 1)
     rng = random.Random(1234)
-    formerr_or_none = {dns.rcode.FORMERR, None}
+    formerr_or_none: set[int | None] = {dns.rcode.FORMERR, None}
     packets: list[tuple[str, bytes, set[int | None]]] = [
         ("one byte", b"\x07", {None}),
         ("half a header", b"\x07\x08\x01\x00\x00", {None}),
@@ -733,7 +735,7 @@ def test_bad_packets_on_a_real_socket(pod: Daemon) -> None:
         for packet in (b"\x00" * 12, b"\x01\x02\x03", _header(0x2201, qd=2)):
             conn.sendall(struct.pack("!H", len(packet)) + packet + struct.pack("!H", len(good)))
             conn.sendall(good)
-            answers = []
+            answers: list[bytes] = []
             while not answers or answers[-1][:2] != good[:2]:
                 size = struct.unpack("!H", conn.recv(2, socket.MSG_WAITALL))[0]
                 answers.append(conn.recv(size, socket.MSG_WAITALL))

@@ -29,6 +29,7 @@ from appliance.store import Store
 from appliance.supervisor import Supervisor, load_plan
 from services.dhcp import codec
 from services.dhcp.codec import DhcpMessage
+from services.dhcp.server import DhcpService
 from tests.helpers import Daemon, free_port, loopback_inventory, write_inventory
 
 LB = "127.0.0.54"  # load_balancer.address of loopback_inventory
@@ -257,7 +258,8 @@ async def test_stop_flushes_pending_leases_and_events(tmp_path: Path) -> None:
     plan: Plan = load_plan(config)
     sup = Supervisor(config)
     await sup.start(plan)
-    dhcp: Any = sup.running["dhcp"]
+    dhcp = sup.running["dhcp"]
+    assert isinstance(dhcp, DhcpService)
     node = raw["nodes"][0]
     dhcp.on_datagram(
         _request_message(node["mac"], node["ip"], "127.0.0.1"),

@@ -17,7 +17,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from services.http import sendfile as sendfile_module
 from services.http.sendfile import SendfileResponse
 
 SIZE = 24 << 20
@@ -43,7 +42,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
             seen["would_block"] += 1
             raise
 
-    monkeypatch.setattr(sendfile_module.os, "sendfile", counting)
+    monkeypatch.setattr(os, "sendfile", counting)  # the module services.http.sendfile calls
     return seen
 
 
@@ -58,7 +57,7 @@ async def base(blob: Path) -> AsyncIterator[str]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     yield f"http://127.0.0.1:{port}/blob"
     await runner.cleanup()
 

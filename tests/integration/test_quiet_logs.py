@@ -67,7 +67,11 @@ def _reload_twice(d: Daemon) -> None:
     for _ in range(2):
         mark = d.output().count("reload")
         d.proc.send_signal(signal.SIGHUP)
-        wait_until("reloaded", lambda m=mark: d.output().count("reload") > m, timeout=10)
+
+        def reloaded(m: int = mark) -> bool:  # this round's mark, bound now
+            return d.output().count("reload") > m
+
+        wait_until("reloaded", reloaded, timeout=10)
     time.sleep(0.5)
 
 

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,7 @@ def test_a_held_write_lock_stalls_no_service_and_loses_no_event(env: AdminEnv) -
         locked_at = time.monotonic()
         results: dict[str, Any] = {}
         threads = [
-            _in_thread(lambda p=path, s=src: env.fetch(p, s), results, f"{node} {stage}")
+            _in_thread(partial(env.fetch, path, src), results, f"{node} {stage}")
             for (node, stage), (path, src) in fetches.items()
         ]
         threads.append(
@@ -228,7 +229,8 @@ async def test_dhcp_replies_waiting_for_a_locked_file_are_bounded(
     sup = Supervisor(config, specs=[DHCP])
     await sup.start(plan)
     try:
-        dhcp: Any = sup.running["dhcp"]
+        dhcp = sup.running["dhcp"]
+        assert isinstance(dhcp, dhcp_server.DhcpService)
         node = raw["nodes"][1]
         lock = sqlite3.connect(plan.state_dir / DB_NAME, isolation_level=None)
         try:

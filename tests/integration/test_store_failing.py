@@ -15,7 +15,7 @@ import pytest
 
 from appliance.events import Event
 from appliance.registry import DHCP
-from appliance.storequeue import StoreWriter
+from appliance.storequeue import DaemonStore, StoreWriter
 from appliance.supervisor import Supervisor, load_plan
 from services.dhcp import server as dhcp_server
 from tests.fakestore import FailingStore
@@ -27,14 +27,15 @@ async def test_a_lease_write_that_fails_withholds_the_ack(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = FailingStore(tmp_path / "fake.db")
-    monkeypatch.setattr(dhcp_server, "open_lease_store", lambda state_dir: fake)
+    monkeypatch.setattr(DaemonStore, "open_leases", lambda self, state_dir, busy_ms: fake)
     raw: dict[str, Any] = loopback_inventory(tmp_path)
     raw["listen"]["dhcp"] = f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
     config = write_inventory(tmp_path / "inv.yaml", raw)
     sup = Supervisor(config, specs=[DHCP])
     await sup.start(load_plan(config))
     try:
-        dhcp: Any = sup.running["dhcp"]
+        dhcp = sup.running["dhcp"]
+        assert isinstance(dhcp, dhcp_server.DhcpService)
         first, second = raw["nodes"][1], raw["nodes"][2]
         fake.fail_writes = True
         message = _request_message(first["mac"], first["ip"], "127.0.0.1")
@@ -65,7 +66,7 @@ def test_an_event_write_that_fails_is_counted_and_logged_once_per_burst(
 ) -> None:
     fake = FailingStore()
     fake.fail_writes = True
-    writer = StoreWriter(fake)  # type: ignore[arg-type]
+    writer = StoreWriter(fake)
     try:
         with caplog.at_level(logging.ERROR, logger="appliance.store"):
             for i in range(50):

@@ -85,7 +85,7 @@ def test_the_unit_says_what_the_appliance_needs() -> None:
     # The stop budget: the LB drain (default stop_timeout) plus the supervisor's margin.
     default_drain = Inventory.model_fields["load_balancer"].annotation
     assert default_drain is not None
-    drain = default_drain.model_fields["stop_timeout"].default  # type: ignore[union-attr]
+    drain = default_drain.model_fields["stop_timeout"].default
     assert _seconds(one["TimeoutStopSec"]) > drain + STOP_TIMEOUT
     # The inventory's default state_dir is the unit's state directory, and writable.
     state_dir = Inventory.model_fields["state_dir"].default
@@ -165,7 +165,8 @@ def _mdwe() -> None:
 
 def _have_mdwe() -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
-    return libc.prctl(PR_GET_MDWE, 0, 0, 0, 0) >= 0  # EINVAL before Linux 6.3
+    got: int = libc.prctl(PR_GET_MDWE, 0, 0, 0, 0)
+    return got >= 0  # EINVAL before Linux 6.3
 
 
 @pytest.fixture
@@ -178,7 +179,9 @@ def confined_dir() -> Iterator[Path]:
 
 
 def _caps(status: str, field: str) -> set[str]:
-    value = int(re.search(rf"^{field}:\s*([0-9a-f]+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+    found = re.search(rf"^{field}:\s*([0-9a-f]+)$", status, re.M)
+    assert found is not None, (field, status)
+    value = int(found.group(1), 16)
     return {name for name, bit in CAP_BITS.items() if value >> bit & 1} | (
         {"other"} if value & ~sum(1 << b for b in CAP_BITS.values()) else set()
     )

@@ -417,7 +417,7 @@ def _raw_packets(server: tuple[str, int], name: bytes, **options: str) -> list[b
     """Every packet of a netascii read, ACKed as it comes: the bytes on the wire."""
     out = []
     with Client(server) as c:
-        c.send_request(rrq(name, mode=b"netascii", **options))
+        c.send_request(rrq(name, b"netascii", **options))
         first = c.recv()
         out.append(first)
         if head(first)[0] == OP_ERROR:
@@ -505,7 +505,7 @@ def test_netascii_with_real_clients(tmp_path: Path) -> None:
         data, oack = fetch(env.tftp, b"text.txt", tsize="0", blksize="1468")  # octet
         assert data == NETASCII_TEXT and oack["tsize"] == str(len(NETASCII_TEXT))
         with Client(env.tftp) as c:
-            c.send_request(rrq(b"text.txt", mode=b"netascii", tsize="0"))
+            c.send_request(rrq(b"text.txt", b"netascii", tsize="0"))
             assert head(first := c.recv())[0] == OP_OACK
             assert first == struct.pack("!H", OP_OACK) + f"tsize\0{len(converted)}\0".encode()
     finally:
@@ -525,7 +525,7 @@ def test_netascii_of_large_files_stays_small_and_the_loop_responsive(tmp_path: P
     try:
         before = rss_mb(pid)
         for c in clients:
-            c.send_request(rrq(b"big.txt", mode=b"netascii"))
+            c.send_request(rrq(b"big.txt", b"netascii"))
         t0 = time.monotonic()
         with Client(env.tftp, src="127.0.0.9") as probe:
             probe.send_request(rrq(b"no-such-file"))

@@ -167,7 +167,8 @@ class TftpError(Exception):
         self.code = code
 
 
-def rrq(name: bytes, mode: bytes = b"octet", opcode: int = OP_RRQ, **options: str) -> bytes:
+def rrq(name: bytes, mode: bytes = b"octet", opcode: int = OP_RRQ, /, **options: str) -> bytes:
+    # Positional-only, so that no option name can land on `mode` or `opcode`.
     opts = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in options.items())
     return struct.pack("!H", opcode) + name + b"\0" + mode + b"\0" + opts
 
@@ -594,13 +595,13 @@ def test_curl_traversal(shared: Env) -> None:
 
 
 def test_write_request_is_refused(shared: Env) -> None:
-    assert _refused(shared, rrq(b"new.bin", opcode=OP_WRQ)) == 2
-    assert _refused(shared, rrq(b"small.bin", opcode=OP_WRQ)) == 2
+    assert _refused(shared, rrq(b"new.bin", b"octet", OP_WRQ)) == 2
+    assert _refused(shared, rrq(b"small.bin", b"octet", OP_WRQ)) == 2
     assert shared.path("tftp/small.bin").read_bytes() == shared.files["small.bin"]
 
 
 def test_unknown_mode_is_refused(shared: Env) -> None:
-    assert _refused(shared, rrq(b"small.bin", mode=b"mail")) == 4
+    assert _refused(shared, rrq(b"small.bin", b"mail")) == 4
 
 
 def test_service_survives_garbage(shared: Env) -> None:

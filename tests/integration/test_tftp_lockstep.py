@@ -35,7 +35,7 @@ from services.tftp.transfer import (
 try:
     from services.tftp import _lockstep
 except ImportError:
-    _lockstep = None  # type: ignore[assignment]
+    _lockstep = None  # type: ignore[assignment]  # mypy types the name as the module
 
 if _lockstep is None:
     if os.environ.get("APPLIANCE_REQUIRE_NATIVE"):
@@ -202,9 +202,10 @@ class Both:
         assert (b.acked, b.sent_upto, b.retries, b.done, b.error, b.bytes_sent) == (
             a.acked, a.sent_upto, a.retries, a.done, a.error, a.bytes_sent
         )  # fmt: skip
-        assert b.lockstep() is None if a.lockstep() is None else b.lockstep() is not None
-        if a.lockstep() is not None and b.lockstep() is not None:
-            pa, pb = a.lockstep()[2], b.lockstep()[2]  # type: ignore[index]
+        la, lb = a.lockstep(), b.lockstep()
+        assert lb is None if la is None else lb is not None
+        if la is not None and lb is not None:
+            pa, pb = la[2], lb[2]
             assert (pb.first, pb.loaded) == (pa.first, pa.loaded)
         assert (a.deadline is None) == (b.deadline is None)
         if a.deadline is not None and b.deadline is not None:
@@ -290,7 +291,9 @@ def test_rearm_sets_the_plain_timeout_after_the_first_ack(both: list[Both], tmp_
     b.feed([ack(0)])
     sock = b.pair.server
     Pair.set_wait(sock, 3.0)
-    sent, below, ahead = b.c.lockstep()  # type: ignore[misc]
+    state = b.c.lockstep()
+    assert state is not None
+    sent, below, ahead = state
     b.pair.client.send(ack(sent))
     t0 = time.monotonic()
     status, reached, *_ = _lockstep.run(
@@ -309,7 +312,9 @@ def test_errors_come_back_as_negative_errno(both: list[Both], tmp_path: Path) ->
     assert _lockstep is not None
     b = make(both, tmp_path, 8 * 100)
     b.feed([ack(0)])
-    sent, below, ahead = b.c.lockstep()  # type: ignore[misc]
+    state = b.c.lockstep()
+    assert state is not None
+    sent, below, ahead = state
     b.pair.client.close()
     b.pair.server.send(b"\0\3\0\1")  # answered by port unreachable
     time.sleep(0.05)

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -37,6 +38,9 @@ from services.tftp.transfer import (
     Negotiated,
     ReadTransfer,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # as services/tftp/_lockstep.pyi has it (3.12: abc)
 
 OP_HEAD = struct.Struct("!HH")
 RECV_TIMEOUT = 5.0  # one datagram; generous for a loaded machine
@@ -100,7 +104,7 @@ def _open(root: Path, name: str) -> Source:
 try:
     from services.tftp import _lockstep
 except ImportError:  # not built: no C compiler at install
-    _lockstep = None  # type: ignore[assignment]
+    _lockstep = None  # type: ignore[assignment]  # mypy types the name as the module
 
 
 class CountingNative:
@@ -114,11 +118,16 @@ class CountingNative:
         self.calls = 0
         self.taken = 0
 
-    def run(self, *args: object) -> tuple[int, int, int, int, int, float]:
+    def run(
+        self, sock: int, fd: int, slots: Buffer, count: int, blksize: int, sent: int,
+        below: int, first: int, loaded: int, ack: Buffer, rearm_us: int, /,
+    ) -> tuple[int, int, int, int, int, float]:  # fmt: skip
         assert _lockstep is not None
         self.calls += 1
-        out = _lockstep.run(*args)  # type: ignore[arg-type]
-        self.taken += out[1] - args[5]  # type: ignore[operator]
+        out = _lockstep.run(
+            sock, fd, slots, count, blksize, sent, below, first, loaded, ack, rearm_us
+        )
+        self.taken += out[1] - sent
         return out
 
 
@@ -151,9 +160,10 @@ def runs(tmp_path: Path, loop: CountingNative | None) -> Iterator[list[Run]]:
         run.close()
 
 
-def start(runs: list[Run], tmp: Path, content: bytes, **neg: object) -> Run:
-    options = {"blksize": 512, "windowsize": 1, "timeout": 5.0, "accepted": {}} | neg
-    run = Run(tmp, content, Negotiated(**options))  # type: ignore[arg-type]
+def start(
+    runs: list[Run], tmp: Path, content: bytes, *, windowsize: int = 1, timeout: float = 5.0
+) -> Run:
+    run = Run(tmp, content, Negotiated(512, windowsize, timeout, {}))
     runs.append(run)
     return run
 

@@ -719,8 +719,9 @@ def test_leases_survive_kill_9_mid_burst_and_a_graceful_restart(link: Link, tmp_
             deadline=10.0,
         )
         assert killed, "the burst ended before the kill"
-        app.proc.wait(timeout=10)  # type: ignore[union-attr]
-        assert app.proc.returncode == -signal.SIGKILL  # type: ignore[union-attr]
+        assert app.proc is not None
+        app.proc.wait(timeout=10)
+        assert app.proc.returncode == -signal.SIGKILL
         stored = app.leases()
         stats = f"{len(acked)} ACKed, {len(requested)} REQUESTed, {len(stored)} stored"
         # Killed in the middle: many clients had not had their ACK yet.

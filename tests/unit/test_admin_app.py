@@ -29,7 +29,7 @@ from appliance.admin import AdminService
 from appliance.events import EventBus
 from appliance.inventory import load_inventory
 from appliance.openapi import document
-from appliance.plan import build_plan
+from appliance.plan import Plan, build_plan
 from appliance.runtime import RuntimeState
 from appliance.service import ServiceContext, ServiceSpec
 from appliance.store import Store
@@ -66,8 +66,7 @@ async def _admin(tmp_path: Path, loopback: bool) -> AsyncIterator[Admin]:
         control=control,
         admin_token=TOKEN,
     )
-    svc = AdminService(ctx)
-    svc.plan = plan
+    svc = AdminService(ctx, plan)
     svc.loopback_only = loopback
     persist = asyncio.create_task(live.persist(bus))
     client: TestClient[Any, Any] = TestClient(TestServer(svc.app(), host="127.0.0.1"))
@@ -437,16 +436,22 @@ async def test_odd_values_in_a_service_status_are_text(admin: Admin) -> None:
         def metrics(self) -> list[Any]:
             return []
 
-    class Odd:
+    class Odd:  # a service that only answers status(), as the admin reads it
         name = "cluster"
+
+        async def start(self) -> None: ...
+
+        async def reload(self, plan: Plan) -> None: ...
+
+        async def stop(self) -> None: ...
 
         def status(self) -> OddStatus:
             return OddStatus()
 
     sup = admin.svc.ctx.control
     assert isinstance(sup, Supervisor)
-    sup.specs.append(ServiceSpec("cluster", lambda ctx: Odd()))  # type: ignore[arg-type,return-value]
-    sup.running["cluster"] = Odd()  # type: ignore[assignment]
+    sup.specs.append(ServiceSpec("cluster", lambda ctx, plan: Odd()))
+    sup.running["cluster"] = Odd()
     body = await _json(await admin.client.get("/api/v1/cluster"))
     assert body["running"] is True and body["service"]["kubeconfig"] == "/etc/kubeconfig"
 

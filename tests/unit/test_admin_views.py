@@ -213,7 +213,7 @@ def _scrape(metrics: list[Metric]) -> dict[tuple[str, tuple[tuple[str, str], ...
         def collect(self) -> list[Metric]:
             return metrics
 
-    registry.register(Fixed())  # type: ignore[arg-type]
+    registry.register(Fixed())
     text = generate_latest(registry).decode()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value

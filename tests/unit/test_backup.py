@@ -109,10 +109,16 @@ def test_the_inventory_is_restored_only_when_asked(tmp_path: Path) -> None:
     assert "edited" in config.with_name("inventory.yaml.before-restore").read_text()
 
 
+def _read(tar: tarfile.TarFile, member: str | tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(member)
+    assert f is not None, member  # a regular file, not a directory or link
+    return f.read()
+
+
 def _rewrite(src: Path, dest: Path, change: dict[str, bytes | None]) -> None:
     """A copy of the archive with members replaced (None: left out) or added."""
     with tarfile.open(src) as tar:
-        members = {i.name: tar.extractfile(i).read() for i in tar}  # type: ignore[union-attr]
+        members: dict[str, bytes | None] = {i.name: _read(tar, i) for i in tar}
     members.update(change)
     with tarfile.open(dest, "w:gz") as tar:
         for name, data in members.items():
@@ -145,7 +151,7 @@ def test_a_damaged_archive_is_refused_and_nothing_is_touched(
     out, config = _archive(tmp_path)
     bad = tmp_path / "bad.tar.gz"
     with tarfile.open(out) as tar:
-        db = tar.extractfile(DB_NAME).read()  # type: ignore[union-attr]
+        db = _read(tar, DB_NAME)
     if damage == "db_byte":
         _rewrite(out, bad, {DB_NAME: _flip(db, len(db) // 2)})
     elif damage == "inventory":

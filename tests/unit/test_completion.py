@@ -60,10 +60,23 @@ zpty -w z "fpath=($1 \$fpath); autoload -Uz compinit; compinit -u -D"
 zpty -w z 'compadd () { builtin compadd -O __hits "$@"; print -l -- "<hit>"${^__hits};
   builtin compadd "$@" }'
 zpty -w z 'PROMPT=; bindkey "^I" complete-word; zle -C complete-word .complete-word _main_complete'
+# Wait until compinit and the setup have run (a loaded machine is slow), then press TAB
+# and wait for the first candidate: no fixed sleep that a busy CI could outrun.
+zpty -w z 'echo "<rea""dy>"'
+out=""; n=0
+while (( n++ < 400 )); do
+  if zpty -rt z chunk; then out+=$chunk; [[ $out == *"<ready>"* ]] && break
+  else sleep 0.05; fi
+done
 zpty -w -n z "$2"$'\t'
+out=""; n=0
+while (( n++ < 400 )); do
+  if zpty -rt z chunk; then out+=$chunk; [[ $out == *"<hit>"* ]] && break
+  else sleep 0.05; fi
+done
 sleep 0.3
 zpty -w z $'\x03 ; echo "<done>"'
-out=""; n=0
+n=0
 while (( n++ < 200 )); do
   if zpty -rt z chunk; then out+=$chunk; [[ $out == *"<done>"*"<done>"* ]] && break
   else sleep 0.05; fi

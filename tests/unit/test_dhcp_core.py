@@ -500,3 +500,21 @@ def test_a_given_up_probe_frees_the_address_it_held(dgxpod_raw: dict[str, Any]) 
     fourth = IPv4Address("10.33.3.103")
     assert core.table.holder(fourth, 1000.0) is None
     assert core.table.free_for(fourth, "de:ad:be:ef:00:09", 1001.0)
+
+
+def test_arch_mismatch_warned_once_per_node_per_window(core: DhcpCore) -> None:
+    """Firmware that contradicts the inventory's arch: a warning line per node at most every
+    ARCH_WARN_EVERY s (retransmissions are counted only), again once the window is over or
+    the wall clock was stepped back."""
+    from services.dhcp.policy import ARCH_WARN_EVERY
+
+    def warned(now: float) -> bool:
+        out = send(core, msg(WORKER0, codec.DISCOVER, options=arch(11)), now)
+        assert out.replies
+        return "nodes[" in out.warning and ".arch" in out.warning
+
+    assert warned(1000.0)
+    assert not warned(1001.0) and not warned(1000.0 + ARCH_WARN_EVERY - 1)
+    assert warned(1000.0 + ARCH_WARN_EVERY)
+    assert warned(500.0)  # stepped back
+    assert core.counters["arch_mismatch"] == 5

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from ipaddress import IPv4Address
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import yaml
 from hypothesis import HealthCheck, event, given, settings
@@ -25,6 +25,16 @@ from services.dhcp.codec import DhcpMessage, DhcpParseError
 from services.dhcp.leases import DECLINE_QUARANTINE, Binding, LeaseTable
 from services.dhcp.policy import MAX_PROBES, DhcpCore, Outcome
 from tests.helpers import CONFIG
+
+T = TypeVar("T")
+
+
+class Draw(Protocol):
+    """What a step draws with: `DataObject.draw`. (`st.DrawFn` is for @composite functions;
+    it also declares a `__signature__` that a bound method lacks.)"""
+
+    def __call__(self, strategy: st.SearchStrategy[T], label: Any = None) -> T: ...
+
 
 FAST = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
@@ -242,7 +252,7 @@ class World:
         self.offered: dict[str, IPv4Address] = {}
         self.quarantined: dict[IPv4Address, float] = {}  # committed DECLINEs: address, until
         self.squatted: dict[IPv4Address, float] = {}  # answered a ping: address, until
-        self.draw: st.DrawFn | None = None  # decides whether a pinged address answers
+        self.draw: Draw | None = None  # decides whether a pinged address answers
         self.xid = 0
 
     def restart(self) -> None:
@@ -356,14 +366,14 @@ class World:
                 assert table.holder(ip, self.now) in (mac, None)
 
 
-Step = Callable[[World, st.DrawFn], None]
+Step = Callable[[World, Draw], None]
 
 
-def _discover(w: World, draw: st.DrawFn) -> None:
+def _discover(w: World, draw: Draw) -> None:
     w.send(draw(st.sampled_from(MACS)), codec.DISCOVER)
 
 
-def _select(w: World, draw: st.DrawFn) -> None:
+def _select(w: World, draw: Draw) -> None:
     mac = draw(st.sampled_from(MACS))
     offered = w.offered.get(mac)
     ip = draw(st.sampled_from(CANDIDATES)) if offered is None or draw(st.booleans()) else offered
@@ -372,7 +382,7 @@ def _select(w: World, draw: st.DrawFn) -> None:
     w.send(mac, codec.REQUEST, options=options)
 
 
-def _dora(w: World, draw: st.DrawFn) -> None:
+def _dora(w: World, draw: Draw) -> None:
     mac = draw(st.sampled_from(MACS))
     relay = draw(st.sampled_from([IPv4Address(0), IPv4Address("10.33.3.1")]))
     options = {codec.OPT_RELAY_AGENT: b"\x01\x02ab"} if relay != IPv4Address(0) else {}
@@ -387,26 +397,26 @@ def _dora(w: World, draw: st.DrawFn) -> None:
         w.send(mac, codec.REQUEST, giaddr=relay, options=options)
 
 
-def _init_reboot(w: World, draw: st.DrawFn) -> None:
+def _init_reboot(w: World, draw: Draw) -> None:
     ip = draw(st.sampled_from(CANDIDATES))
     w.send(draw(st.sampled_from(MACS)), codec.REQUEST, options={codec.OPT_REQUESTED_IP: ip.packed})
 
 
-def _renew(w: World, draw: st.DrawFn) -> None:
+def _renew(w: World, draw: Draw) -> None:
     mac = draw(st.sampled_from(MACS))
     held = w.promises.get(mac)
     ip = held[0] if held is not None and draw(st.booleans()) else draw(st.sampled_from(CANDIDATES))
     w.send(mac, codec.REQUEST, ciaddr=ip)
 
 
-def _release(w: World, draw: st.DrawFn) -> None:
+def _release(w: World, draw: Draw) -> None:
     mac = draw(st.sampled_from(MACS))
     held = w.promises.get(mac)
     ip = held[0] if held is not None else draw(st.sampled_from(CANDIDATES))
     w.send(mac, codec.RELEASE, ciaddr=ip, options={codec.OPT_SERVER_ID: SERVER.packed})
 
 
-def _decline(w: World, draw: st.DrawFn) -> None:
+def _decline(w: World, draw: Draw) -> None:
     mac = draw(st.sampled_from(MACS))
     held = w.promises.get(mac)
     ip = held[0] if held is not None and draw(st.booleans()) else draw(st.sampled_from(CANDIDATES))
@@ -414,17 +424,17 @@ def _decline(w: World, draw: st.DrawFn) -> None:
     w.send(mac, codec.DECLINE, options=options)
 
 
-def _inform(w: World, draw: st.DrawFn) -> None:
+def _inform(w: World, draw: Draw) -> None:
     w.send(draw(st.sampled_from(MACS)), codec.INFORM, ciaddr=draw(st.sampled_from(CANDIDATES)))
 
 
-def _time(w: World, draw: st.DrawFn) -> None:
+def _time(w: World, draw: Draw) -> None:
     w.now += draw(st.sampled_from([0.5, 30, 61, 600, 1801, 3599, 3601, 7200]))
     if draw(st.booleans()):
         w.core.table.expire(w.now)  # the sweeper
 
 
-def _restart(w: World, draw: st.DrawFn) -> None:
+def _restart(w: World, draw: Draw) -> None:
     w.restart()
 
 

@@ -194,8 +194,8 @@ def test_socket_error_fails_over() -> None:
 
 def test_all_upstreams_time_out_servfail_within_the_bound() -> None:
     counters: Counter[str] = Counter()
-    res, act = start(upstreams=(U1, U2, U3), counters=counters)
-    assert isinstance(act, Send) and act.upstream == U1
+    res, first = start(upstreams=(U1, U2, U3), counters=counters)
+    assert isinstance(first, Send) and first.upstream == U1
     assert res.handle_timer(TRY_TIMEOUT - 0.01) is None  # a timer a tick early: not yet
     when = res.get_timer()
     assert when == TRY_TIMEOUT

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -295,7 +296,7 @@ def test_gpu_key_mistakes_are_refused(key: dict[str, object], words: str) -> Non
         _gpu_plan(key)
 
 
-POLICY = {
+POLICY: dict[str, Any] = {
     "apiVersion": "nvidia.com/v1",
     "kind": "ClusterPolicy",
     "metadata": {"name": "gpu-cluster-policy"},

@@ -14,7 +14,7 @@ import pytest
 
 from appliance.inventory import parse_inventory
 from appliance.plan import Plan, build_plan
-from services.http.ignition import IgnitionDecision, ignition_access
+from services.http.ignition import IgnitionDecision, Target, ignition_access
 from tests.helpers import loopback_inventory
 
 MASTER, WORKER, BOOTSTRAP = (IPv4Address(a) for a in ("127.0.0.50", "127.0.0.44", "127.0.0.53"))
@@ -88,10 +88,8 @@ def test_bootstrap_retired_is_410_to_the_bootstrap_node(plan: Plan) -> None:
 
 
 @pytest.mark.parametrize("target", [("role", "admin"), ("role", "node/master-0"), ("node", "x")])
-def test_unknown_roles_and_nodes_are_404_without_a_cause(
-    plan: Plan, target: tuple[str, str]
-) -> None:
-    got = ignition_access(MASTER, target, "GET", plan, Runtime(), none)  # type: ignore[arg-type]
+def test_unknown_roles_and_nodes_are_404_without_a_cause(plan: Plan, target: Target) -> None:
+    got = ignition_access(MASTER, target, "GET", plan, Runtime(), none)
     assert (got.status, got.cause, got.filename) == (404, None, "")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance.httpd import HeadClock, Hush
+from appliance.httpd import LOG_EVERY, Guard, HeadClock
 
 
 def test_new_connection_must_send_its_head_in_time() -> None:
@@ -50,12 +50,20 @@ def test_head_budget() -> None:
 
 
 def test_hush_one_line_per_interval_with_the_count() -> None:
-    hush = Hush(every=10)
-    assert hush.event(0) == 1
-    assert [hush.event(t) for t in (1, 2, 3)] == [0, 0, 0]
-    assert hush.event(10) == 4  # this line stands for the three held back and itself
-    assert hush.event(15) == 0
-    assert hush.event(30) == 2
+    guard = Guard("http", {})
+    hush = guard.gate  # the malformed-request lines of one port: the one RateGate
+    assert hush.every == LOG_EVERY
+
+    def event(now: float) -> int:
+        """0 to stay quiet, else the number of events the line covers."""
+        v = hush.admit("malformed", now)
+        return v.held + 1 if v.write else 0
+
+    assert event(0) == 1
+    assert [event(t) for t in (1, 2, 3)] == [0, 0, 0]
+    assert event(10) == 4  # this line stands for the three held back and itself
+    assert event(15) == 0
+    assert event(30) == 2
 
 
 def test_a_body_read_after_an_early_answer_is_not_a_head() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,7 @@ def test_csr_allow_list_and_forwarding_defaults(plan: Plan) -> None:
 
 def test_plan_is_immutable_and_plain(plan: Plan) -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
-        plan.cluster = "x"  # type: ignore[misc]
+        plan.cluster = "x"  # type: ignore[misc]  # frozen: mypy refuses it too
     data = plan.to_dict()
     assert data["domain"] == D and data["frontends"][0]["listen"] == "0.0.0.0:6443"
     assert data["dns"]["zones"][0]["records"][0] == {"type": "NS", "name": D, "target": f"ns.{D}"}
@@ -207,7 +208,7 @@ def test_check_warns_when_the_tftp_loop_in_c_is_missing(
 
     plan = build_plan(load_inventory(CONFIG / "dgxpod.yaml"))
     built: dict[str, object] = {}
-    monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name, *a: built.get(name))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: built.get(name))
     no_tftp = build_plan(parse_inventory(loopback_inventory(tmp_path), "inv.yaml", tmp_path))
     assert "tftp" not in no_tftp.listen and checks.install_warnings(no_tftp) == []
     [problem] = checks.install_warnings(plan)

@@ -29,7 +29,7 @@ from appliance.inventory import load_inventory
 from appliance.plan import build_plan
 from appliance.runtime import RuntimeState
 from appliance.service import ServiceContext
-from appliance.store import Store
+from appliance.storequeue import DaemonStore
 from services.proxy import poller as poller_module
 from services.proxy.limits import Ledger, derive
 from services.proxy.pump import CHUNK, DST_ERROR, EOF, HAVE_SPLICE, SPLICE_AFTER, WAIT, Direction
@@ -286,16 +286,16 @@ async def proxy(
     }
     raw["listen"]["ingress_http"] = f"{LB}:{port}"
     plan = build_plan(load_inventory(write_inventory(tmp_path / "inv.yaml", raw)))
-    store = Store.open(plan.state_dir, durable=False)
+    store = DaemonStore.open(plan.state_dir)  # what the supervisor hands a service
     ctx = ServiceContext(
         bus=EventBus(),
         store=store,
         log=logging.getLogger("proxy-test"),
         runtime=RuntimeState(store),
     )
-    svc = ProxyService(ctx)
+    svc = ProxyService(ctx, plan)
     svc.splice = splice and HAVE_SPLICE
-    await svc.start(plan)
+    await svc.start()
     try:
         for _ in range(200):  # the first checks: both backends up
             pool = svc.frontends["ingress_http"].pool.backends

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -20,6 +20,7 @@ from appliance.plan import Plan, build_plan
 from appliance.runtime import AdminState, LoadBalancerOff, RuntimeState
 from appliance.service import ServiceContext
 from appliance.store import Store
+from appliance.stores import ServiceStore
 from services.proxy.server import FrontendRunner, ProxyService
 from tests.helpers import loopback_inventory, write_inventory
 
@@ -91,6 +92,7 @@ def test_admin_state_needs_a_running_load_balancer_and_a_known_backend(store: St
     with pytest.raises(KeyError):
         rt.set_admin_state("api", "nope", "drain")
     with pytest.raises(ValueError):
+        # Not an AdminState, on purpose (as an admin request could send it).
         rt.set_admin_state("api", "m0", "sleeping")  # type: ignore[arg-type]
     assert list(rt.admin_states()) == []  # a refused change is not kept
     rt.set_admin_state("api", "m0", "drain")
@@ -126,11 +128,11 @@ def _proxy(plan: Plan, rt: RuntimeState, store: Store) -> ProxyService:
     """A proxy with its frontends' pools, as start() builds them (no sockets here)."""
     ctx = ServiceContext(
         bus=EventBus(),
-        store=store,
+        store=cast(ServiceStore, store),  # the proxy never touches ctx.store
         log=logging.getLogger("t"),
-        runtime=rt,  # type: ignore[arg-type]
+        runtime=rt,
     )
-    svc = ProxyService(ctx)
+    svc = ProxyService(ctx, plan)
     for fe in plan.frontends:
         if fe.listen is not None:
             svc.frontends[fe.name] = FrontendRunner(svc, fe)
@@ -153,7 +155,7 @@ def test_drain_by_node_applies_to_the_proxy_pools(plan: Plan, store: Store) -> N
     assert fronts, "the node serves some frontend"
     for name in fronts:
         target = rt.set_admin_state(name, node, "drain")
-        assert target.stats()["admin"] == "drain"
+        assert target.status().to_json()["admin"] == "drain"
     for name in fronts:
         assert _admin(svc)[name][node] == "drain"
         assert all(s == "enabled" for n, s in _admin(svc)[name].items() if n != node)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,9 +34,9 @@ def locked(state: Path) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
-def wait_for(check: object, timeout: float = 5.0) -> None:
+def wait_for(check: Callable[[], object], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, "not within the time"
         time.sleep(0.005)
 
