@@ -119,26 +119,20 @@ class Supervisor:
         )
 
     async def _start_one(self, spec: ServiceSpec, plan: Plan) -> Service:
-        try:  # built from the plan: nothing bound or running yet, so nothing to stop
-            service = spec.factory(self._context(spec.name), plan)
-        except ServiceError:
-            raise
-        except OSError as exc:
-            raise ServiceError(f"{spec.name}: {exc.strerror or exc}") from None
-        except Exception as exc:  # a bug in one service: say which, keep the rest sane
-            log.exception("%s: failed to start", spec.name)
-            raise ServiceError(f"{spec.name}: failed to start: {exc}") from None
+        service: Service | None = None  # built from the plan, then started (binds)
         try:
+            service = spec.factory(self._context(spec.name), plan)
             await service.start()
-        except ServiceError:
-            await self._stop_one(spec.name, service)
-            raise
-        except OSError as exc:
-            await self._stop_one(spec.name, service)
-            raise ServiceError(f"{spec.name}: {exc.strerror or exc}") from None
-        except Exception as exc:  # a bug in one service: say which, keep the rest sane
-            log.exception("%s: failed to start", spec.name)
-            await self._stop_one(spec.name, service)
+        except Exception as exc:
+            bug = not isinstance(exc, ServiceError | OSError)
+            if bug:  # a bug in one service: say which, keep the rest sane
+                log.exception("%s: failed to start", spec.name)
+            if service is not None:  # nothing to stop when building it failed
+                await self._stop_one(spec.name, service)
+            if isinstance(exc, ServiceError):
+                raise
+            if isinstance(exc, OSError):
+                raise ServiceError(f"{spec.name}: {exc.strerror or exc}") from None
             raise ServiceError(f"{spec.name}: failed to start: {exc}") from None
         return service
 

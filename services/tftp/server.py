@@ -90,6 +90,8 @@ class TftpService:
         self.ctx = ctx
         self.log = ctx.log
         self.errors_log = RateLimitedLog(ctx.log, every=ERROR_LOG_EVERY)
+        # Anyone can send requests (from spoofed addresses too): a line, then a count.
+        self.refusals_log = RateLimitedLog(ctx.log, every=ERROR_LOG_EVERY)
         self.counters: Counter[str] = Counter()
         self.plan = plan
         # While running: the listener start binds, and the loop the sessions report to.
@@ -183,8 +185,13 @@ class TftpService:
             # A node's boot file: a boot error says it (rate-limited); else an access refusal.
             said = self._boot_error(addr[0], packet.filename, exc.code, str(exc), now)
             if not said and exc.code == ERR_ACCESS:
-                self.log.warning(
-                    "refused %r to %s: %s", packet.filename, addr[0], exc, extra=self._who(addr[0])
+                self.refusals_log.warning(
+                    "refused",
+                    "refused %r to %s: %s",
+                    packet.filename,
+                    addr[0],
+                    exc,
+                    extra=self._who(addr[0]),
                 )
             self._answer(listener, addr, now, refusal(exc))
             return

@@ -203,3 +203,18 @@ def test_tftp_error_per_request_is_rate_limited(
     assert svc.counters["errors"] == 200
     errors = [line for line in lines if line["level"] == "error"]
     assert 1 <= len(errors) <= 2, [e["msg"] for e in errors]
+
+
+def test_tftp_refusals_from_a_flood_of_sources_are_rate_limited(
+    ctx: ServiceContext, plan: Plan, lines: list[dict[str, Any]]
+) -> None:
+    """Spoofed requests for a file outside the root, each from a new address: every one is
+    refused, the log does not get a warning per datagram."""
+    svc = TftpService(ctx, plan)
+    listener = _Listener(svc)
+    for i in range(200):
+        listener.datagram_received(
+            b"\x00\x01../../etc/shadow\x00octet\x00", (f"198.51.100.{i % 250 + 1}", 2000 + i)
+        )
+    refused = [line for line in lines if line["msg"].startswith("refused")]
+    assert 1 <= len(refused) <= 2, [r["msg"] for r in refused]
