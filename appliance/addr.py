@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 _HEX12 = re.compile(r"^[0-9a-f]{12}$")
@@ -37,6 +37,10 @@ class Endpoint:
 
     host: str
     port: int
+    # A floating address of an HA pair (plan.ha): bound with IP_FREEBIND, so the listener
+    # exists on every member while only the leader holds the address. Not part of
+    # equality: moving a listener is about host and port.
+    freebind: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"

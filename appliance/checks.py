@@ -260,6 +260,8 @@ def _grant(cap: int) -> str:
 
 def address_findings(plan: Plan, host: HostFacts) -> list[Finding]:
     """network.address, load_balancer.address and network.interface exist on this host."""
+    if plan.ha is not None:
+        return ha_address_findings(plan, host)
     out: list[Finding] = []
     dhcp_on = "dhcp" in plan.listen
     have = ", ".join(host.addresses())
@@ -322,6 +324,67 @@ def address_findings(plan: Plan, host: HostFacts) -> list[Finding]:
                 "put the address on that interface or correct the key",
             )
         )
+    return out
+
+
+def ha_address_findings(plan: Plan, host: HostFacts) -> list[Finding]:
+    """With ha, network.address and load_balancer.address float: the leader holds them,
+    so their absence here says nothing. What this host needs is one member's own address
+    and network.interface, where the floating addresses go when it leads."""
+    ha = plan.ha
+    assert ha is not None
+    out: list[Finding] = []
+    own = host.own_addresses()
+    if host.local and not any(m.address in own for m in ha.members):
+        listed = ", ".join(f"{m.name} {m.address}" for m in ha.members)
+        out.append(
+            Finding(
+                "ha.members",
+                f"none of the member addresses ({listed}) is on this host (it has "
+                f"{', '.join(host.addresses())}): `run` needs --member NAME (or "
+                "APPLIANCE_MEMBER), and each member serves DNS, TFTP and HTTP on its own address",
+            )
+        )
+    if ha.interface not in host.interfaces:
+        names = ", ".join(sorted(host.interfaces)) or "none"
+        out.append(
+            Finding(
+                "network.interface",
+                f"{ha.interface} is not an interface of this host (it has {names}): the "
+                "floating addresses go on it (and DHCP listens there), so `run` refuses to "
+                "start; correct the key",
+                error=True,
+            )
+        )
+    return out
+
+
+def ha_findings(plan: Plan, user: RunAs) -> list[Finding]:
+    """The etcd TLS files: present and readable (errors: etcd cannot be reached without
+    them), and the private key kept from group and others."""
+    if plan.ha is None:
+        return []
+    out: list[Finding] = []
+    for key in ("ca_file", "cert_file", "key_file"):
+        value: str | None = getattr(plan.ha, key)
+        if value is None:
+            continue
+        path = Path(value)
+        problem = _file_problem(path, user)
+        if problem is not None:
+            out.append(Finding(f"ha.etcd.{key}", problem, error=True))
+            continue
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            continue  # gone since: the next check says so
+        if key == "key_file" and mode & 0o044:
+            out.append(
+                Finding(
+                    f"ha.etcd.{key}",
+                    f"{path} is readable by group or others (mode {mode:04o}): chmod 600 {path}",
+                )
+            )
     return out
 
 
@@ -485,15 +548,17 @@ def preflight(
     if user.current:
         out += capability_findings(plan, host)
     out += upstream_findings(plan)
+    out += ha_findings(plan, user)
     out += [Finding(p.path, p.message) for p in file_warnings(plan, user)]
     return out
 
 
 def for_check(findings: list[Finding]) -> list[Finding]:
-    """`check` may run where the daemon will not (a laptop, CI): when network.address is
-    not on this host, what `run` would refuse here is said as warnings (each line says
-    `run` refuses); on the provisioning host the errors stay errors."""
-    if not any(f.key == "network.address" for f in findings):
+    """`check` may run where the daemon will not (a laptop, CI): when network.address
+    (with ha, where it floats: every member address) is not on this host, what `run` would
+    refuse here is said as warnings (each line says `run` refuses); on the provisioning
+    host the errors stay errors."""
+    if not any(f.key in ("network.address", "ha.members") for f in findings):
         return findings
     return [Finding(f.key, f.message) if f.error else f for f in findings]
 
@@ -525,6 +590,8 @@ __all__ = [
     "describe_holders",
     "file_warnings",
     "for_check",
+    "ha_address_findings",
+    "ha_findings",
     "install_warnings",
     "listener_endpoints",
     "name_holders",

@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"appliance {__version__}")
     _global_options(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser(
+    run = sub.add_parser(
         "run",
         parents=[common],
         help="serve every enabled service (foreground)",
@@ -108,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
         "service in the foreground until SIGTERM/SIGINT. Exit 2: invalid inventory; 1: "
         "could not start.",
         epilog="example: appliance run --config /etc/appliance/inventory.yaml --log-format json",
+    )
+    run.add_argument(
+        "--member",
+        metavar="NAME",
+        help="with an `ha` block: which of ha.members this host is (default: "
+        "$APPLIANCE_MEMBER, else the member whose address is on a local interface)",
     )
     check = sub.add_parser(
         "check",
@@ -376,6 +382,13 @@ def _summary(plan: Plan) -> list[str]:
     lines.append(f"dhcp: {dhcp.mode} mode, {len(dhcp.reservations)} reservations, {pool}")
     services = ", ".join(f"{k} {v}" for k, v in plan.listen.items())
     lines.append(f"listen: {services or 'nothing'}")
+    if plan.ha is not None:
+        ha = plan.ha
+        lines.append(
+            f"ha: members {', '.join(f'{m.name} {m.address}' for m in ha.members)}; floating "
+            f"{', '.join(ha.floating)} on {ha.interface}; etcd {', '.join(ha.endpoints)} "
+            f"under {ha.prefix}; lease_ttl {ha.lease_ttl} s"
+        )
     return lines
 
 
@@ -643,7 +656,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         runner = uvloop.run
     except ImportError:
         pass
-    return runner(run(Path(args.config)))
+    # The flag only: the supervisor chooses (appliance.plan.choose_member) with the
+    # environment and the local addresses, from the plan it loads.
+    return runner(run(Path(args.config), member=args.member))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

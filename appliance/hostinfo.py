@@ -79,6 +79,11 @@ class HostFacts:
             for r in sorted(self.local, key=lambda r: r.network)
         ]
 
+    def own_addresses(self) -> list[str]:
+        """The addresses assigned to interfaces (the /32 local routes): not every address
+        of a local range (127.0.0.0/8, AnyIP), which no one host could be told apart by."""
+        return [str(r.network.network_address) for r in self.local if r.network.prefixlen == 32]
+
     def has_cap(self, bit: int) -> bool:
         return bool(self.cap_eff >> bit & 1)
 
@@ -153,6 +158,16 @@ def read_local_routes() -> list[LocalRoute]:
             if done:
                 return found
     raise OSError("netlink: the route dump did not end")
+
+
+def local_ipv4_addresses() -> list[str]:
+    """This host's IPv4 interface addresses, for telling which ha member it is
+    (appliance.haplan.choose_member); empty when the routes cannot be read."""
+    try:
+        routes = tuple(read_local_routes())
+    except OSError:
+        return []
+    return [str(r.network.network_address) for r in routes if r.network.prefixlen == 32]
 
 
 # --- /proc: capabilities, sysctls ---------------------------------------------------------

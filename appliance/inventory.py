@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -383,6 +384,97 @@ class Kubernetes(_Strict):
     gpu: GpuSettings = GpuSettings()
 
 
+# --- ha: two or more appliances serving one inventory (issue 18) ---------------------
+
+
+def _etcd_url(value: str) -> str:
+    """An etcd client URL, `http(s)://host:port` and nothing else (the client adds /v3/...)."""
+    text = value.strip()
+    scheme, sep, _ = text.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        hint = f" (write http://{text})" if not sep and ":" in text else ""
+        raise ValueError(f"{value!r} is not an http:// or https:// URL{hint}")
+    try:
+        url = urlsplit(text)
+        port = url.port
+    except ValueError:
+        raise ValueError(f"{value!r}: port is not 1-65535") from None
+    if not url.hostname:
+        raise ValueError(f"{value!r} has no host")
+    if url.path not in ("", "/") or url.query or url.fragment or url.username or url.password:
+        raise ValueError(f"{value!r} has a path, query or user: write only scheme://host:port")
+    if port is None:
+        raise ValueError(
+            f"{value!r} has no port: write it (etcd's client port is 2379 unless configured "
+            "otherwise)"
+        )
+    if not 0 < port < 65536:
+        raise ValueError(f"{value!r}: port is not 1-65535")
+    return value
+
+
+def etcd_url(value: str) -> str:
+    """A valid endpoint as the client takes it: lower-case, no trailing '/'."""
+    url = urlsplit(value.strip())
+    return f"{url.scheme.lower()}://{url.netloc.lower()}"
+
+
+def _etcd_prefix(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} must start with '/'")
+    if value.endswith("/"):
+        raise ValueError(f"{value!r} must not end with '/'")
+    bad = next((c for c in value if c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        raise ValueError(f"{value!r} holds {bad!r}: write printable characters without spaces")
+    return value
+
+
+def _file_name(value: str) -> str:
+    if not value.strip():
+        raise ValueError("empty (write a path, or null for the system's trusted CAs)")
+    return value
+
+
+def _lease_ttl(value: int) -> int:
+    if not 2 <= value <= 60:
+        # etcd's minimum lease TTL is 1.5 x its election timeout (1 s by default).
+        raise ValueError(
+            f"{value} is not 2-60 seconds (etcd raises a shorter lease to its minimum, "
+            "1.5 x its election timeout; a longer one notices a dead leader late)"
+        )
+    return value
+
+
+EtcdUrl = Annotated[str, AfterValidator(_etcd_url)]
+EtcdPrefix = Annotated[str, AfterValidator(_etcd_prefix)]
+FileName = Annotated[str, AfterValidator(_file_name)]
+LeaseTtl = Annotated[int, Field(strict=True), AfterValidator(_lease_ttl)]
+
+
+class HaMemberSpec(_Strict):
+    """One provisioning host of the pair (ha.members[])."""
+
+    name: Label
+    address: IPv4  # its own fixed address; network.address and load_balancer.address float
+
+
+class EtcdSettings(_Strict):
+    """Where the shared state and the leader election live (ha.etcd)."""
+
+    endpoints: list[EtcdUrl]
+    prefix: EtcdPrefix | None = None  # None: /appliance/<cluster name>
+    ca_file: FileName | None = None  # None with https: the system's trusted CAs
+    cert_file: FileName | None = None
+    key_file: FileName | None = None
+
+
+class Ha(_Strict):
+    members: list[HaMemberSpec]
+    etcd: EtcdSettings
+    lease_ttl: LeaseTtl = 3  # seconds: how fast a dead leader is noticed
+
+
 class Inventory(_Strict):
     cluster: Cluster = Cluster()
     network: Network
@@ -396,6 +488,8 @@ class Inventory(_Strict):
     # literals, localhost and this machine's names (e.g. a DNS name of the provisioning
     # host); any other name is refused (421), so DNS rebinding cannot reach it.
     admin_hosts: list[DnsName] = []
+    # Two or more appliances serving this inventory (issue 18); absent: one host, SQLite.
+    ha: Ha | None = None
 
 
 # Which transport protocols each listener uses: a clash needs a shared protocol.
@@ -865,11 +959,13 @@ def parse_inventory(raw: Any, source: str, base_dir: Path) -> LoadedInventory:
         problems += _pydantic_problems(exc)
         raise InventoryError(source, _cite_install_config(problems, ic, filled)) from None
     problems += list(_semantic_problems(inventory))
+    problems += list(_ha_problems(inventory))
     problems += list(_layout_problems(inventory, base_dir))
-    warnings: list[Problem] = []
+    warnings: list[Problem] = list(_ha_warnings(inventory))
     if ic is not None:
-        ic_errors, warnings = _install_config_problems(inventory, ic)
+        ic_errors, ic_warnings = _install_config_problems(inventory, ic)
         problems += ic_errors
+        warnings += ic_warnings
     if problems:
         raise InventoryError(source, _cite_install_config(problems, ic, filled))
     return LoadedInventory(inventory, Path(source), base_dir, tuple(warnings))
@@ -1054,3 +1150,169 @@ def _semantic_problems(inv: Inventory) -> Iterator[Problem]:
                     f"{up} is this appliance's own DNS listener (listen.dns {dns_at}): "
                     "forwarding to it would loop",
                 )
+
+
+def _ha_problems(inv: Inventory) -> Iterator[Problem]:
+    """The ha block against the rest: members apart from every other address, the
+    floating addresses on one link, TLS settings that mean what they say."""
+    ha, net, lb = inv.ha, inv.network, inv.load_balancer
+    if ha is None:
+        return
+    subnet = net.subnet if net.subnet is not None and 8 <= net.subnet.prefixlen <= 30 else None
+    if len(ha.members) < 2:
+        yield Problem(
+            "ha.members",
+            f"{len(ha.members)} member{'s' if len(ha.members) != 1 else ''}: at least 2 are "
+            "needed (one leads, another takes over)",
+        )
+    if net.interface is None:
+        yield Problem(
+            "network.interface",
+            "required with ha: the leader puts the floating addresses (network.address, "
+            "load_balancer.address) on it",
+        )
+    if subnet is not None:
+        for key, floating in (
+            ("network.address", net.address),
+            ("load_balancer.address", lb.address),
+        ):
+            if floating not in subnet:
+                yield Problem(
+                    key,
+                    f"{floating} is outside network.subnet {subnet}: with ha it is a floating "
+                    "address, moved between members by ARP on network.interface's link",
+                )
+    taken: dict[IPv4Address, str] = {
+        net.address: "network.address, a floating address (the leader holds it): give each "
+        "member its own fixed address",
+    }
+    taken.setdefault(
+        lb.address,
+        "load_balancer.address, a floating address (the leader holds it): give each member "
+        "its own fixed address",
+    )
+    if net.gateway is not None:
+        taken.setdefault(net.gateway, "network.gateway")
+    for i, node in enumerate(inv.nodes):
+        taken.setdefault(node.ip, f"already used by nodes[{i}] ({node.name})")
+    names: dict[str, int] = {}
+    addresses: dict[IPv4Address, int] = {}
+    for i, member in enumerate(ha.members):
+        at = f"ha.members[{i}]"
+        if member.name in names:
+            yield Problem(
+                f"{at}.name", f"{member.name!r} is already used by ha.members[{names[member.name]}]"
+            )
+        else:
+            names[member.name] = i
+        ip = member.address
+        if ip in addresses:
+            j = addresses[ip]
+            yield Problem(
+                f"{at}.address", f"{ip} is already used by ha.members[{j}] ({ha.members[j].name})"
+            )
+            continue
+        addresses[ip] = i
+        if ip in taken:
+            yield Problem(f"{at}.address", f"{ip} is {taken[ip]}")
+        elif subnet is not None and ip not in subnet:
+            yield Problem(f"{at}.address", f"{ip} is outside network.subnet {subnet}")
+        elif subnet is not None and ip in (subnet.network_address, subnet.broadcast_address):
+            what = "network" if ip == subnet.network_address else "broadcast"
+            yield Problem(f"{at}.address", f"{ip} is the {what} address of {subnet}")
+    if net.dhcp_range is not None and subnet is not None:
+        first, last = net.dhcp_range
+        if first in subnet and last in subnet and first <= last:
+            for ip, i in addresses.items():
+                if first <= ip <= last:
+                    yield Problem(
+                        "network.dhcp_range",
+                        f"{first}-{last} contains {ip}, reserved for ha.members[{i}] "
+                        f"({ha.members[i].name})",
+                    )
+    # One inventory for every member: a listener at one member's address binds only there.
+    for svc in LISTENER_PROTOCOLS:
+        ep: Endpoint | None = getattr(inv.listen, svc)
+        if ep is None or ep.is_wildcard:
+            continue
+        owner = addresses.get(IPv4Address(ep.host)) if ":" not in ep.host else None
+        if owner is not None:
+            yield Problem(
+                f"listen.{svc}",
+                f"{ep} is the own address of ha.members[{owner}] ({ha.members[owner].name}): every "
+                f"member runs this inventory and the others cannot bind it; use 0.0.0.0:{ep.port}",
+            )
+    # Every member forwards to network.upstream_dns: a member among them is a loop.
+    dns_at = inv.listen.dns
+    dns_port = dns_at.port if dns_at is not None and dns_at.is_wildcard else None
+    for k, up in enumerate(net.upstream_dns):
+        owner = addresses.get(IPv4Address(up.host)) if ":" not in up.host else None
+        if owner is not None and up.port == dns_port:
+            yield Problem(
+                f"network.upstream_dns[{k}]",
+                f"{up} is the DNS listener of ha.members[{owner}] ({ha.members[owner].name}), "
+                "which forwards to network.upstream_dns too: forwarding would loop",
+            )
+
+    etcd = ha.etcd
+    floating_at = {str(net.address): "network.address", str(lb.address): "load_balancer.address"}
+    for i, written in enumerate(etcd.endpoints):
+        host = urlsplit(written.strip()).hostname or ""
+        if host in floating_at:
+            yield Problem(
+                f"ha.etcd.endpoints[{i}]",
+                f"{written!r} is at {floating_at[host]}, a floating address: it moves with the "
+                "leader, an etcd member listens on its host's fixed address",
+            )
+    if not etcd.endpoints:
+        yield Problem(
+            "ha.etcd.endpoints",
+            "empty: list the etcd members' client URLs (http://HOST:2379 or https://HOST:2379)",
+        )
+    seen: dict[str, int] = {}
+    for i, written in enumerate(etcd.endpoints):
+        url = etcd_url(written)
+        if url in seen:
+            yield Problem(
+                f"ha.etcd.endpoints[{i}]", f"{written!r} is already ha.etcd.endpoints[{seen[url]}]"
+            )
+        else:
+            seen[url] = i
+    schemes = {url.partition("://")[0] for url in seen}
+    if len(schemes) > 1:
+        yield Problem(
+            "ha.etcd.endpoints",
+            "mixes http:// and https://: one etcd cluster serves its clients one way; write "
+            "every endpoint with the same scheme",
+        )
+    for have, need in (("cert_file", "key_file"), ("key_file", "cert_file")):
+        if getattr(etcd, have) is not None and getattr(etcd, need) is None:
+            yield Problem(
+                f"ha.etcd.{need}",
+                f"required with ha.etcd.{have} (a client certificate is used with its private key)",
+            )
+    if schemes == {"http"}:
+        for key in ("ca_file", "cert_file", "key_file"):
+            if getattr(etcd, key) is not None:
+                yield Problem(
+                    f"ha.etcd.{key}",
+                    "set, but every endpoint is http://: TLS is used only with https:// "
+                    "endpoints (write https://, or remove the key)",
+                )
+
+
+def _ha_warnings(inv: Inventory) -> Iterator[Problem]:
+    if inv.ha is None or not 0 < len(inv.ha.etcd.endpoints) < 3:
+        return
+    every = "list every etcd member (three: the two provisioning hosts and a witness)"
+    if len(inv.ha.etcd.endpoints) == 1:
+        why = (
+            "only 1 endpoint: while it is down the members cannot reach etcd (no DHCP, no "
+            f"leader) even when the etcd cluster has quorum; {every}"
+        )
+    else:
+        why = (
+            "only 2 endpoints: the members reach etcd through these alone, and an etcd "
+            f"cluster that survives the loss of a member has at least three; {every}"
+        )
+    yield Problem("ha.etcd.endpoints", why)

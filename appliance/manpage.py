@@ -62,6 +62,10 @@ def manpage(parser: argparse.ArgumentParser) -> str:
         "\\fBAPPLIANCE_TOKEN_FILE\\fR",
         "admin token file for the client commands.",
         ".TP",
+        "\\fBAPPLIANCE_MEMBER\\fR",
+        "with an \\fIha\\fR block: the member \\fBrun\\fR is when "
+        "\\fB\\-\\-member\\fR is not given.",
+        ".TP",
         "\\fBAPPLIANCE_DEBUG\\fR",
         "print a traceback on internal errors.",
         ".SH FILES",

@@ -93,6 +93,8 @@ def _declared(status: ApplianceStatus, facts: StoreFacts) -> Iterator[Family]:
     yield counter("events_published", "Node events published on the bus", status.events_published)
     yield counter("events_dropped", "Bus events a slow subscriber lost", status.events_dropped)
     yield from _store(status.store)
+    if status.ha is not None:  # an HA member: leadership and etcd latency
+        yield from status.ha.metrics()
     yield counter(
         "events",
         "Stored node events, by stage",

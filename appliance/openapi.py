@@ -154,7 +154,7 @@ SCHEMAS: dict[str, Schema] = {
                 "type": "object",
                 "additionalProperties": _obj(
                     {
-                        "state": {"type": "string", "enum": ["running", "off"]},
+                        "state": {"type": "string", "enum": ["running", "off", "standby"]},
                         "listen": {"type": "array", "items": STR},
                     }
                 ),
@@ -175,7 +175,35 @@ SCHEMAS: dict[str, Schema] = {
                     "after_install": STR,
                 }
             ),
-        }
+        },
+        {
+            # Only with the inventory's `ha` block: this member, the leader, etcd's health.
+            "ha": _obj(
+                {
+                    "member": STR,
+                    "address": STR,
+                    "members": {"type": "array", "items": STR},
+                    "leader": _nullable(STR),
+                    "leading": {"type": "boolean"},
+                    "since": _nullable(TIME),
+                    "last_keepalive": _nullable(TIME),
+                    "etcd": _obj(
+                        {
+                            "ok": {"type": "boolean"},
+                            "error": _nullable(STR),
+                            "endpoints": {"type": "object", "additionalProperties": ANY_OBJ},
+                            "latency_ms": {"type": "object", "additionalProperties": ANY_OBJ},
+                        }
+                    ),
+                    "leader_changes": INT,
+                    "elected": INT,
+                    "step_downs": {"type": "object", "additionalProperties": INT},
+                    "floating": {"type": "array", "items": STR},
+                    "floating_error": _nullable(STR),
+                    "lease_ttl": INT,
+                }
+            )
+        },
     ),
     "Lease": _obj(
         {

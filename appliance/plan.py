@@ -19,9 +19,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+# The ha names live in appliance.haplan; re-exported: the plan is where the others read them.
+from appliance.haplan import HaMember as HaMember
+from appliance.haplan import HaPlan as HaPlan
+from appliance.haplan import MemberError as MemberError
+from appliance.haplan import choose_member as choose_member
+from appliance.haplan import ha_plan
 from appliance.inventory import (
     Endpoint,
     GpuSettings,
+    Inventory,
     LoadedInventory,
     Node,
     OperatorSubscription,
@@ -295,6 +302,7 @@ class Plan:
     by_name: Mapping[str, NodeInfo] = field(compare=False, repr=False)
     by_ip: Mapping[IPv4Address, NodeInfo] = field(compare=False, repr=False)
     admin_hosts: tuple[str, ...] = ()  # extra Host names the admin endpoint answers to
+    ha: HaPlan | None = None  # None: one host (no `ha` key), the SQLite store
 
     def frontend(self, name: str) -> Frontend:
         for fe in self.frontends:
@@ -304,7 +312,10 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain-data view (for `appliance plan` and the admin API)."""
-        return _plain(self)  # type: ignore[no-any-return]
+        out: dict[str, Any] = _plain(self)
+        if self.ha is None:
+            del out["ha"]  # a plan without ha prints exactly as before issue 18
+        return out
 
 
 def _plain(value: Any) -> Any:
@@ -577,8 +588,33 @@ def _gpu_plan(settings: GpuSettings) -> GpuPlan:
     )
 
 
+def _default_dns(loaded: LoadedInventory) -> tuple[IPv4Address, ...]:
+    """DHCP's DNS option unless network.dns_servers is written: this appliance; with ha
+    the floating address first, then each member (every member answers DNS on its own
+    address too, so a node keeps resolving during a takeover)."""
+    inv = loaded.inventory
+    members = [m.address for m in inv.ha.members] if inv.ha is not None else []
+    return tuple(dict.fromkeys([inv.network.address, *members]))
+
+
+def _freebind_floating(inv: Inventory) -> Inventory:
+    """An HA pair: listeners at a floating address are bound with IP_FREEBIND, so every
+    member binds them at start and the one that holds the address gets the traffic."""
+    floating = {str(inv.network.address), str(inv.load_balancer.address)}
+    update = {
+        key: dataclasses.replace(ep, freebind=True)
+        for key in type(inv.listen).model_fields
+        if (ep := getattr(inv.listen, key)) is not None and ep.host in floating
+    }
+    if not update:
+        return inv
+    return inv.model_copy(update={"listen": inv.listen.model_copy(update=update)})
+
+
 def build_plan(loaded: LoadedInventory) -> Plan:
     """Derive the plan. The inventory is already valid, so this cannot fail."""
+    if loaded.inventory.ha is not None:  # every part below reads `loaded`
+        loaded = dataclasses.replace(loaded, inventory=_freebind_floating(loaded.inventory))
     inv = loaded.inventory
     name, base_domain = inv.cluster.name, inv.cluster.base_domain
     assert name is not None and base_domain is not None
@@ -608,7 +644,7 @@ def build_plan(loaded: LoadedInventory) -> Plan:
         server_id=net.address,
         subnet=subnet,
         router=net.gateway,
-        dns_servers=tuple(net.dns_servers) or (net.address,),
+        dns_servers=tuple(net.dns_servers) or _default_dns(loaded),
         domain=domain,
         ntp_servers=tuple(net.ntp_servers),
         lease_time=net.lease_time,
@@ -671,4 +707,5 @@ def build_plan(loaded: LoadedInventory) -> Plan:
         by_name=MappingProxyType({n.name: n for n in nodes}),
         by_ip=MappingProxyType({n.ip: n for n in nodes}),
         admin_hosts=tuple(inv.admin_hosts),
+        ha=ha_plan(loaded),
     )

@@ -26,7 +26,7 @@ def _always(plan: Plan) -> bool:
 
 
 DNS = ServiceSpec("dns", DnsService, listen_keys=("dns",))
-DHCP = ServiceSpec("dhcp", DhcpService, listen_keys=("dhcp",))
+DHCP = ServiceSpec("dhcp", DhcpService, listen_keys=("dhcp",), leader_only=True)
 TFTP = ServiceSpec("tftp", TftpService, listen_keys=("tftp",))
 HTTP = ServiceSpec("http", HttpService, listen_keys=("http",))
 # The proxy re-binds moved listeners itself on reload, so its connections survive.
@@ -37,7 +37,7 @@ PROXY = ServiceSpec(
     enabled=proxy_enabled,
     rebinds_itself=True,
 )
-CLUSTER = ServiceSpec("cluster", ClusterService, enabled=_always)
+CLUSTER = ServiceSpec("cluster", ClusterService, enabled=_always, leader_only=True)
 
 
 def specs() -> list[ServiceSpec]:

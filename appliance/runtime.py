@@ -15,7 +15,8 @@ while the daemon runs applies those already set. Plain code: no asyncio, no sock
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -61,17 +62,59 @@ class BackendKey:
         return f"{self.frontend}/{self.backend}"
 
 
+class RuntimeStore(InstallStore, Protocol):
+    """Boot once's store, and where an HA member shares its admin states."""
+
+    def set_cluster_state(self, key: str, value: object, time: float) -> None: ...
+
+
+ADMIN_KEY = "backend_admin"  # cluster state key of the admin states an HA pair shares
+
+
 class RuntimeState:
-    def __init__(self, store: InstallStore) -> None:
+    def __init__(self, store: RuntimeStore, shared: bool = False) -> None:
+        """`shared`: an HA pair's member (plan.ha): admin states are written through to
+        the shared store too, and `refresh` takes what the other member wrote."""
         self.store = store
+        self.shared = shared
+        # Single host: always the leader. An HA member: set once it took over (the shared
+        # state read), and only while its elector still leads (`elected`, checked on
+        # every read: a fence takes effect before the step-down callback runs).
+        self._leading = not shared
+        self.elected: Callable[[], bool] | None = None
+        self._installed: set[str] = set()
+        self._bootstrap_retired = False
+        self._admin: dict[BackendKey, AdminState] = {}
+        self._lb: LoadBalancer | None = None
+        self.refresh()
+
+    @property
+    def leading(self) -> bool:
+        return self._leading and (self.elected is None or self.elected())
+
+    @leading.setter
+    def leading(self, value: bool) -> None:
+        self._leading = value
+
+    def refresh(self) -> None:
+        """Take the install marks, the bootstrap record and (shared) the admin states from
+        the store's view: at start, and on an HA member when the store was re-read."""
+        store = self.store
         self._installed = {
             node for node, state in store.install_state().items() if state["installed_at"]
         }
         # Bootstrap complete (the cluster loop): bootstrap.ign is served no more.
         retired = store.cluster_state("bootstrap")
         self._bootstrap_retired = bool(isinstance(retired, dict) and retired.get("complete"))
-        self._admin: dict[BackendKey, AdminState] = {}
-        self._lb: LoadBalancer | None = None
+        if self.shared:
+            wanted = _admin_states(store.cluster_state(ADMIN_KEY))
+            for key in set(self._admin) - set(wanted):
+                self._admin.pop(key)
+                self._apply(key, "enabled")
+            for key, state in wanted.items():
+                if self._admin.get(key) != state:
+                    self._admin[key] = state
+                    self._apply(key, state)
 
     # --- boot once ---------------------------------------------------------------------
 
@@ -151,6 +194,9 @@ class RuntimeState:
             self._admin.pop(key, None)  # the default: nothing to re-apply
         else:
             self._admin[key] = state
+        if self.shared:  # the other member's load balancer takes it at its next refresh
+            value = {str(k): v for k, v in self._admin.items()}
+            self.store.set_cluster_state(ADMIN_KEY, value, time.time())
 
     def _apply(self, key: BackendKey, state: AdminState) -> bool:
         lb = self._lb
@@ -172,3 +218,15 @@ class RuntimeState:
         """The load balancer stopped; a newer one that already attached stays attached."""
         if self._lb is lb:
             self._lb = None
+
+
+def _admin_states(value: Any) -> dict[BackendKey, AdminState]:
+    """The shared record {"frontend/backend": state}; anything malformed is left out."""
+    out: dict[BackendKey, AdminState] = {}
+    if not isinstance(value, dict):
+        return out
+    for name, state in value.items():
+        frontend, sep, backend = str(name).partition("/")
+        if sep and state in ADMIN_STATES and state != "enabled":
+            out[BackendKey(frontend, backend)] = state
+    return out

@@ -101,6 +101,9 @@ class ServiceSpec:
     # True: the service moves its own listeners on reload (keeping its connections),
     # so a changed address is a reload, not a restart.
     rebinds_itself: bool = False
+    # True: with an HA pair (plan.ha) only the leader runs it (DHCP, the cluster loop);
+    # a member starts it when it takes over and stops it when it steps down.
+    leader_only: bool = False
 
     def is_enabled(self, plan: Plan) -> bool:
         if self.enabled is not None:
@@ -111,6 +114,7 @@ class ServiceSpec:
         return tuple(plan.listen.get(k) for k in self.listen_keys)
 
 
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux <linux/in.h>
 UDP_BUFFER = 4 << 20  # bytes: a burst (a boot storm) waits in the kernel, not on the floor
 
 
@@ -142,6 +146,8 @@ def bind_socket(service: str, endpoint: Endpoint, kind: socket.SocketKind) -> so
         # TCP only: on UDP, SO_REUSEADDR would let two processes share a port silently.
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if endpoint.freebind:  # an HA floating address: bound before this member holds it
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
         sock.bind((endpoint.host, endpoint.port))
         if kind == socket.SOCK_STREAM:
             sock.listen(1024)

@@ -90,7 +90,7 @@ class ServiceStatus(Protocol):
 class ServiceEntry:
     """One service as the supervisor sees it: on or off, where, and its own status."""
 
-    state: Literal["running", "off"]
+    state: Literal["running", "off", "standby"]  # standby: an HA follower's leader-only service
     listen: tuple[str, ...] = ()
     detail: ServiceStatus | None = None
 
@@ -115,9 +115,10 @@ class ApplianceStatus:
     events_published: int = 0
     events_dropped: int = 0
     store: Mapping[str, Any] = field(default_factory=dict)  # the store queue's stats()
+    ha: ServiceStatus | None = None  # an HA pair's member: the elector's status
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "version": self.version,
             "config": self.config,
             "uptime": self.uptime,
@@ -128,6 +129,9 @@ class ApplianceStatus:
             "events": {"published": self.events_published, "dropped": self.events_dropped},
             "store": dict(self.store),
         }
+        if self.ha is not None:
+            out["ha"] = self.ha.to_json()
+        return out
 
     def service(self, name: str) -> ServiceStatus | None:
         """The status of a running service (None when it is off or does not exist)."""

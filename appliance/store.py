@@ -27,6 +27,7 @@ from appliance.events import STAGES, Event, EventBus
 # re-exported here, where they always were.
 from appliance.stores import UNKNOWN_MACHINES_KEEP as UNKNOWN_MACHINES_KEEP
 from appliance.stores import Lease as Lease
+from appliance.stores import LeaseConflict as LeaseConflict
 from appliance.stores import LeaseState as LeaseState
 from appliance.stores import StoreError as StoreError
 from appliance.stores import UnknownMachine as UnknownMachine
@@ -112,10 +113,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-
-
-class LeaseConflict(StoreError):
-    """The address is already leased to another MAC."""
 
 
 _LEASE_COLUMNS = "mac, ip, hostname, expires, state, updated"

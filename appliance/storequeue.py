@@ -40,6 +40,12 @@ from appliance.store import Lease, Store, StoreError, _stage_order
 from appliance.stores import UNKNOWN_MACHINES_KEEP, DhcpStore, StoreUnavailable, UnknownMachine
 from appliance.stores import StoreBusy as StoreBusy
 
+if TYPE_CHECKING:
+    from appliance.etcd import EtcdClient
+    from appliance.etcdstore import EtcdStore
+
+    Backend = Store | EtcdStore  # the SQLite file, or etcd (the HA pair)
+
 log = logging.getLogger("appliance.store")
 
 WRITE_BUSY_MS = 100  # the writer thread's wait for a lock per attempt (then it backs off)
@@ -55,6 +61,7 @@ QUEUE_SOFT = 100_000  # waiting writes before they count as overflow (kept, logg
 QUEUE_HARD = 2_000_000  # waiting writes before the oldest events are dropped (lost)
 EVENT_BATCH = 1000  # events per transaction
 READ_SYNC_WAIT = 0.2  # seconds a read waits for the writes queued before it
+REFRESH_TRIES = 3  # reads of a refresh before it leaves memory as it is (writes kept coming)
 STOP_FLUSH = 5.0  # seconds a graceful stop waits for the queue to reach the file
 PERSIST_QUEUE = 100_000  # the persist task's bus subscription (drained at every wake-up)
 
@@ -304,9 +311,10 @@ class StoreWriter(Generic[S]):
         while True:
             try:
                 self._apply(batch)
-            except sqlite3.OperationalError as exc:
+            except (sqlite3.OperationalError, StoreUnavailable) as exc:
+                # StoreUnavailable: a network store (etcd) that cannot take it now.
                 now = time.monotonic()
-                if is_busy(exc):
+                if isinstance(exc, sqlite3.Error) and is_busy(exc):
                     self.counters["busy"] += 1
                     if not self._locked_since:
                         self._locked_since = now
@@ -409,7 +417,7 @@ class LeaseConnection:
     commit waits for the lock at most its busy timeout, then says StoreBusy; another
     operational error (disk full, I/O) is StoreUnavailable. sqlite3 stays in here."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Backend) -> None:
         self.store = store
 
     def save_leases(self, leases: Sequence[Lease]) -> None:
@@ -447,8 +455,11 @@ def _unavailable() -> Iterator[None]:
 class DaemonStore:
     """The store as the running daemon's services see it (ServiceContext.store)."""
 
-    def __init__(self, writer: Store, db: Store, reader: Store) -> None:
+    def __init__(
+        self, writer: Backend, db: Backend, reader: Backend, client: EtcdClient | None = None
+    ) -> None:
         self.path = db.path
+        self._client = client  # etcd mode: the stores' shared client, closed with them
         self._db = db  # the loop thread's reads: start-up and tests (short busy timeout)
         self._reader = reader  # used in the reader thread only
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
@@ -484,6 +495,17 @@ class DaemonStore:
             for store in opened:
                 store.close()
             raise
+
+    @classmethod
+    def open_etcd(cls, client: EtcdClient, prefix: str) -> DaemonStore:
+        """The HA pair's store: the same queue, memory and reader over etcd (three stores
+        on `client`, one HTTP connection per thread; closed with this store). Reads the
+        state first: etcd unreachable is StoreUnavailable (the caller keeps the client)."""
+        from appliance.etcdstore import EtcdStore  # the SQLite default never loads it
+
+        return cls(
+            EtcdStore(client, prefix), EtcdStore(client, prefix), EtcdStore(client, prefix), client
+        )
 
     # --- the writer's progress, on the loop -------------------------------------------
 
@@ -530,8 +552,9 @@ class DaemonStore:
 
     # --- reads ----------------------------------------------------------------------
 
-    async def read(self, fn: Callable[[Store], T], *, sync_wait: float = READ_SYNC_WAIT) -> T:
-        """Run `fn` on the reader's connection in its thread; StoreBusy when locked."""
+    async def read(self, fn: Callable[[Backend], T], *, sync_wait: float = READ_SYNC_WAIT) -> T:
+        """Run `fn` on the reader's connection in its thread; StoreBusy when locked (or,
+        in etcd mode, when etcd does not answer)."""
         await self.synced(sync_wait)
         loop = asyncio.get_running_loop()
         try:
@@ -540,6 +563,33 @@ class DaemonStore:
             if is_busy(exc):
                 raise StoreBusy(f"state store {self.path} is locked: {exc}") from None
             raise
+        except StoreUnavailable as exc:
+            if isinstance(exc, StoreBusy):
+                raise
+            raise StoreBusy(str(exc)) from exc
+
+    async def refresh(self, sync_wait: float = READ_SYNC_WAIT) -> dict[str, list[str]]:
+        """Read install marks, cluster state and progress again (in the reader thread):
+        in etcd mode, what another member wrote. Returns what changed: the nodes
+        ("install", "progress") and keys ("cluster"). Memory is replaced only when no
+        write of ours was queued during the read (else it would be undone in memory):
+        tried a few times, then left for the next call (an empty answer)."""
+        loop = asyncio.get_running_loop()
+        for _ in range(REFRESH_TRIES):
+            await self.synced(sync_wait)
+            seq = self.writer.seq
+            snap = await loop.run_in_executor(self._pool, _snapshot, self._reader)
+            if self.writer.seq != seq or self.writer.done < seq:
+                continue  # we wrote meanwhile: read again once it landed
+            install, cluster, progress = snap
+            changed = {
+                "install": _changed(self._install, install),
+                "cluster": _changed(self._cluster, cluster),
+                "progress": _changed(self._progress, progress),
+            }
+            self._install, self._cluster, self._progress = install, cluster, progress
+            return changed
+        return {"install": [], "cluster": [], "progress": []}
 
     def install_state(self) -> dict[str, dict[str, float | None]]:
         return {node: dict(state) for node, state in sorted(self._install.items())}
@@ -574,12 +624,18 @@ class DaemonStore:
     def open_leases(self, state_dir: Path, busy_timeout_ms: int) -> DhcpStore:
         """The DHCP service's own connection: its lease commits must be durable before
         an ACK, so they do not queue behind the events; it waits at most its own busy
-        timeout for a lock (StoreBusy, and the service retries)."""
+        timeout for a lock (StoreBusy, and the service retries). In etcd mode: a store
+        on the shared client (its executor thread gets a connection of its own)."""
+        if self._client is not None:
+            from appliance.etcdstore import EtcdStore
+
+            assert isinstance(self._db, EtcdStore)
+            return LeaseConnection(EtcdStore(self._client, self._db.prefix))
         return LeaseConnection(Store.open(state_dir, busy_timeout_ms=busy_timeout_ms))
 
     # --- writes (queued; they never block and never raise) ----------------------------
 
-    def _submit(self, name: str, fn: Callable[[Store], object]) -> None:
+    def _submit(self, name: str, fn: Callable[[Backend], object]) -> None:
         self.writer.submit(_Op(name, fn))
 
     def record_events(self, evs: Sequence[Event]) -> None:
@@ -618,7 +674,7 @@ class DaemonStore:
         self, *, time: float, csr: str, kind: str, decision: str, reason: str,
         uid: str = "", node: str = "", requestor: str = "",
     ) -> None:  # fmt: skip
-        def write(s: Store) -> None:
+        def write(s: Backend) -> None:
             s.record_csr_decision(
                 time=time, csr=csr, kind=kind, decision=decision, reason=reason,
                 uid=uid, node=node, requestor=requestor,
@@ -652,6 +708,8 @@ class DaemonStore:
         self._pool.shutdown(wait=True)
         self._reader.close()
         self._db.close()
+        if self._client is not None:
+            self._client.close()
         for _, fut in self._waiters:
             if not fut.done():
                 fut.set_result(None)
@@ -664,6 +722,8 @@ class DaemonStore:
         self._pool.shutdown(wait=True)
         self._reader.close()
         self._db.close()
+        if self._client is not None:
+            self._client.close()
 
 
 if TYPE_CHECKING:  # mypy checks the implementations against the Protocols
@@ -683,3 +743,22 @@ if TYPE_CHECKING:  # mypy checks the implementations against the Protocols
 
     def _daemon(s: DaemonStore, lc: LeaseConnection) -> tuple[ServiceStore, DhcpStore]:
         return s, lc
+
+    def _etcd(s: EtcdStore) -> tuple[
+        DhcpStore, EventStore, CsrDecisionStore, ClusterStateStore, InstallStore, StoreReader,
+        WriterStore,
+    ]:  # fmt: skip
+        return s, s, s, s, s, s, s
+
+
+_Progress = dict[str, dict[str, tuple[float, float, str]]]
+
+
+def _snapshot(
+    store: Backend,
+) -> tuple[dict[str, dict[str, float | None]], dict[str, str], _Progress]:
+    return store.install_state(), store.cluster_states(), store.progress()
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))

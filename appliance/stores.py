@@ -36,6 +36,7 @@ __all__ = [
     "FactsReader",
     "InstallStore",
     "Lease",
+    "LeaseConflict",
     "LeaseState",
     "LeaseStore",
     "ServiceStore",
@@ -64,6 +65,19 @@ class StoreUnavailable(StoreError):
 
 class StoreBusy(StoreUnavailable):
     """Another process holds the lock beyond the caller's short wait: try again shortly."""
+
+
+class LeaseConflict(StoreError):
+    """The address is already leased to another MAC. A shared store (etcd) says which
+    leases it refused and who holds their addresses (the rest of the batch is stored):
+    the DHCP service forgets its bindings of those and learns the holders."""
+
+    def __init__(
+        self, message: str, *, refused: tuple[Lease, ...] = (), holders: tuple[Lease, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.refused = refused
+        self.holders = holders
 
 
 @dataclass(frozen=True, slots=True)

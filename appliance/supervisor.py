@@ -26,6 +26,7 @@ from appliance import __version__
 from appliance.admintoken import TOKEN_FILE
 from appliance.checks import current_user, name_holders, preflight
 from appliance.events import EventBus
+from appliance.hamode import HaMode
 from appliance.hostinfo import read_host
 from appliance.inventory import InventoryError, load_inventory
 from appliance.notify import notify, reloading_message, watchdog_interval, watchdog_loop
@@ -83,8 +84,17 @@ def ensure_token(state_dir: Path) -> str:
 
 
 class Supervisor:
-    def __init__(self, config: Path, specs: Sequence[ServiceSpec] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        specs: Sequence[ServiceSpec] | None = None,
+        member: str | None = None,
+    ) -> None:
+        """`member`: with an HA pair (the inventory's `ha`), which member this is
+        (`run --member`, else APPLIANCE_MEMBER, else the member address found here)."""
         self.config = config
+        self.member_flag = member
+        self.ha: HaMode | None = None  # an HA pair's member: the elector and its store
         self.specs = list(specs) if specs is not None else default_specs()
         self.bus = EventBus()
         self.running: dict[str, Service] = {}
@@ -164,10 +174,22 @@ class Supervisor:
             # per write (a boot storm publishes thousands). A kill -9 loses only what is
             # still queued: nothing in normal running (the writer keeps up within
             # milliseconds), the backlog while another process holds the file's lock.
-            self.store = DaemonStore.open(plan.state_dir)
-            self._runtime = RuntimeState(self.store)
+            if plan.ha is None:
+                self.store = DaemonStore.open(plan.state_dir)
+                self._runtime = RuntimeState(self.store)
+            else:
+                # An HA member: the shared state lives in etcd, and only the leader runs
+                # DHCP and the cluster loop (started when it takes over).
+                # The state directory still holds the admin token (no SQLite file).
+                plan.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+                self.ha = await HaMode.open(plan.ha, self.member_flag)
+                self.store = self.ha.store
+                self._runtime = RuntimeState(self.store, shared=True)
             self.token = ensure_token(plan.state_dir)
         except (StoreError, OSError) as exc:
+            if self.ha is not None:
+                await self.ha.close()
+                self.ha = None
             raise ServiceError(str(exc)) from None
         self.plan = plan
         self.started_at = time.time()
@@ -177,7 +199,7 @@ class Supervisor:
             if key not in known:
                 log.warning("listen.%s is set, but this build has no %s service yet", key, key)
         for spec in self.specs:
-            if not spec.is_enabled(plan):
+            if not spec.is_enabled(plan) or not self._may_run(spec):
                 continue
             try:
                 self.running[spec.name] = await self._start_one(spec, plan)
@@ -185,6 +207,10 @@ class Supervisor:
                 await self.stop()
                 raise
             log.info("%s: started %s", spec.name, _where(spec, plan))
+        if self.ha is not None:
+            # Every listener is bound (floating ones with IP_FREEBIND): now campaign.
+            self.ha.start(self._take_over, self._step_down, self._refresh)
+            self.runtime.elected = self.ha.leading
         log.info(
             "appliance %s serving %s: %d nodes, services %s",
             __version__,
@@ -222,6 +248,11 @@ class Supervisor:
             log.info("stopping %s", ", ".join(reversed(names)))
         # Every service at once: each closes its listeners first thing, so nothing accepts
         # new work anywhere while the proxy lets its open connections finish.
+        if self.ha is not None:
+            # Step down first (addresses dropped, lease revoked): the other member takes
+            # over at once instead of after the lease runs out.
+            await self.ha.stop()
+            self.runtime.leading = False
         services = [(name, self.running.pop(name)) for name in reversed(names)]
         await asyncio.gather(*(self._stop_one(name, svc) for name, svc in services))
         # The persist task writes what is still queued when cancelled: events published
@@ -237,8 +268,68 @@ class Supervisor:
                 self.bus.published,
             )
             self.store = None
+        if self.ha is not None:
+            await self.ha.close()
+            self.ha = None
         if names:
             log.info("services stopped in %.2f s", time.monotonic() - t0)
+
+    # --- an HA pair's member -------------------------------------------------------------
+
+    def _may_run(self, spec: ServiceSpec) -> bool:
+        """Leader-only services (DHCP, the cluster loop) run on the leader only."""
+        return not spec.leader_only or self._runtime is None or self._runtime.leading
+
+    async def _take_over(self) -> None:
+        """Elected: read the shared state first (leases, install marks, admin states),
+        then start the leader-only services on it."""
+        async with self._lock:
+            assert self.ha is not None and self.plan is not None
+            await self.ha.refresh_store()
+            self.runtime.refresh()
+            if not self.ha.leading():
+                return  # fenced meanwhile: the step-down follows
+            self.runtime.leading = True
+            plan = self.plan
+            for spec in self.specs:
+                if not spec.leader_only or spec.name in self.running:
+                    continue
+                if not self.ha.leading():
+                    break
+                if not spec.is_enabled(plan):
+                    continue
+                try:
+                    self.running[spec.name] = await self._start_one(spec, plan)
+                except ServiceError as exc:
+                    log.error("%s: could not start as the leader: %s", spec.name, exc)
+                    continue
+                log.info("%s: started %s (leader)", spec.name, _where(spec, plan))
+            self._reorder()
+
+    async def _step_down(self, reason: str) -> None:
+        """No longer the leader (the addresses are gone already): stop DHCP and the
+        cluster loop at once, so nothing here answers for the pair any more."""
+        self.runtime.leading = False  # at once: DHCP drops what arrives while it stops
+        async with self._lock:
+            leader_only = [s.name for s in self.specs if s.leader_only and s.name in self.running]
+            if leader_only:
+                log.warning("stepping down (%s): stopping %s", reason, ", ".join(leader_only))
+            await asyncio.gather(
+                *(self._stop_one(name, self.running.pop(name)) for name in leader_only)
+            )
+
+    async def _refresh(self) -> None:
+        """Periodically, on every member: what the other wrote (install marks, bootstrap
+        retired, admin states) reaches this member's boot services and load balancer."""
+        assert self.ha is not None
+        await self.ha.refresh_store()
+        self.runtime.refresh()
+
+    def _reorder(self) -> None:
+        """Keep the registry in spec order so stop runs in reverse start order."""
+        merged = dict(self.running)
+        self.running.clear()
+        self.running.update({s.name: merged[s.name] for s in self.specs if s.name in merged})
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -278,6 +369,12 @@ class Supervisor:
             return ReloadResult(False, tuple(exc.lines()))
         if new.state_dir != old.state_dir:
             log.warning("reload: state_dir changes take effect at the next start")
+        if new.ha != old.ha:
+            # Members, etcd, the lease or the floating addresses: the election and the
+            # store were built on them. A half-moved pair is worse than the old one.
+            line = "ha: a change to the ha block (or the floating addresses) needs a restart"
+            log.error("reload refused: %s; keeping the running plan", line)
+            return ReloadResult(False, (line,))
 
         # Phase 1: bind what must be bound anew. Nothing running changes yet.
         fresh: dict[str, Service] = {}
@@ -285,6 +382,7 @@ class Supervisor:
         try:
             for spec in self.specs:
                 was, want = spec.name in self.running, spec.is_enabled(new)
+                want = want and self._may_run(spec)
                 moved = (
                     was and not spec.rebinds_itself and spec.endpoints(old) != spec.endpoints(new)
                 )
@@ -307,7 +405,7 @@ class Supervisor:
                 if name in self.running:
                     await self._stop_one(name, self.running.pop(name))
                 continue
-            if name in self.running and not spec.is_enabled(new):
+            if name in self.running and not (spec.is_enabled(new) and self._may_run(spec)):
                 await self._stop_one(name, self.running.pop(name))
                 switched_off.append(name)
                 log.info("%s: stopped (switched off)", name)
@@ -376,8 +474,10 @@ class Supervisor:
         services = {}
         for spec in self.specs:
             svc = self.running.get(spec.name)
+            standby = svc is None and self.ha is not None and spec.leader_only
+            standby = standby and plan is not None and spec.is_enabled(plan)
             services[spec.name] = ServiceEntry(
-                "running" if svc else "off",
+                "running" if svc else "standby" if standby else "off",
                 tuple(str(ep) for ep in spec.endpoints(plan) if ep) if plan else (),
                 svc.status() if svc is not None else None,
             )
@@ -392,6 +492,7 @@ class Supervisor:
             events_published=self.bus.published,
             events_dropped=self.bus.dropped,
             store=self.store.stats() if self.store is not None else {},
+            ha=self.ha.status() if self.ha is not None else None,
         )
 
 
@@ -423,7 +524,9 @@ def _preflight(plan: Plan) -> bool:
     return True
 
 
-async def run(config: Path, specs: Sequence[ServiceSpec] | None = None) -> int:
+async def run(
+    config: Path, specs: Sequence[ServiceSpec] | None = None, member: str | None = None
+) -> int:
     """`appliance run`: start, serve until SIGTERM/SIGINT, reload on SIGHUP."""
     try:
         plan = load_plan(config)
@@ -433,7 +536,7 @@ async def run(config: Path, specs: Sequence[ServiceSpec] | None = None) -> int:
         return 2
     if not _preflight(plan):
         return 1
-    sup = Supervisor(config, specs)
+    sup = Supervisor(config, specs, member)
     try:
         await sup.start(plan)
     except ServiceError as exc:

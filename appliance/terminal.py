@@ -84,6 +84,37 @@ def status_lines(status: Mapping[str, Any]) -> list[str]:
             if store.get(key):
                 line += f", {store[key]} {key}"
         lines.append(line)
+    if status.get("ha"):
+        lines.extend(ha_lines(status["ha"], status.get("time")))
+    return lines
+
+
+def ha_lines(ha: Mapping[str, Any], now: float | None = None) -> list[str]:
+    """An HA pair's member: who leads and since when, the members, etcd's health."""
+    me = ha.get("member", "?")
+    leader = ha.get("leader")
+    if ha.get("leading"):
+        since = ha.get("since")
+        held = f" for {duration(now - since)}" if now and since else ""
+        role = f"leader{held}, holding {', '.join(ha.get('floating') or []) or '-'}"
+    else:
+        role = f"follower (leader: {leader or 'none'})"
+    lines = [
+        f"ha: {me} is {role}; members {', '.join(ha.get('members') or [])}; "
+        f"{ha.get('leader_changes', 0)} leader changes, lease {ha.get('lease_ttl', '?')} s"
+    ]
+    if ha.get("floating_error"):
+        lines.append(f"ha: floating addresses: {ha['floating_error']}")
+    etcd = ha.get("etcd") or {}
+    endpoints = etcd.get("endpoints") or {}
+    healthy = [ep for ep, e in endpoints.items() if e.get("healthy")]
+    line = f"etcd: {len(healthy)} of {len(endpoints)} members healthy"
+    if not etcd.get("ok", True):
+        line += f"; last election call failed: {etcd.get('error')}"
+    lines.append(line)
+    for ep, e in endpoints.items():
+        if not e.get("healthy"):
+            lines.append(f"etcd: {ep}: {e.get('error')}")
     return lines
 
 

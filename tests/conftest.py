@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.etcdrig import EtcdCluster
 from tests.helpers import Daemon, dgxpod_data
 
 
@@ -39,3 +40,11 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield start
     for d in started:
         d.stop()
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """Three real etcd members on 127.0.0.1 (tests/etcdrig.py), up with a leader; every
+    member's PID ended after the test."""
+    with EtcdCluster(tmp_path / "etcd") as cluster:
+        yield cluster

@@ -113,7 +113,10 @@ function firstPaint() {
     return false;  // start() tries again the usual way and says why (locked, offline)
   }
   $("auth").hidden = true;
-  setLive("wait", "connecting…");
+  // The daemon just answered every read: live. The event stream that connect() opens
+  // next says "reconnecting…" if it cannot hold on. (Saying "connecting…" here made a
+  // screenshot taken before the stream opened, as on a busy machine, look offline.)
+  setLive("on", "live");
   return true;
 }
 
@@ -410,6 +413,17 @@ function renderStatus(body) {
   $("cluster").textContent = `${body.cluster || "?"} · ${body.plan.nodes} nodes · ${Object.values(body.services).filter((s) => s.state === "running").length} services running`;
   $("version").textContent = `v${body.version}`;
   $("uptime").dataset.started = String(body.time - body.uptime);
+  const ha = body.ha;
+  $("ha").hidden = !ha;
+  if (ha) {
+    const eps = Object.values(ha.etcd.endpoints || {});
+    const healthy = eps.filter((e) => e.healthy).length;
+    const role = ha.leading
+      ? `${ha.member} leads since ${stamp(ha.since)}`
+      : `${ha.member} follows ${ha.leader || "(no leader)"}`;
+    $("ha").textContent = `HA: ${role} · etcd ${healthy}/${eps.length} healthy`;
+    $("ha").className = `ha ${ha.etcd.ok && healthy === eps.length ? "" : "warn"}`;
+  }
 }
 
 async function refreshSide() {

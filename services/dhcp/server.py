@@ -36,6 +36,7 @@ from appliance.stores import (
     UNKNOWN_MACHINES_KEEP,
     DhcpStore,
     Lease,
+    LeaseConflict,
     StoreBusy,
     StoreUnavailable,
     UnknownMachine,
@@ -272,6 +273,11 @@ class DhcpService:
     def on_datagram(
         self, data: bytes, addr: tuple[Any, ...], transport: asyncio.DatagramTransport, pxe: bool
     ) -> None:
+        if not self.ctx.runtime.leading:
+            # An HA member that just stepped down, its stop under way: the new leader
+            # answers; two servers offering from one pool is what HA must never do.
+            self.counters["not_leader"] += 1
+            return
         self._handle(_Request(data, addr, transport, pxe, 0))
 
     def _handle(self, req: _Request) -> None:
@@ -447,6 +453,8 @@ class DhcpService:
                     len(self.pending.leases),
                 )
             return False
+        except LeaseConflict as exc:
+            return self._conflict(batch, exc)
         except Exception:
             return self._commit_failed(batch)
         if self._locked_since is not None:
@@ -467,6 +475,18 @@ class DhcpService:
         self.counters["commit_failures"] += 1
         self.errors_log.exception(
             "commit", "could not store %d leases; ACKs withheld", len(batch.leases)
+        )
+        return True
+
+    def _conflict(self, batch: _Pending, exc: LeaseConflict) -> bool:
+        # A shared store (etcd) refused addresses another member holds: not stored, so
+        # not promised. The batch's ACKs are withheld (the rest of it is stored: those
+        # clients are ACKed when they ask again); the table forgets its bindings of the
+        # refused addresses and learns their holders, so they are not offered again.
+        self.counters["lease_conflicts"] += max(1, len(exc.refused))
+        self.table.load(_lease_to_binding(holder) for holder in exc.holders)
+        self.errors_log.warning(
+            "conflict", "%s: %d ACKs withheld (the clients ask again)", exc, len(batch.leases)
         )
         return True
 

@@ -10,6 +10,7 @@ import struct
 from collections import Counter
 from typing import Any
 
+from appliance.pktinfo import Dst, UdpReader, needs_pktinfo
 from appliance.plan import Plan
 from appliance.ratelog import RateLimitedLog
 from appliance.service import ServiceContext, bind_socket
@@ -29,14 +30,19 @@ RCODE_NAMES = rcode.NAMES  # status() names replies by their RCODE
 
 
 class _Udp(asyncio.DatagramProtocol):
+    """The UDP listener: an asyncio transport's protocol, or (a wildcard listener) the
+    handler of an appliance.pktinfo.UdpReader, whose replies leave from the address
+    each question was sent to (`dst`)."""
+
     def __init__(self, service: DnsService) -> None:
         self.service = service
         self.transport: asyncio.DatagramTransport | None = None
+        self.reader: UdpReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+    def received(self, data: bytes, addr: tuple[Any, ...], dst: Dst | None = None) -> None:
         svc = self.service
         port = addr[1]
         # Two integer tests on the hot path; the rare hit is judged in unsafe_source.
@@ -50,18 +56,28 @@ class _Udp(asyncio.DatagramProtocol):
             return
         if decision is None:
             return
-        assert self.transport is not None
         if isinstance(decision, Reply):
             svc.rcodes[decision.data[3] & 15] += 1  # a list index: no cost worth a branch
-            self.transport.sendto(decision.data, addr)
+            reader = self.reader
+            if reader is not None:
+                reader.sendto(decision.data, addr, dst)
+            else:
+                assert self.transport is not None
+                self.transport.sendto(decision.data, addr)
         elif svc.forwarder.is_own_source(addr):
             # Our own question to an upstream came back to us: the upstream is us.
-            self._send(svc.forward_loop(decision), addr)
+            self._send(svc.forward_loop(decision), addr, dst)
         else:
-            svc.spawn_forward(decision, lambda out: self._send(out, addr))
+            svc.spawn_forward(decision, lambda out: self._send(out, addr, dst))
 
-    def _send(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+    datagram_received = received  # the transport's call (dst None): no extra call per query
+
+    def _send(self, data: bytes, addr: tuple[Any, ...], dst: Dst | None = None) -> None:
+        if self.reader is not None:
+            if not self.reader.is_closing():
+                self.service.rcodes[data[3] & 15] += 1
+                self.reader.sendto(data, addr, dst)
+        elif self.transport is not None and not self.transport.is_closing():
             self.service.rcodes[data[3] & 15] += 1
             self.transport.sendto(data, addr)
 
@@ -79,7 +95,7 @@ class DnsService:
         self.engine = DnsEngine(plan.dns, self.counters)
         self.forwarder = Forwarder(plan.dns.upstreams, self.counters)
         # Bound in start (a bind error is start's to raise); None until then.
-        self.udp: asyncio.DatagramTransport | None = None
+        self.udp: asyncio.DatagramTransport | UdpReader | None = None
         self.tcp: asyncio.Server | None = None
         self.tasks = TaskSet(ctx.log, "dns forward")  # questions being asked upstream
         self.port = -1  # our listener's port; a datagram from it may be from ourselves
@@ -102,7 +118,14 @@ class DnsService:
             raise
         self._listening_on(udp_sock.getsockname())
         loop = asyncio.get_running_loop()
-        self.udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp_sock)
+        if needs_pktinfo(udp_sock):
+            # A wildcard listener answers from the address asked (see appliance.pktinfo).
+            proto = _Udp(self)
+            proto.reader = reader = UdpReader(udp_sock, proto.received, proto.error_received)
+            reader.start(loop)
+            self.udp = reader
+        else:
+            self.udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp_sock)
         self.tcp = await asyncio.start_server(self._tcp_client, sock=tcp_sock)
 
     async def reload(self, plan: Plan) -> None:

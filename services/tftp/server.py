@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import time
 from collections import Counter
@@ -19,6 +20,8 @@ from typing import Any
 
 from appliance.events import BOOT_ERROR
 from appliance.logs import fields
+from appliance.pktinfo import Dst, UdpReader, needs_pktinfo
+from appliance.pktinfo import host as pktinfo_host
 from appliance.plan import Plan
 from appliance.ratelog import RateLimitedLog
 from appliance.service import ServiceContext, bind_socket
@@ -64,22 +67,35 @@ def _own(plan: Plan) -> frozenset[tuple[str, int]]:
 
 
 class _Listener(asyncio.DatagramProtocol):
+    """The listener: an asyncio transport's protocol, or (a wildcard listener) the
+    handler of an appliance.pktinfo.UdpReader: then each request's destination (`dst`)
+    is the source of its ERROR and the address its transfer's socket binds."""
+
     def __init__(self, service: TftpService) -> None:
         self.service = service
         self.transport: asyncio.DatagramTransport | None = None
+        self.reader: UdpReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.received(data, addr, None)
+
+    def received(self, data: bytes, addr: tuple[Any, ...], dst: Dst | None) -> None:
         try:
-            self.service.on_request(data, addr, self)
+            self.service.on_request(data, addr, self, dst=dst)
         except Exception:  # one bad packet must never take the service down
             self.service.counters["errors"] += 1
             self.service.errors_log.exception("request", "error on a request from %s", addr[0])
 
-    def reply(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+    def error_received(self, exc: Exception) -> None:
+        self.service.counters["socket_errors"] += 1
+
+    def reply(self, data: bytes, addr: tuple[Any, ...], dst: Dst | None = None) -> None:
+        if self.reader is not None:
+            self.reader.sendto(data, addr, dst)
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(data, addr)
 
 
@@ -95,7 +111,7 @@ class TftpService:
         self.counters: Counter[str] = Counter()
         self.plan = plan
         # While running: the listener start binds, and the loop the sessions report to.
-        self.listener: asyncio.DatagramTransport | None = None
+        self.listener: asyncio.DatagramTransport | UdpReader | None = None
         self.sessions: set[Session] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.limits = Limits()
@@ -113,7 +129,16 @@ class TftpService:
         sock = bind_socket(self.name, self.plan.listen["tftp"], socket.SOCK_DGRAM)
         self.loop = loop = asyncio.get_running_loop()
         self.listen_port = int(sock.getsockname()[1])
-        self.listener, _ = await loop.create_datagram_endpoint(lambda: _Listener(self), sock=sock)
+        if needs_pktinfo(sock):
+            # A wildcard listener answers from the address asked (see appliance.pktinfo).
+            proto = _Listener(self)
+            proto.reader = reader = UdpReader(sock, proto.received, proto.error_received)
+            reader.start(loop)
+            self.listener = reader
+        else:
+            self.listener, _ = await loop.create_datagram_endpoint(
+                lambda: _Listener(self), sock=sock
+            )
         if session_module.NATIVE is None:
             self.log.info("lock-step transfers run in Python (services.tftp._lockstep not built)")
 
@@ -142,9 +167,15 @@ class TftpService:
     # --- requests ------------------------------------------------------------------
 
     def on_request(
-        self, data: bytes, addr: tuple[Any, ...], listener: _Listener, again: bool = False
+        self,
+        data: bytes,
+        addr: tuple[Any, ...],
+        listener: _Listener,
+        again: bool = False,
+        dst: Dst | None = None,
     ) -> None:
-        """`again`: a RECHECK of a request that looked like a resend (counted already)."""
+        """`again`: a RECHECK of a request that looked like a resend (counted already).
+        `dst`: the address the request was sent to, on a wildcard listener (else None)."""
         self.counters["requests"] += not again
         now = time.monotonic()
         packet = examine(data, addr[0], addr[1], self.listen_port, self.own)
@@ -152,7 +183,7 @@ class TftpService:
             self.counters["dropped"] += 1
             return
         if isinstance(packet, Answer):
-            self._answer(listener, addr, now, packet)
+            self._answer(listener, addr, now, packet, dst)
             return
         mode = packet.mode
         ip = client_ipv4(addr[0])
@@ -168,12 +199,12 @@ class TftpService:
         if why == "duplicate":  # the client sent its request again: its transfer is running
             if not again and tid not in self._rechecks and self.loop is not None:
                 self._rechecks.add(tid)
-                self.loop.call_later(RECHECK, self._recheck, data, addr, listener)
+                self.loop.call_later(RECHECK, self._recheck, data, addr, listener, dst)
                 return
             self.counters["duplicate"] += 1
             return
         if why is not None:
-            self._answer(listener, addr, now, busy(why))
+            self._answer(listener, addr, now, busy(why), dst)
             self.counters[f"busy_{why}"] += 1
             return
         plan = self.plan
@@ -193,7 +224,7 @@ class TftpService:
                     exc,
                     extra=self._who(addr[0]),
                 )
-            self._answer(listener, addr, now, refusal(exc))
+            self._answer(listener, addr, now, refusal(exc), dst)
             return
         options = packet.options
         if source.netascii is not None:
@@ -207,37 +238,52 @@ class TftpService:
             neg = negotiate(options, source.size)
             readinto = source.readinto if source.raw else None  # files: os.preadv
             xfer = ReadTransfer(source.read, source.size, neg, now, readinto)
-        if not self._spawn(xfer, source, addr, is_node, data):
-            self._error(listener, addr, now, ERR_UNDEFINED, "server busy, try again")
+        started = self._spawn(xfer, source, addr, is_node, data, dst)
+        if started is False:
+            self._error(listener, addr, now, ERR_UNDEFINED, "server busy, try again", dst)
             return
-        self._event(addr[0], source)
+        if started:
+            self._event(addr[0], source)
 
-    def _recheck(self, data: bytes, addr: tuple[Any, ...], listener: _Listener) -> None:
+    def _recheck(
+        self, data: bytes, addr: tuple[Any, ...], listener: _Listener, dst: Dst | None = None
+    ) -> None:
         self._rechecks.discard(tuple(addr[:2]))
         if self.listener is None or self.listener.is_closing():
             return  # stopped meanwhile: no new transfer
         try:
-            self.on_request(data, addr, listener, again=True)
+            self.on_request(data, addr, listener, again=True, dst=dst)
         except Exception:  # as datagram_received: one request never takes the service down
             self.counters["errors"] += 1
             self.errors_log.exception("request", "error on a request from %s", addr[0])
 
     def _answer(
-        self, listener: _Listener, addr: tuple[Any, ...], now: float, answer: Answer
+        self,
+        listener: _Listener,
+        addr: tuple[Any, ...],
+        now: float,
+        answer: Answer,
+        dst: Dst | None = None,
     ) -> None:
         if answer.counter is not None:
             self.counters[answer.counter] += 1
-        self._error(listener, addr, now, answer.code, answer.message)
+        self._error(listener, addr, now, answer.code, answer.message, dst)
 
     def _error(
-        self, listener: _Listener, addr: tuple[Any, ...], now: float, code: int, message: str
+        self,
+        listener: _Listener,
+        addr: tuple[Any, ...],
+        now: float,
+        code: int,
+        message: str,
+        dst: Dst | None = None,
     ) -> None:
         """An ERROR from the listener, unless this address (or every stranger) had its
         share: a node's answers never wait on what strangers spent."""
         ip = client_ipv4(addr[0])
         node = ip is not None and ip in self.plan.by_ip
         if self.error_limit.allow(addr[0], now, node):
-            listener.reply(error_packet(code, message), addr)
+            listener.reply(error_packet(code, message), addr, dst)
         else:
             self.counters["rate_limited"] += 1
 
@@ -248,11 +294,30 @@ class TftpService:
         addr: tuple[Any, ...],
         is_node: bool,
         request: bytes = b"",
-    ) -> bool:
+        dst: Dst | None = None,
+    ) -> bool | None:
+        """True: the transfer runs; False: no thread for it (busy); None: nothing to
+        serve, the request is dropped (counted)."""
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            sock.bind((self.plan.listen["tftp"].host, 0))
+            # On a wildcard listener: the address the request was sent to, so that DATA
+            # comes from the address the client asked (it drops DATA from any other).
+            if dst is None:
+                sock.bind((self.plan.listen["tftp"].host, 0))
+            else:
+                try:
+                    sock.bind((pktinfo_host(dst), 0))
+                except OSError as exc:
+                    if exc.errno != errno.EADDRNOTAVAIL:
+                        raise
+                    # The address was taken away since the request came (an HA floating
+                    # address moved to the other member): no reply can come from it.
+                    sock.close()
+                    source.close()
+                    self.counters["dst_gone"] += 1
+                    self.counters["dropped"] += 1
+                    return None
             sock.connect(addr[:2])  # blocking: the session's thread waits in recv
             if sock.getsockname()[:2] == tuple(addr[:2]):
                 # A spoofed request "from" the very port we just took: it would talk to
@@ -260,7 +325,7 @@ class TftpService:
                 sock.close()
                 source.close()
                 self.counters["dropped"] += 1
-                return True
+                return None
         except OSError:
             sock.close()
             source.close()

@@ -41,6 +41,8 @@ class _Store:
 
     def request_reinstall(self, node: str, time: float) -> None: ...
 
+    def set_cluster_state(self, key: str, value: object, time: float) -> None: ...
+
 
 class _LB:
     def __init__(self, b: BackendState) -> None:

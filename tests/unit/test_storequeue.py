@@ -139,7 +139,7 @@ def test_overflow_is_counted_and_kept_and_only_the_hard_bound_drops_events(
 
 
 def test_a_poison_write_is_dropped_alone(live: DaemonStore, tmp_path: Path) -> None:
-    def poison(s: Store) -> None:
+    def poison(s: object) -> None:
         raise ValueError("never storable")
 
     live.record_event(Event("n", "kernel", "before", 1.0))
@@ -169,7 +169,7 @@ async def test_reads_see_their_writes_and_do_not_wait_for_a_lock(
 
 
 async def test_a_read_that_finds_the_file_locked_says_busy(live: DaemonStore) -> None:
-    def locked_read(s: Store) -> None:
+    def locked_read(s: object) -> None:
         raise sqlite3.OperationalError("database is locked")
 
     with pytest.raises(StoreBusy, match="is locked"):
@@ -230,7 +230,7 @@ def test_dropping_past_the_hard_bound_is_cheap_whatever_waits_before_the_events(
     monkeypatch.setattr(storequeue, "QUEUE_HARD", 20_000)
     held = True
 
-    def op(s: Store) -> None:  # a write that finds the file locked while `held`
+    def op(s: object) -> None:  # a write that finds the file locked while `held`
         if held:
             raise sqlite3.OperationalError("database is locked")
 
