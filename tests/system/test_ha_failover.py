@@ -204,7 +204,7 @@ class Pair:
             "address": FLOAT,
             "subnet": "192.0.2.0/24",
             "gateway": "192.0.2.254",
-            "dhcp_range": ["192.0.2.100", "192.0.2.149"],
+            "dhcp_range": ["192.0.2.100", "192.0.2.199"],
             "lease_time": 120,
             "dhcp_ping_wait": 0,
         }
@@ -612,3 +612,49 @@ def test_the_csr_approver_runs_on_exactly_one_member(tmp_path: Path) -> None:
         if kube is not None:
             kube.close()
         lan.close()
+
+
+def test_a_dhcp_burst_across_the_kill_loses_no_ack_and_gives_no_address_twice(
+    pair: Pair,
+) -> None:
+    """80 machines DORA through a relay (giaddr 192.0.2.200) while the leader is killed
+    after the 30th ACK: the burst completes on the new leader; no address is ACKed to two
+    MACs; every ACK seen, before or after the kill, is a bound lease in the shared store."""
+    from tests.system.test_dhcp_netns import RelayClient
+
+    lan = pair.lan
+    pair.start("a")
+    pair.start("b")
+    leader = _wait_leader(pair)
+    other = "b" if leader == "a" else "a"
+
+    def bind() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((HOSTS["c"][0], 67))
+        return sock
+
+    relay = RelayClient(in_netns(lan.ns("c"), bind), giaddr=HOSTS["c"][0])
+    macs = [f"02:b1:00:00:{i >> 8:02x}:{i & 0xFF:02x}" for i in range(80)]
+    killed: list[float] = []
+    before: dict[str, str] = {}
+
+    def kill_mid_burst(acked: dict[str, str]) -> None:
+        if len(acked) >= 30 and not killed:
+            before.update(acked)
+            pair.kill(leader)
+            killed.append(time.monotonic())
+
+    try:
+        acked, _ = relay.burst(macs, window=16, on_ack=kill_mid_burst, deadline=40.0)
+    finally:
+        relay.sock.close()
+    assert killed, "the burst ended before the kill"
+    assert len(acked) == len(macs), f"{len(acked)} of {len(macs)} ACKed"
+    assert len(set(acked.values())) == len(acked), "one address ACKed to two MACs"
+    assert all(acked[mac] == ip for mac, ip in before.items())
+    leases = pair.status(other, "/api/v1/leases")["leases"]
+    stored = {x["mac"]: (x["ip"], x["state"]) for x in leases}
+    missing = {m: ip for m, ip in acked.items() if stored.get(m) != (ip, "bound")}
+    assert not missing, f"ACKed but not stored as bound: {missing}"
+    ips = [x["ip"] for x in leases]
+    assert len(ips) == len(set(ips))
