@@ -48,6 +48,7 @@ from appliance.tasks import TaskSet
 
 log = logging.getLogger("appliance")
 
+TAKEOVER_RETRY = 0.5  # seconds between reads of the shared state when a takeover's fails
 STOP_TIMEOUT = 10.0  # seconds a service gets to stop before it is abandoned (plus LB drain)
 
 
@@ -285,10 +286,20 @@ class Supervisor:
         then start the leader-only services on it."""
         async with self._lock:
             assert self.ha is not None and self.plan is not None
-            await self.ha.refresh_store()
+            # No DHCP before the shared state is read: a read that fails is tried again
+            # for as long as this member leads (an etcd that stays away fences it).
+            while True:
+                if not self.ha.leading():
+                    return  # fenced meanwhile: the step-down follows
+                try:
+                    await self.ha.refresh_store()
+                    break
+                except StoreError as exc:
+                    log.warning("took over, but cannot read the shared state yet: %s", exc)
+                    await asyncio.sleep(TAKEOVER_RETRY)
             self.runtime.refresh()
             if not self.ha.leading():
-                return  # fenced meanwhile: the step-down follows
+                return
             self.runtime.leading = True
             plan = self.plan
             for spec in self.specs:
