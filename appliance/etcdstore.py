@@ -30,6 +30,7 @@ do the SQLite store's (appliance/stores.py).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -72,6 +73,7 @@ T = TypeVar("T")
 LEASE_STATES: frozenset[str] = frozenset(("offered", "bound", "declined", "released"))
 TXN_OPS = 128  # etcd's default --max-txn-ops: compares, and ops per branch, each at most this
 LEASES_PER_TXN = 32  # a lease takes up to 3 compares and 3 ops
+CHUNK_THREADS = 4  # transactions of one big lease batch in flight at once
 EVENTS_PER_TXN = 40  # an event: its key, its stage's progress key, its stage's count
 UNKNOWN_PER_TXN = 100
 CAS_TRIES = 20  # reads and decides again this often when another writer got there first
@@ -187,11 +189,22 @@ class EtcdStore:
         self._root = f"{self.prefix}/state/".encode()
         self._owns_client = owns_client
         self._closed = False
+        self._chunks: concurrent.futures.ThreadPoolExecutor | None = None  # big batches
 
     def key(self, *parts: str) -> bytes:
         return self._root + "/".join(parts).encode()
 
+    def _chunk_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._chunks is None:
+            self._chunks = concurrent.futures.ThreadPoolExecutor(
+                CHUNK_THREADS, thread_name_prefix="etcd-leases"
+            )
+        return self._chunks
+
     def close(self) -> None:
+        if self._chunks is not None:
+            self._chunks.shutdown(wait=True)
+            self._chunks = None
         if self._owns_client and not self._closed:
             self.client.close()
         self._closed = True
@@ -332,9 +345,19 @@ class EtcdStore:
             by_ip[lease.ip] = lease
         wanted = list(by_ip.values())
         refused: list[_Refusal] = []
+        chunks = list(_chunks(wanted, LEASES_PER_TXN))
         with self._errors(f"{len(wanted)} leases"):
-            for chunk in _chunks(wanted, LEASES_PER_TXN):
-                refused += self._save_chunk(chunk, strict)
+            if len(chunks) == 1:
+                refused += self._save_chunk(chunks[0], strict)
+            else:
+                # A backlog (a boot storm): the transactions go out together, each a
+                # round trip to a quorum; their compares guard a key two chunks share.
+                # Every one is waited for before an error is raised: none is left in flight.
+                pool = self._chunk_pool()
+                futures = [pool.submit(self._save_chunk, chunk, strict) for chunk in chunks]
+                concurrent.futures.wait(futures)
+                for future in futures:
+                    refused += future.result()
         if refused:
             words = "; ".join(
                 f"{r.lease.ip} is leased to {r.holder.mac}, not to {r.lease.mac}" for r in refused
